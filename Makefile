@@ -1,0 +1,35 @@
+# Two-command quick start: `make demo` and `make test` (each sets up .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# torch is pinned on the dev/test path (a CPU build of 2.13.0 is what this project tests with).
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test bench venv clean example
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]" $(TORCH)
+	touch $@
+
+venv: $(VENV)/.installed
+
+## demo: set up, then train a tiny 3D CNN on blocks streamed from example_zarr/ and print throughput
+demo: $(VENV)/.installed
+	$(PY) examples/train.py --data example_zarr/example.zarr
+
+## test: set up, then run the whole test suite
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q
+
+## bench: the speed and memory benchmarks (prints numbers and ratios)
+bench: $(VENV)/.installed
+	$(PY) benchmarks/stream.py
+
+## example: regenerate the synthetic example_zarr/example.zarr
+example: $(VENV)/.installed
+	$(PY) examples/make_example.py example_zarr/example.zarr
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,43 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vesuvius_dask.cli.main import main
+
+from .conftest import EXAMPLE
+
+BIN = Path(sys.executable).parent / "vesuvius-dask"
+
+
+def test_cli_is_namespaced():
+    import vesuvius_dask.cli
+
+    assert vesuvius_dask.cli.__name__ == "vesuvius_dask.cli"
+
+
+def test_console_script_info(zarr_v2):
+    if not BIN.exists():
+        pytest.skip("console script not installed in this environment")
+    out = subprocess.run([str(BIN), "info", str(EXAMPLE), str(zarr_v2)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "(16, 512, 512)" in out and "uint16" in out and "Zarr v3" in out and "Zarr v2" in out
+
+
+def test_info_ome_levels(ome_v2, capsys):
+    assert main(["info", str(ome_v2)]) == 0
+    out = capsys.readouterr().out
+    assert "3 levels" in out and "level 2" in out
+
+
+def test_info_missing_path_is_one_line_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.zarr: no such file" in err and "Traceback" not in err
+
+
+def test_stream_command(capsys):
+    assert main(["stream", str(EXAMPLE), "--batches", "2", "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "32 blocks" in out and "blocks/s" in out

@@ -1,0 +1,334 @@
+import pickle
+import tracemalloc
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from vesuvius_dask import DaskVesuviusStream, SamplingError, open_volume
+from vesuvius_dask.errors import InvalidTypeError
+
+BLOCK = (4, 32, 32)
+
+
+def _source(files):
+    """numpy copies of the volumes, to check blocks against plain slicing."""
+    out = []
+    for f in files:
+        out.append(np.asarray(f) if isinstance(f, np.ndarray) else open_volume(f).compute())
+    return out
+
+
+def _check_blocks(items, sources, block=BLOCK):
+    z, y, x = block
+    seen = []
+    for blk, coords in items:
+        blk = blk.numpy()
+        coords = coords.numpy().reshape(-1, 4)
+        blk = blk.reshape((-1,) + tuple(block))
+        for b, (v, sz, sy, sx) in zip(blk, coords):
+            np.testing.assert_array_equal(b, sources[v][sz:sz + z, sy:sy + y, sx:sx + x])
+            seen.append((int(v), int(sz), int(sy), int(sx)))
+    return seen
+
+
+@pytest.fixture()
+def mixed_files(zarr_v3, zarr_v2, rng_volume):
+    ram = np.ascontiguousarray(rng_volume[:, :100, :120] // 3)
+    return [str(zarr_v3), zarr_v2, ram]
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+@pytest.mark.parametrize("method", ["uniform", "proportional"])
+def test_blocks_equal_numpy_slices(mixed_files, batch_size, method):
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=300, seed=1,
+                                sampling_method=method, batch_size=batch_size, return_coords=True)
+    items = list(stream)
+    assert len(items) == len(stream)
+    seen = _check_blocks(items, _source(mixed_files))
+    assert len(seen) == 300 and len(set(seen)) == 300
+    assert {v for v, *_ in seen} == {0, 1, 2}
+
+
+def test_generic_dask_volume(rng_volume):
+    lazy = da.from_array(rng_volume, chunks=(3, 40, 50)).astype(np.float64) * 2  # generic dask
+    stream = DaskVesuviusStream([lazy], *BLOCK, samples_per_epoch=200, seed=2,
+                                batch_size=50, return_coords=True, dtype=np.float64)
+    seen = _check_blocks(stream, [rng_volume.astype(np.float64) * 2])
+    assert len(set(seen)) == 200
+
+
+def test_single_block_shapes_and_dtype(zarr_v3):
+    stream = DaskVesuviusStream([zarr_v3], 2, 8, 16, samples_per_epoch=5, seed=0)
+    blocks = list(stream)
+    assert len(blocks) == 5
+    assert all(b.shape == (2, 8, 16) and b.dtype == torch.uint16 for b in blocks)
+
+
+def test_original_keyword_names_work(zarr_v3):
+    stream = DaskVesuviusStream(files=[str(zarr_v3)], z_size=4, y_size=16, x_size=16,
+                                samples_per_epoch=10, sampling_method="proportional", shuffle=True)
+    assert len(list(stream)) == 10
+
+
+def test_cache_and_prefetch_off_and_on_agree(mixed_files):
+    kw = dict(samples_per_epoch=256, seed=9, batch_size=32, return_coords=True)
+    a = list(DaskVesuviusStream(mixed_files, *BLOCK, cache_bytes=0, prefetch=0, **kw))
+    b = list(DaskVesuviusStream(mixed_files, *BLOCK, cache_bytes=2**30, prefetch=4, **kw))
+    for (x1, c1), (x2, c2) in zip(a, b):
+        assert torch.equal(c1, c2) and torch.equal(x1, x2)
+
+
+def test_each_touched_chunk_read_once_per_batch(zarr_v3):
+    stream = DaskVesuviusStream([zarr_v3], *BLOCK, samples_per_epoch=64, seed=4,
+                                batch_size=64, return_coords=True, cache_bytes=0, prefetch=0)
+    (batch, coords), = list(stream)
+    bounds = stream.volumes[0].bounds
+    touched = set()
+    for _, z, y, x in coords.tolist():
+        for cz in range(np.searchsorted(bounds[0], z, "right") - 1,
+                        np.searchsorted(bounds[0], z + BLOCK[0] - 1, "right")):
+            for cy in range(np.searchsorted(bounds[1], y, "right") - 1,
+                            np.searchsorted(bounds[1], y + BLOCK[1] - 1, "right")):
+                for cx in range(np.searchsorted(bounds[2], x, "right") - 1,
+                                np.searchsorted(bounds[2], x + BLOCK[2] - 1, "right")):
+                    touched.add((cz, cy, cx))
+    assert stream.engine.stats.chunks_read == len(touched)
+
+
+def test_cache_avoids_second_decode(zarr_v3):
+    stream = DaskVesuviusStream([zarr_v3], *BLOCK, samples_per_epoch=512, seed=4,
+                                batch_size=128, prefetch=0)
+    list(stream)
+    stats = stream.engine.stats
+    n_chunks = np.prod([len(c) for c in stream.volumes[0].array.chunks])
+    assert stats.chunks_read <= n_chunks  # whole volume fits the cache: each chunk once
+    assert stats.cache_hits > 0
+
+
+def test_no_duplicates_and_epochs(zarr_v3):
+    stream = DaskVesuviusStream([zarr_v3], *BLOCK, samples_per_epoch=500, seed=3,
+                                return_coords=True, batch_size=100)
+    first = np.concatenate([c for _, c in stream])
+    second = np.concatenate([c for _, c in stream])  # next iteration: next epoch
+    assert len({tuple(r) for r in first.tolist()}) == 500
+    assert not np.array_equal(first, second)
+    stream.set_epoch(0)
+    again = np.concatenate([c for _, c in stream])
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(stream.epoch_coords(0), first)
+
+
+def test_seed_none_is_fixed_at_construction(zarr_v3):
+    stream = DaskVesuviusStream([zarr_v3], *BLOCK, samples_per_epoch=50, return_coords=True)
+    stream.set_epoch(0)
+    a = np.concatenate([c[None] for _, c in stream])
+    stream.set_epoch(0)
+    b = np.concatenate([c[None] for _, c in stream])
+    np.testing.assert_array_equal(a, b)
+    other = DaskVesuviusStream([zarr_v3], *BLOCK, samples_per_epoch=50, return_coords=True)
+    assert not np.array_equal(other.epoch_coords(0), stream.epoch_coords(0))
+
+
+def test_exhausts_every_start(rng_volume):
+    vol = rng_volume[:6, :10, :12]
+    stream = DaskVesuviusStream([vol], 2, 3, 4, samples_per_epoch=5 * 8 * 9,
+                                return_coords=True, seed=0)
+    coords = {tuple(c.tolist()) for _, c in stream}
+    assert len(coords) == 5 * 8 * 9
+
+
+def _loader_coords(stream, workers, context=None, epoch=0):
+    stream.set_epoch(epoch)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, timeout=120 if workers else 0,
+                        multiprocessing_context=context)
+    return [c for _, c in loader]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_split_the_epoch(mixed_files, context):
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=600, seed=21,
+                                batch_size=32, return_coords=True)
+    single = np.concatenate(_loader_coords(stream, 0))
+    multi = np.concatenate(_loader_coords(stream, 2, context))
+    assert multi.shape[0] == 600
+    assert len({tuple(r) for r in multi.tolist()}) == 600
+    assert {tuple(r) for r in multi.tolist()} == {tuple(r) for r in single.tolist()}
+    other_epoch = np.concatenate(_loader_coords(stream, 2, context, epoch=1))
+    assert {tuple(r) for r in other_epoch.tolist()} != {tuple(r) for r in single.tolist()}
+
+
+def test_dataloader_single_blocks_with_batching(mixed_files):
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=200, seed=5,
+                                return_coords=True, read_batch=16)
+    stream.set_epoch(0)
+    loader = DataLoader(stream, batch_size=8, num_workers=2, timeout=120)
+    items = [(b, c) for b, c in loader]
+    assert sum(b.shape[0] for b, _ in items) == 200
+    seen = _check_blocks(items, _source(mixed_files))
+    assert len(set(seen)) == 200
+
+
+def test_fork_after_threaded_compute_does_not_hang(zarr_v3):
+    # The user looks at a volume first (dask's threaded scheduler runs in the parent) ...
+    vol = open_volume(zarr_v3)
+    with dask.config.set(scheduler="threads"):
+        vol.mean().compute()
+    # ... then trains with forked workers: DataLoader's timeout turns a hang into an error.
+    stream = DaskVesuviusStream([zarr_v3], *BLOCK, samples_per_epoch=128, seed=1,
+                                batch_size=32, return_coords=True)
+    coords = _loader_coords(stream, 2, "fork")
+    assert sum(c.shape[0] for c in coords) == 128
+
+
+def test_pickles(mixed_files):
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=64, seed=8,
+                                batch_size=16, return_coords=True)
+    list(stream)  # warm caches and pools; they must not travel
+    clone = pickle.loads(pickle.dumps(stream))
+    stream.set_epoch(3)
+    clone.set_epoch(3)
+    for (a, ca), (b, cb) in zip(stream, clone):
+        assert torch.equal(a, b) and torch.equal(ca, cb)
+
+
+def test_uniform_vs_proportional_frequencies(rng_volume):
+    small = rng_volume[:4, :20, :20]      # 1 * 5 * 5 = 25 starts of 4x16x16
+    large = rng_volume[:4, :, :]          # 1 * 135 * 155 = 20925 starts
+    n = 4000
+    counts = {}
+    for method in ("uniform", "proportional"):
+        s = DaskVesuviusStream([small, large], 4, 16, 16, samples_per_epoch=n, seed=123,
+                               sampling_method=method)
+        coords = s.epoch_coords(0)
+        counts[method] = np.bincount(coords[:, 0], minlength=2)
+    # uniform: the small volume is picked half the time until its 25 starts run out
+    assert counts["uniform"][0] == 25
+    # proportional: expected share 25/20950 -> ~4.8 of 4000; a 5-sigma band
+    expected = n * 25 / (25 + 20925)
+    assert abs(counts["proportional"][0] - expected) < 5 * np.sqrt(expected) + 1
+
+    big_a = rng_volume[:, :60, :60]
+    big_b = rng_volume[:, :, :]
+    s = DaskVesuviusStream([big_a, big_b], 4, 16, 16, samples_per_epoch=n, seed=7)
+    share = np.bincount(s.epoch_coords(0)[:, 0], minlength=2) / n
+    assert abs(share[0] - 0.5) < 5 * np.sqrt(0.25 / n)
+    s = DaskVesuviusStream([big_a, big_b], 4, 16, 16, samples_per_epoch=n, seed=7,
+                           sampling_method="proportional")
+    share = np.bincount(s.epoch_coords(0)[:, 0], minlength=2) / n
+    p = s.starts_per_volume[0] / sum(s.starts_per_volume)
+    assert abs(share[0] - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_stride_grid(rng_volume):
+    stream = DaskVesuviusStream([rng_volume], 4, 32, 32, samples_per_epoch=3 * 4 * 5,
+                                stride=(4, 32, 32), return_coords=True, seed=0)
+    coords = np.stack([c for _, c in stream])
+    assert coords.shape[0] == 60
+    assert np.all(coords[:, 1] % 4 == 0) and np.all(coords[:, 2:] % 32 == 0)
+    # non-overlapping tiles: every voxel covered at most once
+    cover = np.zeros(rng_volume.shape, np.int32)
+    for _, z, y, x in coords:
+        cover[z:z + 4, y:y + 32, x:x + 32] += 1
+    assert cover.max() == 1
+    with pytest.raises(SamplingError, match="more than the 60 block starts"):
+        DaskVesuviusStream([rng_volume], 4, 32, 32, samples_per_epoch=61, stride=(4, 32, 32))
+
+
+def test_shuffle_false_is_raster_order(rng_volume):
+    stream = DaskVesuviusStream([rng_volume], 4, 32, 32, samples_per_epoch=20, shuffle=False,
+                                return_coords=True, seed=0)
+    coords = np.stack([c for _, c in stream])[:, 1:]
+    expected = stream.grids[0].unravel(np.arange(20))
+    np.testing.assert_array_equal(coords, expected)
+
+
+def test_dtype_handling(rng_volume):
+    kw = dict(samples_per_epoch=4, seed=0, return_coords=True)
+    b, c = next(iter(DaskVesuviusStream([rng_volume], *BLOCK, **kw)))
+    assert b.dtype == torch.uint16
+    b, c = next(iter(DaskVesuviusStream([rng_volume], *BLOCK, dtype=torch.float32, **kw)))
+    _, z, y, x = c.tolist()
+    assert b.dtype == torch.float32
+    np.testing.assert_array_equal(b.numpy(), rng_volume[z:z + 4, y:y + 32, x:x + 32].astype(np.float32))
+    b, _ = next(iter(DaskVesuviusStream([rng_volume], *BLOCK, dtype=np.int32, **kw)))
+    assert b.dtype == torch.int32
+    floats = rng_volume.astype(np.float32) / 65535  # 0..1 floats must never become zeros
+    b, _ = next(iter(DaskVesuviusStream([floats], *BLOCK, **kw)))
+    assert b.dtype == torch.float32 and 0 < b.max() <= 1
+    with pytest.raises(SamplingError, match="dtype float32, which dtype=torch.int64 cannot hold"):
+        DaskVesuviusStream([floats], *BLOCK, dtype=torch.int64, **kw)
+    with pytest.raises(SamplingError, match="uint16, which dtype=torch.int16"):
+        DaskVesuviusStream([rng_volume], *BLOCK, dtype=torch.int16, **kw)
+    with pytest.raises(SamplingError, match="float16"):
+        DaskVesuviusStream([rng_volume], *BLOCK, dtype=torch.float16, **kw)
+
+
+def test_transform_and_coords(rng_volume):
+    stream = DaskVesuviusStream([rng_volume], *BLOCK, samples_per_epoch=8, seed=0,
+                                batch_size=4, dtype=torch.float32,
+                                transform=lambda t: t * 0 + 1, return_coords=True)
+    for b, c in stream:
+        assert torch.all(b == 1) and c.shape == (4, 4) and c.dtype == torch.int64
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(z_size=20), SamplingError, r"files\[0\].*z_size=20 is larger than the volume's z axis \(13\)"),
+    (dict(y_size=0), SamplingError, "y_size must be a positive integer, got 0"),
+    (dict(x_size=-3), SamplingError, "x_size must be a positive integer"),
+    (dict(x_size=2.5), InvalidTypeError, "x_size must be a positive integer"),
+    (dict(sampling_method="random"), SamplingError, "unknown sampling_method 'random'"),
+    (dict(samples_per_epoch=10**9), SamplingError, r"more than the \d+ block starts available"),
+    (dict(samples_per_epoch=0), SamplingError, "samples_per_epoch must be a positive"),
+    (dict(stride=(1, 0, 1)), SamplingError, r"stride\[y\] must be a positive"),
+    (dict(batch_size=0), SamplingError, "batch_size must be a positive"),
+    (dict(transform=3), InvalidTypeError, "transform must be callable"),
+    (dict(seed=-1), SamplingError, "seed must be non-negative"),
+])
+def test_bad_input(rng_volume, kwargs, exc, match):
+    args = dict(files=[rng_volume], z_size=4, y_size=8, x_size=8, samples_per_epoch=10)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        DaskVesuviusStream(**args)
+
+
+def test_empty_files():
+    with pytest.raises(SamplingError, match="files is empty"):
+        DaskVesuviusStream([], 4, 8, 8, samples_per_epoch=1)
+
+
+def test_bad_volume_is_named(rng_volume, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.zarr"):
+        DaskVesuviusStream([rng_volume, tmp_path / "missing.zarr"], 4, 8, 8, samples_per_epoch=1)
+
+
+def test_huge_lazy_volume_first_batch_reads_little():
+    calls = []
+
+    def fill(block, block_info=None):
+        calls.append(block_info[None]["chunk-location"])
+        return np.full(block.shape, 7, dtype=np.uint16)
+
+    shape = (65, 8000, 8000)  # 8.3 GB if ever materialised
+    lazy = da.zeros(shape, dtype=np.uint16, chunks=(4, 512, 512)).map_blocks(fill, dtype=np.uint16)
+    tracemalloc.start()
+    stream = DaskVesuviusStream([lazy], 4, 64, 64, samples_per_epoch=10**6, seed=0,
+                                batch_size=64, prefetch=0)
+    batch = next(iter(stream))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert batch.shape == (64, 4, 64, 64) and torch.all(batch == 7)
+    assert len(calls) <= 64 * 8  # only chunks the blocks touch, never the 4352 of the volume
+    assert peak < 400 * 2**20
+
+
+def test_real_crop_blocks(real_crop):
+    src = zarr.open(real_crop, mode="r")[:]
+    stream = DaskVesuviusStream([str(real_crop)], 4, 64, 64, samples_per_epoch=256, seed=0,
+                                batch_size=128, return_coords=True)
+    seen = _check_blocks(stream, [src], block=(4, 64, 64))
+    assert len(set(seen)) == 256

@@ -1,0 +1,58 @@
+"""vesuvius-dask: Herculaneum scroll volumes as lazy dask arrays, streamed into PyTorch.
+
+``import vesuvius_dask`` is light: it imports numpy, dask and zarr lazily where it can
+and never imports torch, napari or dask.distributed. ``DaskVesuviusStream`` (which
+needs torch) is loaded on first access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import (
+    ConversionError,
+    InvalidTypeError,
+    SamplingError,
+    VesuviusDaskError,
+    VolumeError,
+    VolumeNotFoundError,
+)
+from .volumes import open_volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .convert import convert_tiffs
+    from .stream import DaskVesuviusStream
+
+__all__ = [
+    "__version__",
+    "open_volume",
+    "DaskVesuviusStream",
+    "convert_tiffs",
+    "VesuviusDaskError",
+    "VolumeError",
+    "VolumeNotFoundError",
+    "SamplingError",
+    "InvalidTypeError",
+    "ConversionError",
+]
+
+_LAZY = {
+    "DaskVesuviusStream": ("stream", "DaskVesuviusStream"),
+    "convert_tiffs": ("convert", "convert_tiffs"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vesuvius_dask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,393 @@
+"""The batch engine: one dask graph per batch, one task per touched stored chunk.
+
+Given a batch of block starts, :class:`BatchEngine` works out, with vectorised
+numpy, every piece where a block overlaps a stored chunk, groups the pieces by chunk
+and builds a small dask graph:
+
+* one task per touched stored chunk that is not in the decoded-chunk cache: it reads
+  (and decompresses) the chunk once and cuts every piece the batch needs out of it;
+* one task for all pieces that come from chunks already decoded (cache hits) or from
+  in-RAM volumes, which cost no I/O, so need no task of their own;
+* an assembly task returning the batch array. Locally the cut tasks write straight
+  into one preallocated ``(B, z, y, x)`` array (no per-block concatenation).
+
+The graph runs on dask's threaded scheduler with a thread pool owned by the engine
+and created per process, so a DataLoader worker forked after the parent process has
+used dask does not inherit a dead pool (dask's default pool is global and is not
+re-created after ``fork``). Graphs without I/O run on the synchronous scheduler,
+whose per-task overhead is lower.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .volumes import Volume
+
+__all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "DEFAULT_CACHE_BYTES"]
+
+#: Default decoded-chunk cache budget per process (bytes).
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+_batch_counter = itertools.count()
+
+
+class ChunkCache:
+    """A thread-safe LRU cache of decoded chunks with a byte budget.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Budget; 0 disables caching. A chunk larger than the budget is never cached.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._data: OrderedDict[Any, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> np.ndarray | None:
+        with self._lock:
+            arr = self._data.get(key)
+            if arr is not None:
+                self._data.move_to_end(key)
+            return arr
+
+    def put(self, key: Any, arr: np.ndarray) -> None:
+        if arr.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = arr
+            self.nbytes += arr.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self._data.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    # A cache travels empty (to spawned workers, to a cluster): contents are per process.
+    def __getstate__(self) -> dict:
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"])  # type: ignore[misc]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"ChunkCache({len(self)} chunks, {self.nbytes}/{self.max_bytes} bytes)"
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine (per process).
+
+    ``bytes_decoded / bytes_delivered`` is the read amplification.
+    """
+
+    batches: int = 0
+    blocks: int = 0
+    chunks_read: int = 0
+    cache_hits: int = 0
+    bytes_decoded: int = 0
+    bytes_delivered: int = 0
+
+    @property
+    def amplification(self) -> float:
+        return self.bytes_decoded / self.bytes_delivered if self.bytes_delivered else 0.0
+
+
+def plan_pieces(bounds: Sequence[np.ndarray], starts: np.ndarray, block: Sequence[int],
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split blocks into their overlaps with stored chunks (vectorised).
+
+    Parameters
+    ----------
+    bounds : sequence of 3 int64 arrays
+        Chunk boundaries along z, y, x.
+    starts : (k, 3) int64 array
+        Block starts.
+    block : tuple of int
+        Block shape.
+    rows : (k,) int64 array
+        Row of each block in the output batch.
+
+    Returns
+    -------
+    chunk_ids : (n, 3) int64 array
+        Chunk index of each piece.
+    pieces : (n, 10) int64 array
+        ``[row, dz0, dz1, dy0, dy1, dx0, dx1, sz, sy, sx]``: the piece goes to
+        ``out[row, dz0:dz1, dy0:dy1, dx0:dx1]`` from ``chunk[sz:, sy:, sx:]``.
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    first, count = [], []
+    for a in range(3):
+        s = starts[:, a]
+        c0 = np.searchsorted(bounds[a], s, side="right") - 1
+        c1 = np.searchsorted(bounds[a], s + block[a] - 1, side="right") - 1
+        first.append(c0)
+        count.append(c1 - c0 + 1)
+    per_block = count[0] * count[1] * count[2]
+    if np.all(per_block == 1):
+        owner = np.arange(starts.shape[0])
+        offs = [np.zeros_like(first[0])] * 3
+    else:
+        owner = np.repeat(np.arange(starts.shape[0]), per_block)
+        p = np.arange(owner.size) - np.repeat(np.cumsum(per_block) - per_block, per_block)
+        nyx = (count[1] * count[2])[owner]
+        iz, rem = np.divmod(p, nyx)
+        iy, ix = np.divmod(rem, count[2][owner])
+        offs = [iz, iy, ix]
+    chunk_ids = np.empty((owner.size, 3), dtype=np.int64)
+    pieces = np.empty((owner.size, 10), dtype=np.int64)
+    pieces[:, 0] = rows[owner]
+    for a in range(3):
+        c = first[a][owner] + offs[a]
+        s = starts[owner, a]
+        lo = np.maximum(s, bounds[a][c])
+        hi = np.minimum(s + block[a], bounds[a][c + 1])
+        chunk_ids[:, a] = c
+        pieces[:, 1 + 2 * a] = lo - s
+        pieces[:, 2 + 2 * a] = hi - s
+        pieces[:, 7 + a] = lo - bounds[a][c]
+    return chunk_ids, pieces
+
+
+def _cut(chunk: np.ndarray, out: np.ndarray, pieces: np.ndarray) -> None:
+    for b, dz0, dz1, dy0, dy1, dx0, dx1, sz, sy, sx in pieces.tolist():
+        out[b, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[
+            sz:sz + dz1 - dz0, sy:sy + dy1 - dy0, sx:sx + dx1 - dx0
+        ]
+
+
+class _CutCached:
+    """Task: cut pieces out of chunks already in memory (cache hits, RAM volumes)."""
+
+    def __init__(self, out: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.out, self.parts = out, parts
+
+    def __call__(self) -> None:
+        for chunk, pieces in self.parts:
+            _cut(chunk, self.out, pieces)
+
+
+class _ReadCut:
+    """Task: read one stored chunk from zarr, cache it, cut its pieces."""
+
+    def __init__(self, engine: BatchEngine, vol: Volume, chunk_id: tuple[int, int, int],
+                 region: tuple[slice, ...], out: np.ndarray, pieces: np.ndarray) -> None:
+        self.engine, self.vol, self.chunk_id = engine, vol, chunk_id
+        self.region, self.out, self.pieces = region, out, pieces
+
+    def __call__(self) -> None:
+        chunk = self.engine._read_chunk(self.vol, self.chunk_id, self.region)
+        _cut(chunk, self.out, self.pieces)
+
+
+class _CutComputed:
+    """Task: cut pieces out of a chunk computed by the volume's own dask graph."""
+
+    def __init__(self, engine: BatchEngine, key: Any, out: np.ndarray, pieces: np.ndarray) -> None:
+        self.engine, self.key, self.out, self.pieces = engine, key, out, pieces
+
+    def __call__(self, chunk: np.ndarray) -> None:
+        chunk = np.asarray(chunk)
+        self.engine._account_read(self.key, chunk)
+        _cut(chunk, self.out, self.pieces)
+
+
+def _assemble(out: np.ndarray, *_deps: Any) -> np.ndarray:
+    return out
+
+
+class BatchEngine:
+    """Read batches of blocks from many volumes, one dask graph per batch.
+
+    Parameters
+    ----------
+    volumes : list of Volume
+        The volumes (see :func:`vesuvius_dask.volumes.resolve_volume`).
+    block : tuple of int
+        Block shape ``(z_size, y_size, x_size)``.
+    dtype : numpy dtype, optional
+        Output dtype (default: the common dtype of the volumes).
+    cache_bytes : int
+        Decoded-chunk cache budget per process (0 disables it).
+    num_threads : int, optional
+        Threads reading chunks in parallel (default: the number of CPUs).
+    """
+
+    def __init__(self, volumes: Sequence[Volume], block: Sequence[int], *,
+                 dtype: Any = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 num_threads: int | None = None) -> None:
+        self.volumes = list(volumes)
+        self.block = tuple(int(b) for b in block)
+        self.dtype = np.dtype(dtype) if dtype is not None else np.result_type(
+            *[v.dtype for v in self.volumes])
+        self.cache = ChunkCache(cache_bytes)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.stats = EngineStats()
+        self._bounds = [v.bounds for v in self.volumes]
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
+        self._graphs: dict[int, dict] = {}
+        self._lock = threading.Lock()
+
+    # -- pickling: caches, pools and counters are per process -------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_pool=None, _pool_pid=None, _graphs={}, _lock=None, stats=EngineStats())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        if self._pool is None or self._pool_pid != pid:
+            # A pool inherited through fork has no threads: make a new one.
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="vesuvius-dask")
+            self._pool_pid = pid
+        return self._pool
+
+    def _volume_graph(self, v: int) -> dict:
+        g = self._graphs.get(v)
+        if g is None:
+            g = self._graphs[v] = dict(self.volumes[v].array.__dask_graph__())
+        return g
+
+    # -- chunk reads ---------------------------------------------------------
+    def _account_read(self, key: Any, chunk: np.ndarray) -> None:
+        with self._lock:
+            self.stats.chunks_read += 1
+            self.stats.bytes_decoded += chunk.nbytes
+        self.cache.put(key, chunk)
+
+    def _read_chunk(self, vol: Volume, chunk_id: tuple[int, int, int],
+                    region: tuple[slice, ...]) -> np.ndarray:
+        chunk = np.asarray(vol.zarr[region])
+        self._account_read((vol.token,) + tuple(chunk_id), chunk)
+        return chunk
+
+    # -- graphs ----------------------------------------------------------------
+    def batch_graph(self, vol_index: np.ndarray, starts: np.ndarray
+                    ) -> tuple[dict, Any, np.ndarray, int]:
+        """Build the dask graph of one batch.
+
+        Returns
+        -------
+        graph : dict
+            The dask graph.
+        key : key
+            The output key; its value is the ``(B, z, y, x)`` batch array.
+        out : numpy.ndarray
+            The preallocated output the tasks write into.
+        n_reads : int
+            Number of tasks that read stored chunks.
+        """
+        vol_index = np.asarray(vol_index, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
+        out = np.empty((starts.shape[0],) + self.block, dtype=self.dtype)
+        tag = next(_batch_counter)
+        graph: dict = {}
+        deps: list[Any] = []
+        in_memory: list[tuple[np.ndarray, np.ndarray]] = []
+        n_reads = 0
+        hits = 0
+        for v in np.unique(vol_index).tolist():
+            rows = np.nonzero(vol_index == v)[0]
+            vol = self.volumes[v]
+            if vol.data is not None:
+                # In RAM (or memory-mapped): every block is one piece of one "chunk".
+                pieces = np.zeros((rows.size, 10), dtype=np.int64)
+                pieces[:, 0] = rows
+                pieces[:, 2], pieces[:, 4], pieces[:, 6] = self.block
+                pieces[:, 7:] = starts[rows]
+                in_memory.append((vol.data, pieces))
+                continue
+            chunk_ids, pieces = plan_pieces(self._bounds[v], starts[rows], self.block, rows)
+            grid = np.array([len(b) - 1 for b in self._bounds[v]], dtype=np.int64)
+            lin = (chunk_ids[:, 0] * grid[1] + chunk_ids[:, 1]) * grid[2] + chunk_ids[:, 2]
+            order = np.argsort(lin, kind="stable")
+            lin_sorted = lin[order]
+            cut_at = np.nonzero(np.diff(lin_sorted))[0] + 1
+            for group in np.split(order, cut_at):
+                cid = tuple(int(c) for c in chunk_ids[group[0]])
+                cached = self.cache.get((vol.token,) + cid)
+                if cached is not None:
+                    in_memory.append((cached, pieces[group]))
+                    hits += 1
+                    continue
+                key = (f"vd-read-{tag}", v) + cid
+                if vol.zarr is not None:
+                    region = tuple(slice(int(b[c]), int(b[c + 1]))
+                                   for b, c in zip(self._bounds[v], cid))
+                    graph[key] = (_ReadCut(self, vol, cid, region, out, pieces[group]),)
+                else:
+                    src_key = (vol.array.name,) + cid
+                    graph.update(self._culled(v, src_key))
+                    graph[key] = (_CutComputed(self, (vol.token,) + cid, out, pieces[group]), src_key)
+                deps.append(key)
+                n_reads += 1
+        if in_memory:
+            key = (f"vd-cut-{tag}",)
+            graph[key] = (_CutCached(out, in_memory),)
+            deps.append(key)
+        out_key = (f"vd-batch-{tag}",)
+        graph[out_key] = (_assemble, out, *deps)
+        with self._lock:
+            self.stats.cache_hits += hits
+        return graph, out_key, out, n_reads
+
+    def _culled(self, v: int, key: Any) -> dict:
+        from dask.optimization import cull
+
+        culled, _ = cull(self._volume_graph(v), [key])
+        return culled
+
+    def read(self, vol_index: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Read one batch: ``out[i] = volumes[vol_index[i]][block at starts[i]]``.
+
+        Parameters
+        ----------
+        vol_index : (B,) int array
+            Volume of each block.
+        starts : (B, 3) int array
+            Start ``(z, y, x)`` of each block.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(B, z_size, y_size, x_size)`` array of the engine's dtype.
+        """
+        from dask.local import get_sync
+        from dask.threaded import get as get_threaded
+
+        graph, key, out, n_reads = self.batch_graph(vol_index, starts)
+        if n_reads >= 2 and self.num_threads > 1:
+            result = get_threaded(graph, key, pool=self._thread_pool())
+        else:
+            result = get_sync(graph, key)
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.blocks += out.shape[0]
+            self.stats.bytes_delivered += out.nbytes
+        return result

@@ -1,0 +1,365 @@
+"""``DaskVesuviusStream``: random 3-D blocks from many volumes, as a torch IterableDataset.
+
+This is the only core module that imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+try:
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+except ImportError as err:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "DaskVesuviusStream needs PyTorch: pip install 'vesuvius-dask[torch]' "
+        "(or pip install torch)"
+    ) from err
+
+from .engine import DEFAULT_CACHE_BYTES, BatchEngine
+from .errors import InvalidTypeError, SamplingError
+from .sampling import SAMPLING_METHODS, EpochPlan, FeistelPermutation, StartGrid
+from .volumes import Volume, resolve_volume
+
+__all__ = ["DaskVesuviusStream"]
+
+#: Blocks read per dask graph when the stream yields single blocks.
+DEFAULT_READ_BATCH = 128
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidTypeError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise SamplingError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _triple(name: str, value: Any) -> tuple[int, int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,) * 3
+    if not isinstance(value, Sequence) or len(value) != 3:
+        raise InvalidTypeError(f"{name} must be an int or a (z, y, x) triple, got {value!r}")
+    return tuple(_positive_int(f"{name}[{axis}]", v) for axis, v in zip("zyx", value))  # type: ignore[return-value]
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        try:
+            return torch.empty(0, dtype=dtype).numpy().dtype
+        except (TypeError, RuntimeError) as err:
+            raise InvalidTypeError(
+                f"dtype={dtype} has no numpy equivalent; pick e.g. torch.float32 and convert "
+                "further in `transform`"
+            ) from err
+    try:
+        return np.dtype(dtype)
+    except TypeError as err:
+        raise InvalidTypeError(f"dtype={dtype!r} is not a numpy or torch dtype") from err
+
+
+class DaskVesuviusStream(IterableDataset):
+    """Stream random 3-D blocks from many volumes into PyTorch.
+
+    Each epoch draws ``samples_per_epoch`` distinct block starts (without replacement)
+    across all volumes. Blocks are read in batches, each batch as one dask graph with
+    one task per touched stored chunk, so a chunk shared by several blocks of a batch
+    is read and decompressed once; decoded chunks are kept in an LRU cache
+    (``cache_bytes``) and the next batches are read in the background (``prefetch``).
+
+    Parameters
+    ----------
+    files : list
+        Volumes: anything :func:`vesuvius_dask.open_volume` accepts (paths to Zarr
+        arrays or OME-Zarr groups, ``zarr.Array``, numpy arrays or memmaps, dask
+        arrays), mixed freely.
+    z_size, y_size, x_size : int
+        Block shape.
+    samples_per_epoch : int
+        Blocks per epoch, across all DataLoader workers together. At most the number
+        of available block starts.
+    sampling_method : {"uniform", "proportional"}
+        ``"uniform"``: each block picks a volume uniformly at random (among volumes
+        with undrawn starts left), then an undrawn start in it. ``"proportional"``:
+        volumes are picked with probability proportional to their undrawn starts.
+    shuffle : bool
+        ``True``: starts inside a volume come in a seeded random order. ``False``:
+        in raster order (z, then y, then x), as the original ``VesuviusStream``; the
+        volume choice stays random.
+    seed : int, optional
+        Seed of the whole epoch plan. ``None`` draws one at construction, so the
+        object (and its pickled copies in workers) stays self-consistent.
+    batch_size : int, optional
+        ``None`` yields single blocks ``(z, y, x)`` (use ``DataLoader(batch_size=B)``);
+        an int yields batches ``(B, z, y, x)`` (use ``DataLoader(batch_size=None)``).
+    return_coords : bool
+        Yield ``(block, coords)``; ``coords`` is an int64 tensor ``[volume, z, y, x]``
+        (``(B, 4)`` for batches).
+    dtype : torch.dtype or numpy dtype, optional
+        Output dtype. ``None`` keeps the volumes' dtype (uint16 stays uint16). A
+        conversion that could lose values (e.g. float to int, uint16 to int16 or
+        float16) raises instead of truncating.
+    transform : callable, optional
+        Applied to each yielded block (or batch) tensor.
+    stride : int or (int, int, int), optional
+        Only starts on this grid are drawn (``stride == block`` gives
+        non-overlapping blocks). Default 1.
+
+    Other Parameters
+    ----------------
+    cache_bytes : int
+        Decoded-chunk cache budget per process (default 512 MiB; 0 disables).
+    prefetch : int
+        Batches read ahead in a background thread (default 2; 0 reads inline).
+    read_batch : int
+        Blocks per dask graph when ``batch_size`` is None (default 128).
+    level : int, optional
+        Multiscale level used for OME-Zarr paths in ``files``.
+    num_threads : int, optional
+        Threads reading chunks in parallel per process (default: CPU count).
+
+    Notes
+    -----
+    Epochs: the plan depends on ``(seed, epoch)`` only. Call :meth:`set_epoch` before
+    each epoch (as with ``DistributedSampler``); otherwise each new iteration of the
+    same object advances the epoch by one (true in a single process and with
+    ``persistent_workers=True``; with non-persistent DataLoader workers each epoch
+    gets a fresh copy, so only :meth:`set_epoch` changes the order).
+
+    Workers: under ``DataLoader(num_workers=k)`` worker ``w`` reads batches
+    ``w, w+k, ...`` of the same plan, so the epoch yields ``samples_per_epoch``
+    blocks in total, none twice, and the same set of blocks whatever ``k`` is.
+    Fork and spawn are both safe: thread pools and caches are made per process.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Any],
+        z_size: int,
+        y_size: int,
+        x_size: int,
+        samples_per_epoch: int,
+        sampling_method: str = "uniform",
+        shuffle: bool = True,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        return_coords: bool = False,
+        dtype: Any = None,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+        stride: int | Sequence[int] | None = None,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        prefetch: int = 2,
+        read_batch: int = DEFAULT_READ_BATCH,
+        level: int | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
+            files = [files]
+        if len(files) == 0:
+            raise SamplingError("files is empty: give at least one volume")
+        self.block = (
+            _positive_int("z_size", z_size),
+            _positive_int("y_size", y_size),
+            _positive_int("x_size", x_size),
+        )
+        self.samples_per_epoch = _positive_int("samples_per_epoch", samples_per_epoch)
+        if sampling_method not in SAMPLING_METHODS:
+            raise SamplingError(
+                f"unknown sampling_method {sampling_method!r}; expected one of {SAMPLING_METHODS}"
+            )
+        self.sampling_method = sampling_method
+        self.shuffle = bool(shuffle)
+        self.stride = (1, 1, 1) if stride is None else _triple("stride", stride)
+        self.batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
+        self.read_batch = self.batch_size or _positive_int("read_batch", read_batch)
+        self.return_coords = bool(return_coords)
+        if transform is not None and not callable(transform):
+            raise InvalidTypeError(f"transform must be callable, got {type(transform).__name__}")
+        self.transform = transform
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+            raise SamplingError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+        self.prefetch = int(prefetch)
+
+        self.volumes: list[Volume] = []
+        for i, f in enumerate(files):
+            self.volumes.append(resolve_volume(f, level=level, label=f"files[{i}]"))
+        self.grids = [
+            StartGrid(v.shape, self.block, self.stride, label=f"files[{i}] ({v.label})")
+            for i, v in enumerate(self.volumes)
+        ]
+        total = sum(g.n for g in self.grids)
+        if self.samples_per_epoch > total:
+            raise SamplingError(
+                f"samples_per_epoch={self.samples_per_epoch} is more than the {total} block "
+                f"starts available for block {self.block} and stride {self.stride} "
+                f"(per volume: {', '.join(str(g.n) for g in self.grids)})"
+            )
+
+        src = np.result_type(*[v.dtype for v in self.volumes])
+        out = src if dtype is None else _numpy_dtype(dtype)
+        for i, v in enumerate(self.volumes):
+            if not np.can_cast(v.dtype, out, casting="safe"):
+                raise SamplingError(
+                    f"files[{i}] ({v.label}) has dtype {v.dtype}, which dtype={dtype} cannot "
+                    f"hold without losing values; use a wider dtype (e.g. torch.float32) or "
+                    "convert in `transform`"
+                )
+        self.dtype = out
+        self.seed = int(np.random.SeedSequence().entropy) if seed is None else int(seed)
+        if self.seed < 0:
+            raise SamplingError(f"seed must be non-negative, got {seed}")
+        self.engine = BatchEngine(self.volumes, self.block, dtype=out,
+                                  cache_bytes=cache_bytes, num_threads=num_threads)
+        self._epoch = 0
+        self._epoch_set = False
+        self._iterations = 0
+
+    # ------------------------------------------------------------------ epochs
+    def set_epoch(self, epoch: int) -> None:
+        """Use the plan of ``epoch`` for the next iteration (and advance from there)."""
+        self._epoch = int(epoch)
+        self._epoch_set = True
+        self._iterations = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration will use."""
+        return self._epoch + self._iterations
+
+    def __len__(self) -> int:
+        if self.batch_size is None:
+            return self.samples_per_epoch
+        return math.ceil(self.samples_per_epoch / self.batch_size)
+
+    @property
+    def starts_per_volume(self) -> list[int]:
+        """Number of valid block starts in each volume."""
+        return [g.n for g in self.grids]
+
+    @property
+    def arrays(self) -> list[Any]:
+        """The volumes as lazy dask arrays."""
+        return [v.array for v in self.volumes]
+
+    def __repr__(self) -> str:
+        return (
+            f"DaskVesuviusStream({len(self.volumes)} volumes, block={self.block}, "
+            f"samples_per_epoch={self.samples_per_epoch}, sampling_method="
+            f"{self.sampling_method!r}, batch_size={self.batch_size}, dtype={self.dtype}, "
+            f"stride={self.stride}, seed={self.seed}, epoch={self.epoch})"
+        )
+
+    # ------------------------------------------------------------------ plan
+    def _plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.starts_per_volume, self.samples_per_epoch,
+                         self.sampling_method, self.seed, epoch)
+
+    def _starts(self, labels: np.ndarray, ranks: np.ndarray, epoch: int) -> np.ndarray:
+        starts = np.empty((labels.size, 3), dtype=np.int64)
+        for v in np.unique(labels).tolist():
+            sel = labels == v
+            grid = self.grids[v]
+            local = ranks[sel]
+            if self.shuffle:
+                local = FeistelPermutation(grid.n, [self.seed, epoch, 3, v])(local)
+            starts[sel] = grid.unravel(local)
+        return starts
+
+    def _batches(self, epoch: int, worker: int, num_workers: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        plan = self._plan(epoch)
+        for _, labels, ranks in plan.batches(
+                self.read_batch, select=lambda b: b % num_workers == worker):
+            yield labels, self._starts(labels, ranks, epoch)
+
+    def epoch_coords(self, epoch: int | None = None) -> np.ndarray:
+        """All ``(volume, z, y, x)`` starts of one epoch, in plan order, without reading.
+
+        Parameters
+        ----------
+        epoch : int, optional
+            Default: the epoch the next iteration will use.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(samples_per_epoch, 4)`` int64 array.
+        """
+        ep = self.epoch if epoch is None else int(epoch)
+        parts = [np.column_stack([labels, starts]) for labels, starts in self._batches(ep, 0, 1)]
+        return np.concatenate(parts).astype(np.int64)
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None and not self._epoch_set and self._iterations == 0:
+            warnings.warn(
+                "DaskVesuviusStream in DataLoader workers: call stream.set_epoch(epoch) before "
+                "each epoch, or use persistent_workers=True; with fresh workers and no "
+                "set_epoch every epoch repeats epoch 0's order.",
+                stacklevel=2,
+            )
+        epoch = self.epoch
+        self._iterations += 1
+        return self._generate(epoch, worker, num_workers)
+
+    def _read(self, labels: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.engine.read(labels, starts), labels, starts
+
+    def _generate(self, epoch: int, worker: int, num_workers: int) -> Iterator[Any]:
+        batches = self._batches(epoch, worker, num_workers)
+        if self.prefetch == 0:
+            results = (self._read(lab, st) for lab, st in batches)
+            yield from self._emit(results)
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vesuvius-dask-prefetch")
+        pending: deque = deque()
+        lock = threading.Lock()
+
+        def fill() -> None:
+            with lock:
+                while len(pending) < self.prefetch:
+                    nxt = next(batches, None)
+                    if nxt is None:
+                        return
+                    pending.append(pool.submit(self._read, *nxt))
+
+        def results() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            fill()
+            while pending:
+                fut = pending.popleft()
+                fill()
+                yield fut.result()
+
+        try:
+            yield from self._emit(results())
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _emit(self, results: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[Any]:
+        for batch, labels, starts in results:
+            tensor = torch.from_numpy(batch)
+            coords = torch.from_numpy(np.column_stack([labels, starts]).astype(np.int64))
+            if self.batch_size is not None:
+                yield self._item(tensor, coords)
+            else:
+                for i in range(tensor.shape[0]):
+                    yield self._item(tensor[i], coords[i])
+
+    def _item(self, block: torch.Tensor, coords: torch.Tensor) -> Any:
+        if self.transform is not None:
+            block = self.transform(block)
+        return (block, coords) if self.return_coords else block

@@ -1,0 +1,72 @@
+"""Measure how fast a stream delivers blocks (used by ``vesuvius-dask stream`` and the demo)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["stream_throughput"]
+
+
+def stream_throughput(
+    paths: Sequence[Any],
+    *,
+    block: tuple[int, int, int] = (4, 64, 64),
+    batch_size: int = 128,
+    batches: int = 8,
+    num_workers: int = 0,
+    seed: int = 0,
+    sampling_method: str = "uniform",
+    scheduler: str | None = None,
+) -> str:
+    """Stream ``batches`` batches and return a one-paragraph throughput report.
+
+    Parameters
+    ----------
+    paths : sequence
+        Volumes (anything :func:`vesuvius_dask.open_volume` accepts).
+    block : tuple of int
+        Block shape.
+    batch_size : int
+        Blocks per batch.
+    batches : int
+        Batches to read.
+    num_workers : int
+        DataLoader workers (0: in the main process).
+    seed : int
+        Stream seed.
+    sampling_method : str
+        ``"uniform"`` or ``"proportional"``.
+    scheduler : str, optional
+        Address of a dask.distributed scheduler.
+
+    Returns
+    -------
+    str
+    """
+    from torch.utils.data import DataLoader
+
+    from .stream import DaskVesuviusStream
+
+    kwargs: dict[str, Any] = {}
+    if scheduler is not None:
+        kwargs["client"] = scheduler
+    stream = DaskVesuviusStream(
+        list(paths), *block, samples_per_epoch=batch_size * batches, batch_size=batch_size,
+        seed=seed, sampling_method=sampling_method, **kwargs,
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                        multiprocessing_context="spawn" if num_workers else None)
+    stream.set_epoch(0)
+    t0 = time.perf_counter()
+    n = nbytes = 0
+    for batch in loader:
+        n += batch.shape[0]
+        nbytes += batch.numel() * batch.element_size()
+    dt = time.perf_counter() - t0
+    return (
+        f"{n} blocks of {block} ({stream.dtype}) in {dt:.3f} s: "
+        f"{n / dt:,.0f} blocks/s, {nbytes / dt / 1e6:,.1f} MB/s "
+        f"(batch {batch_size}, workers {num_workers}, {len(stream.volumes)} volume(s))"
+    )
