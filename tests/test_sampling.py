@@ -106,3 +106,31 @@ def test_too_many_samples():
 def test_unknown_method():
     with pytest.raises(SamplingError, match="unknown sampling_method 'random'"):
         EpochPlan([10], 5, "random", 0, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 20), st.integers(1, 40), st.integers(1, 40)),
+       chunks=st.tuples(st.integers(1, 8), st.integers(1, 16), st.integers(1, 16)),
+       run=st.integers(1, 20), mix=st.integers(1, 5), data=st.data())
+def test_locality_permutation_is_a_bijection(shape, chunks, run, mix, data):
+    from vesuvius_dask.sampling import LocalityPermutation
+
+    block = tuple(data.draw(st.integers(1, s)) for s in shape)
+    stride = tuple(data.draw(st.integers(1, 4)) for _ in shape)
+    grid = StartGrid(shape, block, stride)
+    bounds = [np.array(list(range(0, s, c)) + [s]) for s, c in zip(shape, chunks)]
+    perm = LocalityPermutation(grid, bounds, run, mix, [1, 2])
+    values = perm(np.arange(grid.n))
+    assert np.unique(values).size == grid.n and values.min() == 0 and values.max() == grid.n - 1
+
+
+def test_locality_runs_stay_in_one_chunk():
+    from vesuvius_dask.sampling import LocalityPermutation
+
+    shape, chunks = (16, 256, 256), (4, 64, 64)
+    grid = StartGrid(shape, (1, 1, 1), (1, 1, 1))
+    bounds = [np.array(list(range(0, s, c)) + [s]) for s, c in zip(shape, chunks)]
+    perm = LocalityPermutation(grid, bounds, run=32, mix=4, key=[3])
+    starts = grid.unravel(perm(np.arange(4 * 32)))
+    cells = {tuple(c) for c in (starts // np.array(chunks)).tolist()}
+    assert len(cells) <= 4 * 2  # 4 interleaved runs, each in one cell (or straddling two)

@@ -332,3 +332,25 @@ def test_real_crop_blocks(real_crop):
                                 batch_size=128, return_coords=True)
     seen = _check_blocks(stream, [src], block=(4, 64, 64))
     assert len(set(seen)) == 256
+
+
+def test_locality_keeps_correctness_and_cuts_reads(tmp_path):
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 65535, size=(16, 256, 256), dtype=np.uint16)
+    arr = zarr.create_array(tmp_path / "big.zarr", shape=data.shape, chunks=(4, 64, 64),
+                            dtype=data.dtype)
+    arr[:] = data
+    kw = dict(samples_per_epoch=2048, seed=3, batch_size=64, return_coords=True, prefetch=0,
+              cache_bytes=40 * 4 * 64 * 64 * 2)  # 40 chunks: far less than the 256 of the volume
+    plain = DaskVesuviusStream([str(tmp_path / "big.zarr")], 4, 16, 16, **kw)
+    local = DaskVesuviusStream([str(tmp_path / "big.zarr")], 4, 16, 16, locality=64,
+                               locality_mix=4, **kw)
+    seen = _check_blocks(list(local), [data], block=(4, 16, 16))
+    assert len(set(seen)) == 2048
+    list(plain)
+    assert local.engine.stats.chunks_read * 3 < plain.engine.stats.chunks_read
+    # workers split the same plan with locality on
+    multi = np.concatenate(_loader_coords(local, 2, "fork"))
+    assert {tuple(r) for r in multi.tolist()} == set(seen)
+    with pytest.raises(SamplingError, match="locality needs shuffle=True"):
+        DaskVesuviusStream([data], 4, 16, 16, samples_per_epoch=4, shuffle=False, locality=8)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import SamplingError
 
-__all__ = ["StartGrid", "FeistelPermutation", "EpochPlan", "SAMPLING_METHODS"]
+__all__ = ["StartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan", "SAMPLING_METHODS"]
 
 SAMPLING_METHODS = ("uniform", "proportional")
 
@@ -92,13 +92,19 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _round(x: np.ndarray, k: np.uint64) -> np.ndarray:
+    """Cheap keyed mixing of uint64 arrays (multiply-xorshift)."""
+    h = (x ^ k) * np.uint64(0x9E3779B97F4A7C15)
+    return h ^ (h >> np.uint64(29))
+
+
 class FeistelPermutation:
     """A seeded bijection of ``[0, n)`` computed on demand, in O(1) memory.
 
-    A balanced Feistel network on the smallest even number of bits covering ``n``,
-    with cycle walking to stay inside ``[0, n)``. Evaluating ``k`` indices costs
-    O(k) and needs no table, so it scales to the 10^9–10^10 block starts of a
-    whole scroll.
+    An unbalanced Feistel network on exactly ``bit_length(n - 1)`` bits (so the
+    domain is less than ``2n``) with cycle walking to stay inside ``[0, n)``.
+    Evaluating ``k`` indices costs O(k) and needs no table, so it scales to the
+    10^9–10^10 block starts of a whole scroll.
 
     Parameters
     ----------
@@ -107,28 +113,32 @@ class FeistelPermutation:
     key : Sequence[int]
         Seed material (any non-negative integers); equal keys give equal permutations.
     rounds : int
-        Number of Feistel rounds.
+        Number of Feistel rounds (alternating halves).
     """
 
-    def __init__(self, n: int, key: Sequence[int], rounds: int = 6) -> None:
+    def __init__(self, n: int, key: Sequence[int], rounds: int = 4) -> None:
         if n < 1:
             raise SamplingError(f"cannot permute an empty range (n={n})")
         if n > 1 << 62:
             raise SamplingError(f"range too large to permute (n={n})")
         self.n = int(n)
         bits = max(2, int(self.n - 1).bit_length())
-        bits += bits % 2
-        self.half = np.uint64(bits // 2)
-        self.mask = np.uint64((1 << (bits // 2)) - 1)
+        low = bits // 2
+        self.shift = np.uint64(low)
+        self.mask_lo = np.uint64((1 << low) - 1)
+        self.mask_hi = np.uint64((1 << (bits - low)) - 1)
         state = np.random.SeedSequence([int(k) for k in key]).generate_state(rounds, np.uint64)
         self.keys = [np.uint64(k) for k in state]
 
     def _round_trip(self, x: np.ndarray) -> np.ndarray:
-        left = x >> self.half
-        right = x & self.mask
-        for k in self.keys:
-            left, right = right, left ^ (_mix(right ^ k) & self.mask)
-        return (left << self.half) | right
+        hi = x >> self.shift
+        lo = x & self.mask_lo
+        for i, k in enumerate(self.keys):
+            if i % 2 == 0:
+                hi = hi ^ (_round(lo, k) & self.mask_hi)
+            else:
+                lo = lo ^ (_round(hi, k) & self.mask_lo)
+        return (hi << self.shift) | lo
 
     def __call__(self, index: np.ndarray) -> np.ndarray:
         """Return the permuted values of ``index`` (int64 array)."""
@@ -265,3 +275,110 @@ class EpochPlan:
             buf_l, buf_r = lab[n_full * batch_size:], rnk[n_full * batch_size:]
         if buf_l.size and (select is None or select(batch)):
             yield batch, buf_l, buf_r
+
+
+def _feistel_many(x: np.ndarray, n: np.ndarray, salt: np.ndarray, key: Sequence[int],
+                  rounds: int = 6) -> np.ndarray:
+    """Element-wise Feistel bijections: ``x[i]`` is permuted within ``[0, n[i])``.
+
+    Each distinct ``salt`` value (e.g. a chunk cell id) gets its own permutation.
+    """
+    x = np.asarray(x, dtype=np.int64).astype(np.uint64)
+    n64 = np.asarray(n, dtype=np.int64)
+    bits = np.maximum(2, np.ceil(np.log2(np.maximum(n64, 2))).astype(np.int64))
+    bits += bits % 2
+    # log2 rounding can be one short for exact powers of two plus one: fix up
+    bits += 2 * ((np.left_shift(np.int64(1), bits)) < n64)
+    half = (bits // 2).astype(np.uint64)
+    mask = (np.left_shift(np.uint64(1), half) - np.uint64(1)).astype(np.uint64)
+    base = np.random.SeedSequence([int(k) for k in key]).generate_state(rounds, np.uint64)
+    salt64 = np.asarray(salt, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        keys = [_mix(salt64 * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(k)) for k in base]
+
+        def once(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
+            h, m = half[idx], mask[idx]
+            left, right = v >> h, v & m
+            for k in keys:
+                left, right = right, left ^ (_mix(right ^ k[idx]) & m)
+            return (left << h) | right
+
+        everything = np.arange(x.size)
+        y = once(x, everything)
+        nu = n64.astype(np.uint64)
+        bad = np.nonzero(y >= nu)[0]
+        while bad.size:
+            y[bad] = once(y[bad], bad)
+            bad = bad[y[bad] >= nu[bad]]
+    return y.astype(np.int64)
+
+
+class LocalityPermutation:
+    """A seeded bijection of a volume's start indices that keeps reads local.
+
+    Starts are grouped by the stored chunk (cell) they fall in, shuffled within
+    their cell, and cut into *runs* of ``run`` starts (a run lies in one cell, or
+    two). The epoch visits runs in a random order, ``mix`` runs at a time
+    interleaved, so consecutive draws come from ``mix`` cells and every decoded
+    chunk serves about ``run`` blocks while it is in the cache. Randomness is traded
+    for fewer chunk reads: blocks drawn close together in the epoch come from the
+    same few chunks. O(number of chunks) memory.
+
+    Parameters
+    ----------
+    grid : StartGrid
+        The volume's valid starts.
+    bounds : sequence of 3 int64 arrays
+        Chunk boundaries (voxels) along z, y, x.
+    run : int
+        Starts drawn from one cell per visit.
+    mix : int
+        Runs interleaved at a time.
+    key : Sequence[int]
+        Seed material.
+    """
+
+    def __init__(self, grid: StartGrid, bounds: Sequence[np.ndarray], run: int, mix: int,
+                 key: Sequence[int]) -> None:
+        self.grid, self.run, self.mix, self.key = grid, int(run), int(mix), [int(k) for k in key]
+        # cell edges in start-grid index space, per axis
+        self.edges = []
+        for a in range(3):
+            e = -(-np.asarray(bounds[a], dtype=np.int64) // grid.stride[a])  # ceil division
+            self.edges.append(np.clip(e, 0, grid.counts[a]))
+        lens = [np.diff(e) for e in self.edges]
+        self.cell_shape = tuple(len(x) for x in lens)
+        sizes = (lens[0][:, None, None] * lens[1][None, :, None] * lens[2][None, None, :]).ravel()
+        self.cum = np.concatenate([[0], np.cumsum(sizes)])
+        self.lens = lens
+        self.n = grid.n
+        group = self.run * self.mix
+        self.n_groups = self.n // group
+        self.runs = FeistelPermutation(max(1, self.n_groups * self.mix), self.key + [11])
+
+    def __call__(self, d: np.ndarray) -> np.ndarray:
+        """Map draw ranks ``d`` (in ``[0, n)``) to start indices of ``grid``."""
+        d = np.asarray(d, dtype=np.int64)
+        group = self.run * self.mix
+        m = d.copy()
+        body = d < self.n_groups * group
+        if body.any():
+            db = d[body]
+            g, q = np.divmod(db, group)
+            run_id = self.runs(g * self.mix + q % self.mix)
+            m[body] = run_id * self.run + q // self.mix
+        # cell-major index -> cell and offset inside the cell
+        cell = np.searchsorted(self.cum, m, side="right") - 1
+        off = m - self.cum[cell]
+        size = self.cum[cell + 1] - self.cum[cell]
+        off = _feistel_many(off, size, cell, self.key + [12])
+        cz, rem = np.divmod(cell, self.cell_shape[1] * self.cell_shape[2])
+        cy, cx = np.divmod(rem, self.cell_shape[2])
+        ly, lx = self.lens[1][cy], self.lens[2][cx]
+        iz, rem = np.divmod(off, ly * lx)
+        iy, ix = np.divmod(rem, lx)
+        gz = self.edges[0][cz] + iz
+        gy = self.edges[1][cy] + iy
+        gx = self.edges[2][cx] + ix
+        _, ny, nx = self.grid.counts
+        return (gz * ny + gy) * nx + gx

@@ -6,11 +6,10 @@ This is the only core module that imports torch.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,13 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
 
 from .engine import DEFAULT_CACHE_BYTES, BatchEngine
 from .errors import InvalidTypeError, SamplingError
-from .sampling import SAMPLING_METHODS, EpochPlan, FeistelPermutation, StartGrid
+from .sampling import (
+    SAMPLING_METHODS,
+    EpochPlan,
+    FeistelPermutation,
+    LocalityPermutation,
+    StartGrid,
+)
 from .volumes import Volume, resolve_volume
 
 __all__ = ["DaskVesuviusStream"]
@@ -64,6 +69,17 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
         return np.dtype(dtype)
     except TypeError as err:
         raise InvalidTypeError(f"dtype={dtype!r} is not a numpy or torch dtype") from err
+
+
+def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory (no copy, unlike ``share_memory_``)."""
+    numel = int(np.prod(shape))
+    proto = torch.empty(0, dtype=dtype)
+    try:
+        storage = proto._typed_storage()._new_shared(numel)
+        return proto.new(storage).view(shape)
+    except (AttributeError, RuntimeError, TypeError):  # private API moved: copy once
+        return torch.empty(shape, dtype=dtype).share_memory_()
 
 
 class DaskVesuviusStream(IterableDataset):
@@ -125,6 +141,15 @@ class DaskVesuviusStream(IterableDataset):
         Multiscale level used for OME-Zarr paths in ``files``.
     num_threads : int, optional
         Threads reading chunks in parallel per process (default: CPU count).
+    locality : int, optional
+        Opt-in read locality for volumes far larger than the cache: draw blocks in
+        runs of ``locality`` starts from the same stored chunk, ``locality_mix`` runs
+        interleaved at a time (see :class:`~vesuvius_dask.sampling.LocalityPermutation`).
+        Still without replacement and reproducible; less random: consecutive blocks
+        come from a few chunks. Keep ``cache_bytes`` above ``locality_mix`` × 8
+        chunks so that a run's chunks stay cached while it is drawn.
+    locality_mix : int
+        Runs interleaved at a time with ``locality`` (default 8).
 
     Notes
     -----
@@ -161,6 +186,8 @@ class DaskVesuviusStream(IterableDataset):
         read_batch: int = DEFAULT_READ_BATCH,
         level: int | None = None,
         num_threads: int | None = None,
+        locality: int | None = None,
+        locality_mix: int = 8,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -189,6 +216,11 @@ class DaskVesuviusStream(IterableDataset):
         if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
             raise SamplingError(f"prefetch must be a non-negative integer, got {prefetch!r}")
         self.prefetch = int(prefetch)
+        self.locality = None if locality is None else _positive_int("locality", locality)
+        self.locality_mix = _positive_int("locality_mix", locality_mix)
+        if self.locality is not None and not self.shuffle:
+            raise SamplingError("locality needs shuffle=True (it reorders starts randomly by chunk)")
+        self._perms: dict[tuple[int, int], Any] = {}
 
         self.volumes: list[Volume] = []
         for i, f in enumerate(files):
@@ -215,6 +247,7 @@ class DaskVesuviusStream(IterableDataset):
                     "convert in `transform`"
                 )
         self.dtype = out
+        self._torch_dtype = torch.from_numpy(np.empty(0, dtype=out)).dtype
         self.seed = int(np.random.SeedSequence().entropy) if seed is None else int(seed)
         if self.seed < 0:
             raise SamplingError(f"seed must be non-negative, got {seed}")
@@ -271,9 +304,23 @@ class DaskVesuviusStream(IterableDataset):
             grid = self.grids[v]
             local = ranks[sel]
             if self.shuffle:
-                local = FeistelPermutation(grid.n, [self.seed, epoch, 3, v])(local)
+                local = self._permutation(epoch, v)(local)
             starts[sel] = grid.unravel(local)
         return starts
+
+    def _permutation(self, epoch: int, v: int) -> Any:
+        perm = self._perms.get((epoch, v))
+        if perm is None:
+            grid, key = self.grids[v], [self.seed, epoch, 3, v]
+            if self.locality is None:
+                perm = FeistelPermutation(grid.n, key)
+            else:
+                perm = LocalityPermutation(grid, self.volumes[v].bounds, self.locality,
+                                           self.locality_mix, key)
+            if len(self._perms) > 4 * len(self.grids):
+                self._perms.clear()
+            self._perms[(epoch, v)] = perm
+        return perm
 
     def _batches(self, epoch: int, worker: int, num_workers: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -314,44 +361,66 @@ class DaskVesuviusStream(IterableDataset):
         self._iterations += 1
         return self._generate(epoch, worker, num_workers)
 
-    def _read(self, labels: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read(self, labels: np.ndarray, starts: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        if self.batch_size is not None and get_worker_info() is not None:
+            # In a DataLoader worker, write the batch straight into shared memory, so
+            # handing it to the main process costs no copy (as default_collate does).
+            shape = (labels.size,) + self.block
+            tensor = _shared_tensor(shape, self._torch_dtype)
+            self.engine.read(labels, starts, out=tensor.numpy())
+            return tensor, labels, starts
         return self.engine.read(labels, starts), labels, starts
 
     def _generate(self, epoch: int, worker: int, num_workers: int) -> Iterator[Any]:
         batches = self._batches(epoch, worker, num_workers)
         if self.prefetch == 0:
-            results = (self._read(lab, st) for lab, st in batches)
-            yield from self._emit(results)
+            yield from self._emit(self._read(lab, st) for lab, st in batches)
             return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="vesuvius-dask-prefetch")
-        pending: deque = deque()
-        lock = threading.Lock()
+        # A producer thread plans and reads the next `prefetch` batches while the
+        # consumer (the training step) works; the bounded queue applies back-pressure.
+        results: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
 
-        def fill() -> None:
-            with lock:
-                while len(pending) < self.prefetch:
-                    nxt = next(batches, None)
-                    if nxt is None:
+        def put(item: Any) -> bool:
+            """Queue ``item`` unless the consumer has gone; return whether it was queued."""
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for lab, st in batches:
+                    if not put(self._read(lab, st)):
                         return
-                    pending.append(pool.submit(self._read, *nxt))
+                put(done)
+            except BaseException as err:  # re-raised in the consumer
+                put(err)
 
-        def results() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            fill()
-            while pending:
-                fut = pending.popleft()
-                fill()
-                yield fut.result()
+        def consume() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            while True:
+                item = results.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
 
+        thread = threading.Thread(target=produce, name="vesuvius-dask-prefetch", daemon=True)
+        thread.start()
         try:
-            yield from self._emit(results())
+            yield from self._emit(consume())
         finally:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            stop.set()
+            thread.join()
 
     def _emit(self, results: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[Any]:
         for batch, labels, starts in results:
-            tensor = torch.from_numpy(batch)
+            tensor = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
             coords = torch.from_numpy(np.column_stack([labels, starts]).astype(np.int64))
             if self.batch_size is not None:
                 yield self._item(tensor, coords)

@@ -18,7 +18,6 @@ def stream_throughput(
     num_workers: int = 0,
     seed: int = 0,
     sampling_method: str = "uniform",
-    scheduler: str | None = None,
 ) -> str:
     """Stream ``batches`` batches and return a one-paragraph throughput report.
 
@@ -38,8 +37,6 @@ def stream_throughput(
         Stream seed.
     sampling_method : str
         ``"uniform"`` or ``"proportional"``.
-    scheduler : str, optional
-        Address of a dask.distributed scheduler.
 
     Returns
     -------
@@ -49,12 +46,9 @@ def stream_throughput(
 
     from .stream import DaskVesuviusStream
 
-    kwargs: dict[str, Any] = {}
-    if scheduler is not None:
-        kwargs["client"] = scheduler
     stream = DaskVesuviusStream(
         list(paths), *block, samples_per_epoch=batch_size * batches, batch_size=batch_size,
-        seed=seed, sampling_method=sampling_method, **kwargs,
+        seed=seed, sampling_method=sampling_method,
     )
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                         multiprocessing_context="spawn" if num_workers else None)

@@ -1,0 +1,219 @@
+"""Stream benchmark: DaskVesuviusStream against the baselines, in one run.
+
+Methods, same machine, same data, same block starts:
+  (a) DaskVesuviusStream from Zarr on disk       (b) DaskVesuviusStream from numpy in RAM
+  (c) per-block Zarr slicing (the inspiration)    (d) naive dask: one getitem per block,
+  (e) the limit: numpy slicing of the volume        dask.compute per batch
+      in RAM in a Python loop (warm; first call reported too)
+
+Workloads: the headline (1024 blocks of 4x64x64, batch 128; single process and
+DataLoader(num_workers=2)), larger blocks (16x64x64, 32x128x128), and a generated
+volume larger than the chunk cache (>= 4 GB on disk) with locality off and on.
+Prints blocks/s, MB/s, ratios, read amplification (bytes decoded per byte delivered)
+and peak RSS. Medians of --reps repetitions.
+
+    python benchmarks/stream.py [--reps 7] [--skip-big] [--big-shape 128,4096,4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from _common import DATA_DIR, headline_volume, make_zarr, median, peak_rss_mb, timed  # noqa: E402
+
+
+def _row(name: str, seconds: float, n: int, nbytes: int, extra: str = "") -> dict:
+    r = {"name": name, "s": seconds, "blocks_s": n / seconds, "mb_s": nbytes / seconds / 1e6}
+    print(f"  {name:<44} {r['blocks_s']:>12,.0f} blocks/s {r['mb_s']:>9,.1f} MB/s  {extra}")
+    return r
+
+
+def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
+    import dask
+    import torch
+    import zarr
+    from torch.utils.data import DataLoader
+
+    from vesuvius_dask import DaskVesuviusStream, open_volume
+
+    print(f"\n== {label}: {n_blocks} blocks of {block}, batch {batch}, volume {path}")
+    z = zarr.open(str(path), mode="r")
+    ram = z[:]
+    print(f"   volume {ram.shape} {ram.dtype}, chunks {z.chunks}")
+    kw = dict(samples_per_epoch=n_blocks, batch_size=batch, seed=0)
+    bz, by, bx = block
+    nbytes = n_blocks * bz * by * bx * ram.dtype.itemsize
+    probe = DaskVesuviusStream([str(path)], *block, **kw)
+    coords = probe.epoch_coords(0)[:, 1:].tolist()
+    res = {}
+
+    # (a) from disk: a fresh stream each repetition (cold cache) ...
+    def a_cold():
+        for _ in DaskVesuviusStream([str(path)], *block, **kw):
+            pass
+    res["a_cold"] = _row("(a) stream, Zarr on disk, cold cache", median(timed(a_cold, reps)),
+                         n_blocks, nbytes)
+    # ... and one stream over successive epochs (decoded chunks stay cached)
+    warm = DaskVesuviusStream([str(path)], *block, **kw)
+    for _ in warm:
+        pass
+    res["a"] = _row("(a) stream, Zarr on disk, warm cache", median(timed(lambda: [None for _ in warm], reps)),
+                    n_blocks, nbytes, f"amplification {warm.engine.stats.amplification:.2f}")
+    ramstream = DaskVesuviusStream([ram], *block, **kw)
+    res["b"] = _row("(b) stream, numpy in RAM", median(timed(lambda: [None for _ in ramstream], reps)),
+                    n_blocks, nbytes)
+    # prefetch=0: no producer thread. Faster when the consumer does nothing (no GIL
+    # hand-off); prefetch pays off when a training step runs (see the wait test below).
+    warm0 = DaskVesuviusStream([str(path)], *block, prefetch=0, **kw)
+    for _ in warm0:
+        pass
+    res["a0"] = _row("(a) same, warm cache, prefetch=0", median(timed(lambda: [None for _ in warm0], reps)),
+                     n_blocks, nbytes)
+    ram0 = DaskVesuviusStream([ram], *block, prefetch=0, **kw)
+    res["b0"] = _row("(b) same, numpy in RAM, prefetch=0", median(timed(lambda: [None for _ in ram0], reps)),
+                     n_blocks, nbytes)
+
+    def per_block_zarr():
+        for zz, yy, xx in coords:
+            torch.from_numpy(z[zz:zz + bz, yy:yy + by, xx:xx + bx])
+    res["c"] = _row("(c) per-block Zarr slicing", median(timed(per_block_zarr, max(1, reps // 3))),
+                    n_blocks, nbytes)
+
+    vol = open_volume(str(path))
+
+    def naive_dask():
+        for i in range(0, n_blocks, batch):
+            parts = [vol[zz:zz + bz, yy:yy + by, xx:xx + bx] for zz, yy, xx in coords[i:i + batch]]
+            np.stack(dask.compute(*parts, scheduler="threads"))
+    res["d"] = _row("(d) naive dask getitem per block", median(timed(naive_dask, max(1, reps // 3))),
+                    n_blocks, nbytes)
+
+    out = np.empty((n_blocks,) + tuple(block), ram.dtype)
+
+    def numpy_loop():
+        for i, (zz, yy, xx) in enumerate(coords):
+            out[i] = ram[zz:zz + bz, yy:yy + by, xx:xx + bx]
+
+    def numpy_first():
+        fresh = np.empty((n_blocks,) + tuple(block), ram.dtype)
+        for i, (zz, yy, xx) in enumerate(coords):
+            fresh[i] = ram[zz:zz + bz, yy:yy + by, xx:xx + bx]
+    res["e_first"] = _row("(e) numpy slicing in RAM, fresh output", median(timed(numpy_first, reps)),
+                          n_blocks, nbytes)
+    numpy_loop()
+    res["e"] = _row("(e) numpy slicing in RAM, warm", median(timed(numpy_loop, reps)), n_blocks, nbytes)
+    a, b, c, e = (res[k]["blocks_s"] for k in ("a", "b", "c", "e"))
+    ac = res["a_cold"]["blocks_s"]
+    a0, b0 = res["a0"]["blocks_s"], res["b0"]["blocks_s"]
+    print(f"   ratios: a/c = {a / c:.1f}x (cold: {ac / c:.1f}x)   a/e = {a / e:.2f} "
+          f"(cold: {ac / e:.2f}, prefetch=0: {a0 / e:.2f})   b/e = {b / e:.2f} "
+          f"(prefetch=0: {b0 / e:.2f})   a/d = {a / res['d']['blocks_s']:.1f}x")
+
+    if loader_workers:
+        for workers in (0, 2):
+            s = DaskVesuviusStream([str(path)], *block, **kw)
+            s.set_epoch(0)
+            loader = DataLoader(s, batch_size=None, num_workers=workers,
+                                persistent_workers=bool(workers))
+            for _ in loader:  # start workers, warm caches
+                pass
+            t = median(timed(lambda: [None for _ in loader], reps))
+            res[f"dl{workers}"] = _row(f"(a) through DataLoader(num_workers={workers})", t,
+                                       n_blocks, nbytes)
+        print(f"   DataLoader(num_workers=2) / single process = "
+              f"{res['dl2']['blocks_s'] / res['dl0']['blocks_s']:.2f}")
+        # A training loop: 20 ms "step" per batch (sleep releases the GIL like torch ops).
+        for pf in (0, 2):
+            s = DaskVesuviusStream([str(path)], *block, prefetch=pf, **{**kw, "seed": 99})
+            wait = total = 0.0
+            t_end = time.perf_counter()
+            t_start = t_end
+            for _ in s:
+                wait += time.perf_counter() - t_end
+                time.sleep(0.02)
+                t_end = time.perf_counter()
+            total = t_end - t_start
+            print(f"  training loop, 20 ms step, cold cache, prefetch={pf}: waits for data "
+                  f"{100 * wait / total:.1f}% of the time")
+    return res
+
+
+def big_child(path: str, block, n_blocks: int, batch: int, locality: int | None, mix: int,
+              cache_bytes: int) -> None:
+    """Runs in a subprocess so that its peak RSS is its own."""
+    from vesuvius_dask import DaskVesuviusStream
+
+    s = DaskVesuviusStream([path], *block, samples_per_epoch=n_blocks, batch_size=batch, seed=1,
+                           cache_bytes=cache_bytes, locality=locality, locality_mix=mix)
+    t0 = time.perf_counter()
+    n = 0
+    for b in s:
+        n += b.shape[0]
+    dt = time.perf_counter() - t0
+    st = s.engine.stats
+    print(json.dumps({"blocks_s": n / dt, "mb_s": st.bytes_delivered / dt / 1e6,
+                      "amplification": st.amplification, "rss_mb": peak_rss_mb(),
+                      "chunks_read": st.chunks_read, "seconds": dt}))
+
+
+def big(shape, reps, cache_mb):
+    path = make_zarr(DATA_DIR / ("big-" + "x".join(map(str, shape)) + ".zarr"), shape)
+    gb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+    print(f"\n== volume larger than the cache: {shape} uint16, {gb:.2f} GB on disk, "
+          f"cache_bytes {cache_mb} MB, 8192 blocks of (4, 64, 64), batch 128")
+    results = {}
+    for name, loc, mix in (("locality off", None, 8), ("locality=256, mix=8", 256, 8),
+                           ("locality=512, mix=4", 512, 4)):
+        runs = []
+        for _ in range(max(1, reps // 3)):
+            out = subprocess.run(
+                [sys.executable, __file__, "--big-child", str(path), json.dumps([loc, mix, cache_mb])],
+                capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+        r = {k: median([x[k] for x in runs]) for k in runs[0]}
+        results[name] = r
+        print(f"  {name:<22} {r['blocks_s']:>9,.0f} blocks/s {r['mb_s']:>8,.1f} MB/s  "
+              f"amplification {r['amplification']:6.2f}  peak RSS {r['rss_mb']:,.0f} MB "
+              f"(cache {cache_mb} MB + {r['rss_mb'] - cache_mb:,.0f} MB)")
+    # the inspiration's method on the same volume, for scale
+    import zarr
+    z = zarr.open(str(path), mode="r")
+    rng = np.random.default_rng(0)
+    starts = [(rng.integers(0, shape[0] - 4), rng.integers(0, shape[1] - 64),
+               rng.integers(0, shape[2] - 64)) for _ in range(256)]
+    t = median(timed(lambda: [z[a:a + 4, b:b + 64, c:c + 64] for a, b, c in starts], 1))
+    print(f"  (c) per-block Zarr slicing: {256 / t:,.0f} blocks/s")
+    return results
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--big-child":
+        loc, mix, cache_mb = json.loads(sys.argv[3])
+        big_child(sys.argv[2], (4, 64, 64), 8192, 128, loc, mix, cache_mb * 2**20)
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--skip-big", action="store_true", help="skip the >= 4 GB volume")
+    p.add_argument("--only-big", action="store_true", help="only the >= 4 GB volume")
+    p.add_argument("--big-shape", default="128,4096,4096")
+    p.add_argument("--cache-mb", type=int, default=512)
+    args = p.parse_args()
+    print(f"benchmarks/stream.py  (reps={args.reps}, medians)")
+    if not args.only_big:
+        compare(headline_volume(), (4, 64, 64), 1024, 128, args.reps, "headline")
+        larger = make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024))
+        compare(larger, (16, 64, 64), 1024, 128, args.reps, "larger blocks", loader_workers=False)
+        compare(larger, (32, 128, 128), 256, 32, args.reps, "larger blocks", loader_workers=False)
+    if not args.skip_big:
+        big(tuple(int(v) for v in args.big_shape.split(",")), args.reps, args.cache_mb)
+
+
+if __name__ == "__main__":
+    main()
