@@ -24,7 +24,6 @@ __all__ = ["StartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan"
 
 SAMPLING_METHODS = ("uniform", "proportional")
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Plans are generated in fixed segments, so the random stream (and therefore the
 # plan) does not depend on the batch size or on the number of workers.
 _SEGMENT = 1 << 16
