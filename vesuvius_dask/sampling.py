@@ -15,6 +15,7 @@ of workers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,54 @@ def _round(x: np.ndarray, k: np.uint64) -> np.ndarray:
     return h ^ (h >> np.uint64(29))
 
 
+def _pick(a: Any, idx: np.ndarray) -> Any:
+    return a[idx] if isinstance(a, np.ndarray) and a.ndim else a
+
+
+def _split(n: np.ndarray | int) -> tuple[Any, Any, Any]:
+    """Shift and masks of an unbalanced Feistel on ``bit_length(n - 1)`` bits (>= 2)."""
+    if isinstance(n, np.ndarray):
+        v = np.maximum(n.astype(np.int64) - 1, 1)
+        b = np.floor(np.log2(v)).astype(np.int64) + 1  # bit_length, up to float rounding:
+        b += (np.left_shift(1, b) <= v)                # fix it in both directions
+        b -= (np.left_shift(1, b - 1) > v)
+        bits = np.maximum(b, 2).astype(np.uint64)
+    else:
+        bits = np.uint64(max(2, int(n - 1).bit_length()))
+    low = bits // np.uint64(2)
+    one = np.uint64(1)
+    return low, (one << low) - one, (one << (bits - low)) - one
+
+
+def _feistel(x: np.ndarray, n: Any, keys: Sequence[Any]) -> np.ndarray:
+    """Permute ``x`` (int64) within ``[0, n)`` with a cycle-walking unbalanced Feistel.
+
+    ``n`` and each round key are scalars (one permutation) or arrays aligned with
+    ``x`` (one permutation per element).
+    """
+    shift, mask_lo, mask_hi = _split(n)
+    n64 = np.asarray(n, dtype=np.int64).astype(np.uint64) if isinstance(n, np.ndarray) else np.uint64(n)
+
+    def once(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        sh, lo_m, hi_m = _pick(shift, idx), _pick(mask_lo, idx), _pick(mask_hi, idx)
+        hi, lo = v >> sh, v & lo_m
+        for i, k in enumerate(keys):
+            if i % 2 == 0:
+                hi = hi ^ (_round(lo, _pick(k, idx)) & hi_m)
+            else:
+                lo = lo ^ (_round(hi, _pick(k, idx)) & lo_m)
+        return (hi << sh) | lo
+
+    with np.errstate(over="ignore"):
+        everything = np.arange(np.size(x))
+        y = once(np.asarray(x, dtype=np.int64).astype(np.uint64), everything)
+        bad = np.nonzero(y >= _pick(n64, everything))[0]
+        while bad.size:
+            y[bad] = once(y[bad], bad)
+            bad = bad[y[bad] >= _pick(n64, bad)]
+    return y.astype(np.int64)
+
+
 class FeistelPermutation:
     """A seeded bijection of ``[0, n)`` computed on demand, in O(1) memory.
 
@@ -121,35 +170,12 @@ class FeistelPermutation:
         if n > 1 << 62:
             raise SamplingError(f"range too large to permute (n={n})")
         self.n = int(n)
-        bits = max(2, int(self.n - 1).bit_length())
-        low = bits // 2
-        self.shift = np.uint64(low)
-        self.mask_lo = np.uint64((1 << low) - 1)
-        self.mask_hi = np.uint64((1 << (bits - low)) - 1)
         state = np.random.SeedSequence([int(k) for k in key]).generate_state(rounds, np.uint64)
         self.keys = [np.uint64(k) for k in state]
 
-    def _round_trip(self, x: np.ndarray) -> np.ndarray:
-        hi = x >> self.shift
-        lo = x & self.mask_lo
-        for i, k in enumerate(self.keys):
-            if i % 2 == 0:
-                hi = hi ^ (_round(lo, k) & self.mask_hi)
-            else:
-                lo = lo ^ (_round(hi, k) & self.mask_lo)
-        return (hi << self.shift) | lo
-
     def __call__(self, index: np.ndarray) -> np.ndarray:
         """Return the permuted values of ``index`` (int64 array)."""
-        x = np.asarray(index, dtype=np.int64).astype(np.uint64)
-        with np.errstate(over="ignore"):
-            y = self._round_trip(x)
-            n = np.uint64(self.n)
-            bad = np.nonzero(y >= n)[0]
-            while bad.size:
-                y[bad] = self._round_trip(y[bad])
-                bad = bad[y[bad] >= n]
-        return y.astype(np.int64)
+        return _feistel(index, self.n, self.keys)
 
 
 def _ranks(labels: np.ndarray, n_groups: int) -> np.ndarray:
@@ -277,39 +303,16 @@ class EpochPlan:
 
 
 def _feistel_many(x: np.ndarray, n: np.ndarray, salt: np.ndarray, key: Sequence[int],
-                  rounds: int = 6) -> np.ndarray:
+                  rounds: int = 4) -> np.ndarray:
     """Element-wise Feistel bijections: ``x[i]`` is permuted within ``[0, n[i])``.
 
     Each distinct ``salt`` value (e.g. a chunk cell id) gets its own permutation.
     """
-    x = np.asarray(x, dtype=np.int64).astype(np.uint64)
-    n64 = np.asarray(n, dtype=np.int64)
-    bits = np.maximum(2, np.ceil(np.log2(np.maximum(n64, 2))).astype(np.int64))
-    bits += bits % 2
-    # log2 rounding can be one short for exact powers of two plus one: fix up
-    bits += 2 * ((np.left_shift(np.int64(1), bits)) < n64)
-    half = (bits // 2).astype(np.uint64)
-    mask = (np.left_shift(np.uint64(1), half) - np.uint64(1)).astype(np.uint64)
     base = np.random.SeedSequence([int(k) for k in key]).generate_state(rounds, np.uint64)
     salt64 = np.asarray(salt, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
         keys = [_mix(salt64 * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(k)) for k in base]
-
-        def once(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
-            h, m = half[idx], mask[idx]
-            left, right = v >> h, v & m
-            for k in keys:
-                left, right = right, left ^ (_mix(right ^ k[idx]) & m)
-            return (left << h) | right
-
-        everything = np.arange(x.size)
-        y = once(x, everything)
-        nu = n64.astype(np.uint64)
-        bad = np.nonzero(y >= nu)[0]
-        while bad.size:
-            y[bad] = once(y[bad], bad)
-            bad = bad[y[bad] >= nu[bad]]
-    return y.astype(np.int64)
+    return _feistel(x, np.asarray(n, dtype=np.int64), keys)
 
 
 class LocalityPermutation:
