@@ -131,7 +131,8 @@ def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
               f"{res['dl2']['blocks_s'] / res['dl0']['blocks_s']:.2f}")
         # A training loop: 20 ms "step" per batch (sleep releases the GIL like torch ops).
         for pf in (0, 2):
-            s = DaskVesuviusStream([str(path)], *block, prefetch=pf, **{**kw, "seed": 99})
+            s = DaskVesuviusStream([str(path)], *block, prefetch=pf,
+                                   **{**kw, "seed": 99, "samples_per_epoch": 32 * batch})
             wait = total = 0.0
             t_end = time.perf_counter()
             t_start = t_end
@@ -140,7 +141,7 @@ def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
                 time.sleep(0.02)
                 t_end = time.perf_counter()
             total = t_end - t_start
-            print(f"  training loop, 20 ms step, cold cache, prefetch={pf}: waits for data "
+            print(f"  training loop, 32 batches, 20 ms step, fresh stream, prefetch={pf}: waits for data "
                   f"{100 * wait / total:.1f}% of the time")
     return res
 

@@ -5,6 +5,7 @@ This is the only core module that imports torch.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -38,6 +39,8 @@ __all__ = ["DaskVesuviusStream"]
 
 #: Blocks read per dask graph when the stream yields single blocks.
 DEFAULT_READ_BATCH = 128
+#: Block starts computed per vectorised call (rounded to whole batches).
+_STARTS_GROUP = 4096
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -133,8 +136,11 @@ class DaskVesuviusStream(IterableDataset):
     ----------------
     cache_bytes : int
         Decoded-chunk cache budget per process (default 512 MiB; 0 disables).
-    prefetch : int
-        Batches read ahead in a background thread (default 2; 0 reads inline).
+    prefetch : int, optional
+        Batches read ahead in a background thread; 0 reads inline. Default (None):
+        2 in the main process, 0 inside DataLoader workers, where the DataLoader
+        already keeps ``prefetch_factor`` batches per worker in flight and a second
+        thread would only contend for the GIL.
     read_batch : int
         Blocks per dask graph when ``batch_size`` is None (default 128).
     level : int, optional
@@ -182,7 +188,7 @@ class DaskVesuviusStream(IterableDataset):
         stride: int | Sequence[int] | None = None,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         read_batch: int = DEFAULT_READ_BATCH,
         level: int | None = None,
         num_threads: int | None = None,
@@ -213,9 +219,10 @@ class DaskVesuviusStream(IterableDataset):
         if transform is not None and not callable(transform):
             raise InvalidTypeError(f"transform must be callable, got {type(transform).__name__}")
         self.transform = transform
-        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
-            raise SamplingError(f"prefetch must be a non-negative integer, got {prefetch!r}")
-        self.prefetch = int(prefetch)
+        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(
+                prefetch, (int, np.integer)) or prefetch < 0):
+            raise SamplingError(f"prefetch must be None or a non-negative integer, got {prefetch!r}")
+        self.prefetch = None if prefetch is None else int(prefetch)
         self.locality = None if locality is None else _positive_int("locality", locality)
         self.locality_mix = _positive_int("locality_mix", locality_mix)
         if self.locality is not None and not self.shuffle:
@@ -325,9 +332,20 @@ class DaskVesuviusStream(IterableDataset):
     def _batches(self, epoch: int, worker: int, num_workers: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         plan = self._plan(epoch)
-        for _, labels, ranks in plan.batches(
-                self.read_batch, select=lambda b: b % num_workers == worker):
-            yield labels, self._starts(labels, ranks, epoch)
+        selected = plan.batches(self.read_batch, select=lambda b: b % num_workers == worker)
+        # Starts are computed for several batches at once: the permutations are
+        # vectorised, so fewer, larger calls cost less per block.
+        group = max(1, _STARTS_GROUP // self.read_batch)
+        while True:
+            pending = list(itertools.islice(selected, group))
+            if not pending:
+                return
+            labels = np.concatenate([lab for _, lab, _ in pending])
+            starts = self._starts(labels, np.concatenate([r for _, _, r in pending]), epoch)
+            first = 0
+            for _, lab, _ in pending:
+                yield lab, starts[first:first + lab.size]
+                first += lab.size
 
     def epoch_coords(self, epoch: int | None = None) -> np.ndarray:
         """All ``(volume, z, y, x)`` starts of one epoch, in plan order, without reading.
@@ -373,12 +391,15 @@ class DaskVesuviusStream(IterableDataset):
 
     def _generate(self, epoch: int, worker: int, num_workers: int) -> Iterator[Any]:
         batches = self._batches(epoch, worker, num_workers)
-        if self.prefetch == 0:
+        prefetch = self.prefetch
+        if prefetch is None:
+            prefetch = 0 if get_worker_info() is not None else 2
+        if prefetch == 0:
             yield from self._emit(self._read(lab, st) for lab, st in batches)
             return
         # A producer thread plans and reads the next `prefetch` batches while the
         # consumer (the training step) works; the bounded queue applies back-pressure.
-        results: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        results: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
         done = object()
 
