@@ -25,7 +25,7 @@ def _codecs(arr: Any) -> str:
         comp = meta.compressor
         filters = meta.filters or ()
         return ", ".join([repr(f) for f in filters] + [repr(comp) if comp else "no compressor"])
-    return ", ".join(type(c).__name__ + (f"({c.cname.value}, clevel={c.clevel})"
+    return ", ".join(type(c).__name__ + (f"({c.cname.value}, clevel={c.clevel}, {c.shuffle.value})"
                                          if hasattr(c, "cname") else "")
                      for c in meta.codecs)
 

@@ -1,0 +1,56 @@
+"""dask.distributed helpers (imported only when a scheduler is asked for)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import VesuviusDaskError
+
+__all__ = ["get_client", "DEFAULT_CONNECT_TIMEOUT"]
+
+#: Seconds to wait for a scheduler before giving up; override with
+#: ``dask.config.set({"vesuvius-dask.connect-timeout": seconds})``.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+_clients: dict[str, Any] = {}
+
+
+def get_client(scheduler: Any, timeout: float | None = None) -> Any:
+    """Return a ``distributed.Client`` for an address (cached per process) or a client.
+
+    Parameters
+    ----------
+    scheduler : str or distributed.Client
+        A scheduler address (``"tcp://host:8786"``) or a connected client.
+    timeout : float, optional
+        Seconds to wait for the scheduler (default: the dask config value
+        ``vesuvius-dask.connect-timeout``, else 10).
+
+    Raises
+    ------
+    VesuviusDaskError
+        distributed is not installed, or the scheduler cannot be reached in time.
+    """
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise VesuviusDaskError(
+            "a dask.distributed scheduler was given but distributed is not installed: "
+            "pip install 'vesuvius-dask[distributed]'") from err
+    if isinstance(scheduler, Client):
+        return scheduler
+    if timeout is None:
+        import dask
+
+        timeout = float(dask.config.get("vesuvius-dask.connect-timeout", DEFAULT_CONNECT_TIMEOUT))
+    address = str(scheduler)
+    client = _clients.get(address)
+    if client is None or client.status not in ("running", "connecting"):
+        try:
+            client = Client(address, timeout=timeout, set_as_default=False)
+        except (OSError, TimeoutError) as err:
+            raise VesuviusDaskError(
+                f"cannot reach the dask scheduler at {address} within {timeout:g} s ({err})"
+            ) from err
+        _clients[address] = client
+    return client
