@@ -20,3 +20,13 @@ def test_import_is_light():
             "bad = [m for m in ('torch', 'napari', 'distributed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_ink_example_runs():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_ink.py"), "--steps", "6",
+         "--batch-size", "8", "--num-workers", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "trained on 48 blocks" in proc.stdout and "starts inside the mask" in proc.stdout

@@ -22,6 +22,7 @@ from .volumes import open_volume
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import convert_tiffs
+    from .segment import Segment, open_segment
     from .stream import DaskVesuviusStream
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "open_volume",
     "DaskVesuviusStream",
     "convert_tiffs",
+    "open_segment",
+    "Segment",
     "VesuviusDaskError",
     "VolumeError",
     "VolumeNotFoundError",
@@ -40,6 +43,8 @@ __all__ = [
 _LAZY = {
     "DaskVesuviusStream": ("stream", "DaskVesuviusStream"),
     "convert_tiffs": ("convert", "convert_tiffs"),
+    "open_segment": ("segment", "open_segment"),
+    "Segment": ("segment", "Segment"),
 }
 
 

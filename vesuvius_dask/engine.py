@@ -33,7 +33,8 @@ import numpy as np
 
 from .volumes import Volume
 
-__all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "DEFAULT_CACHE_BYTES"]
+__all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
+           "DEFAULT_CACHE_BYTES"]
 
 #: Default decoded-chunk cache budget per process (bytes).
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -394,23 +395,49 @@ class BatchEngine:
         numpy.ndarray
             ``(B, z_size, y_size, x_size)`` array of the engine's dtype.
         """
-        from dask.local import get_sync
-        from dask.threaded import get as get_threaded
+        return read_together([(self, vol_index, starts, out)])[0]
 
-        graph, key, out, n_reads = self.batch_graph(vol_index, starts, out)
-        if n_reads == 0:
-            # No chunk to read (in-RAM volumes, cache hits): the graph is one cut task
-            # and the assembly; dask's scheduler would only add overhead, run it inline.
-            for task in graph.values():
-                if isinstance(task[0], _CutCached):
-                    task[0]()
-            result = out
-        elif n_reads >= 2 and self.num_threads > 1:
-            result = get_threaded(graph, key, pool=self._thread_pool())
-        else:
-            result = get_sync(graph, key)
-        with self._lock:
-            self.stats.batches += 1
-            self.stats.blocks += out.shape[0]
-            self.stats.bytes_delivered += out.nbytes
-        return result
+
+def read_together(requests: Sequence[tuple[BatchEngine, np.ndarray, np.ndarray, np.ndarray | None]]
+                  ) -> list[np.ndarray]:
+    """Read several batches (e.g. blocks and their labels) as one dask graph.
+
+    Parameters
+    ----------
+    requests : sequence of (engine, vol_index, starts, out)
+        What each engine reads; ``out`` may be None.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One batch per request.
+    """
+    from dask.local import get_sync
+    from dask.threaded import get as get_threaded
+
+    graph: dict = {}
+    keys, outs = [], []
+    n_reads = 0
+    for engine, vol_index, starts, out in requests:
+        g, key, out, n = engine.batch_graph(vol_index, starts, out)
+        graph.update(g)
+        keys.append(key)
+        outs.append(out)
+        n_reads += n
+    first = requests[0][0]
+    if n_reads == 0:
+        # No chunk to read (in-RAM volumes, cache hits): the graph is only cut tasks
+        # and assemblies; dask's scheduler would only add overhead, run them inline.
+        for task in graph.values():
+            if isinstance(task[0], _CutCached):
+                task[0]()
+    elif n_reads >= 2 and first.num_threads > 1:
+        get_threaded(graph, keys, pool=first._thread_pool())
+    else:
+        get_sync(graph, keys)
+    for (engine, *_), out in zip(requests, outs):
+        with engine._lock:
+            engine.stats.batches += 1
+            engine.stats.blocks += out.shape[0]
+            engine.stats.bytes_delivered += out.nbytes
+    return outs

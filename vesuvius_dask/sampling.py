@@ -21,7 +21,8 @@ import numpy as np
 
 from .errors import SamplingError
 
-__all__ = ["StartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan", "SAMPLING_METHODS"]
+__all__ = ["StartGrid", "MaskedStartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan",
+           "SAMPLING_METHODS"]
 
 SAMPLING_METHODS = ("uniform", "proportional")
 
@@ -384,3 +385,95 @@ class LocalityPermutation:
         gx = self.edges[2][cx] + ix
         _, ny, nx = self.grid.counts
         return (gz * ny + gy) * nx + gx
+
+
+def _window_sum(a: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """Sums of every run of ``width`` consecutive entries along ``axis``.
+
+    Built from windows of doubling widths (binary decomposition of ``width``), so it
+    costs O(log width) whole-array additions; numpy's cumsum is much slower here.
+    """
+    n_out = a.shape[axis] - width + 1
+
+    def take(x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(start, stop)
+        return x[tuple(index)]
+
+    result = None
+    offset = 0
+    span = 1
+    doubled = a
+    remaining = width
+    while remaining:
+        if remaining & 1:
+            part = take(doubled, offset, offset + n_out)
+            result = part.copy() if result is None else np.add(result, part, out=result)
+            offset += span
+        remaining >>= 1
+        if remaining:
+            length = doubled.shape[axis]
+            doubled = take(doubled, 0, length - span) + take(doubled, span, length)
+            span *= 2
+    assert result is not None
+    return result
+
+
+class MaskedStartGrid:
+    """The starts of a :class:`StartGrid` whose footprint a 2-D mask covers.
+
+    Rule: a start ``(z, y, x)`` is valid when at least ``coverage`` of the block's
+    ``(y_size, x_size)`` footprint ``mask[y:y+y_size, x:x+x_size]`` is non-zero
+    (``coverage=1.0``: fully inside the mask; any ``coverage`` > 0 needs at least one
+    voxel). The mask is 2-D, so validity does not depend on z.
+
+    The valid ``(y, x)`` grid is one boolean per grid position plus a rank table
+    (one integer per 64 positions): O(mask) memory, never a list of starts. Index
+    ``k`` maps to the ``k``-th valid start in raster order, exactly as
+    :meth:`StartGrid.unravel` does without a mask.
+
+    Parameters
+    ----------
+    grid : StartGrid
+        The unmasked starts.
+    mask : numpy.ndarray
+        ``(Y, X)`` array, same height and width as the volume.
+    coverage : float
+        Fraction of the footprint that must be non-zero, in ``(0, 1]``.
+    """
+
+    def __init__(self, grid: StartGrid, mask: np.ndarray, coverage: float) -> None:
+        self.grid = grid
+        self.shape, self.block, self.stride = grid.shape, grid.block, grid.stride
+        _, by, bx = grid.block
+        _, sy, sx = grid.stride
+        nz, ny, nx = grid.counts
+        need = max(1, int(np.ceil(coverage * by * bx - 1e-9)))
+        acc = np.uint16 if by * bx < 2**16 else np.uint32
+        m = (np.asarray(mask) != 0).astype(acc)
+        # Window sums of the footprint on the stride grid: along y, keep the grid rows,
+        # then along x, keep the grid columns (whole-array adds, no prefix sums).
+        vert = _window_sum(m, by, axis=0)[::sy][:ny]
+        del m
+        self.valid = _window_sum(vert, bx, axis=1)[:, ::sx][:, :nx] >= need
+        del vert
+        flat = np.zeros(-(-self.valid.size // 64) * 64, dtype=bool)
+        flat[: self.valid.size] = self.valid.ravel()
+        self._words = flat.reshape(-1, 64)
+        self._rank = np.concatenate([[0], np.cumsum(self._words.sum(axis=1))]).astype(np.int64)
+        self.n_yx = int(self._rank[-1])
+        self.counts = grid.counts
+        self.n = nz * self.n_yx
+
+    def unravel(self, index: np.ndarray) -> np.ndarray:
+        """Map valid-start indices in ``[0, n)`` to ``(k, 3)`` start coordinates."""
+        index = np.asarray(index, dtype=np.int64)
+        iz, j = np.divmod(index, max(self.n_yx, 1))
+        word = np.searchsorted(self._rank, j, side="right") - 1
+        r = j - self._rank[word]
+        pos = np.argmax(np.cumsum(self._words[word], axis=1) > r[:, None], axis=1)
+        iy, ix = np.divmod(word * 64 + pos, self.grid.counts[2])
+        return np.stack([iz, iy, ix], axis=-1) * np.asarray(self.stride, dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"MaskedStartGrid({self.grid!r}, valid={self.n})"

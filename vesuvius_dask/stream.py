@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
 import threading
 import warnings
@@ -24,13 +25,14 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
         "(or pip install torch)"
     ) from err
 
-from .engine import DEFAULT_CACHE_BYTES, BatchEngine
+from .engine import DEFAULT_CACHE_BYTES, BatchEngine, read_together
 from .errors import InvalidTypeError, SamplingError
 from .sampling import (
     SAMPLING_METHODS,
     EpochPlan,
     FeistelPermutation,
     LocalityPermutation,
+    MaskedStartGrid,
     StartGrid,
 )
 from .volumes import Volume, resolve_volume
@@ -72,6 +74,83 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
         return np.dtype(dtype)
     except TypeError as err:
         raise InvalidTypeError(f"dtype={dtype!r} is not a numpy or torch dtype") from err
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _as_tensor(array: Any) -> torch.Tensor:
+    return array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+
+
+def _per_volume(name: str, value: Any, files: Sequence[Any], attr: str) -> list[Any]:
+    """Expand ``labels``/``masks`` to one entry per volume (``"segment"``: from Segments)."""
+    if value is None:
+        return [None] * len(files)
+    if isinstance(value, str) and value == "segment":
+        out = []
+        for i, f in enumerate(files):
+            if not hasattr(f, attr):
+                raise InvalidTypeError(
+                    f"{name}='segment' needs Segment objects in files (open_segment); "
+                    f"files[{i}] is a {type(f).__name__}")
+            out.append(getattr(f, attr))
+        return out
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidTypeError(f"{name} must be None, 'segment' or a list with one entry per volume")
+    if len(value) != len(files):
+        raise SamplingError(f"{name} has {len(value)} entries for {len(files)} volumes")
+    return list(value)
+
+
+def _load_2d(source: Any, what: str, vol: Volume) -> np.ndarray:
+    """A 2-D mask as numpy, checked against the volume's (Y, X)."""
+    from .segment import read_image
+
+    if isinstance(source, (str, os.PathLike)):
+        p = os.fspath(source)
+        if p.lower().endswith((".png", ".tif", ".tiff", ".jpg")):
+            source = read_image(p)
+        else:
+            import zarr
+
+            source = zarr.open(p, mode="r")
+    arr = np.asarray(source.compute() if hasattr(source, "compute") else source)
+    if arr.ndim != 2 or arr.shape != vol.shape[1:]:
+        raise SamplingError(
+            f"{what}: shape {arr.shape} does not match the (Y, X) = {vol.shape[1:]} of the "
+            f"volume {vol.label}; masks are 2-D images of the volume's height and width")
+    return arr
+
+
+def _label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume]
+                   ) -> tuple[list[Volume] | None, bool]:
+    """Labels as volumes the engine can read (2-D (Y, X) become (1, Y, X)); are they 2-D?"""
+    if labels is None:
+        return None, False
+    out = []
+    dims = set()
+    for i, (src, vol) in enumerate(zip(_per_volume("labels", labels, files, "labels"), volumes)):
+        if src is None:
+            raise SamplingError(f"labels[{i}]: volume {vol.label} has no labels; every volume needs them")
+        is_path = isinstance(src, (str, os.PathLike))
+        if is_path and os.fspath(src).lower().endswith((".png", ".tif", ".tiff", ".jpg")) \
+                or getattr(src, "ndim", 3) == 2:
+            arr = _load_2d(src, f"labels[{i}]", vol)
+            out.append(resolve_volume(arr[None], label=f"labels[{i}]"))
+            dims.add(2)
+            continue
+        lv = resolve_volume(src, label=f"labels[{i}]")
+        if lv.shape != vol.shape:
+            raise SamplingError(
+                f"labels[{i}]: shape {lv.shape} does not match the volume {vol.label} "
+                f"{vol.shape}; 3-D labels must have the volume's shape")
+        out.append(lv)
+        dims.add(3)
+    if len(dims) > 1:
+        raise SamplingError("labels mix 2-D and 3-D arrays; use one kind for all volumes")
+    return out, dims == {2}
 
 
 def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -127,7 +206,9 @@ class DaskVesuviusStream(IterableDataset):
         conversion that could lose values (e.g. float to int, uint16 to int16 or
         float16) raises instead of truncating.
     transform : callable, optional
-        Applied to each yielded block (or batch) tensor.
+        Applied to each yielded block (or batch) tensor; with ``labels``, called as
+        ``transform(block, label)`` and must return the pair (so augmentations can
+        flip both alike).
     stride : int or (int, int, int), optional
         Only starts on this grid are drawn (``stride == block`` gives
         non-overlapping blocks). Default 1.
@@ -156,6 +237,20 @@ class DaskVesuviusStream(IterableDataset):
         chunks so that a run's chunks stay cached while it is drawn.
     locality_mix : int
         Runs interleaved at a time with ``locality`` (default 8).
+    labels : list or "segment", optional
+        One label array per volume: 2-D ``(Y, X)`` (e.g. ``inklabels.png``) or 3-D
+        ``(Z, Y, X)``; numpy, dask, a path to a PNG/TIFF/Zarr, or ``"segment"`` to take
+        each :class:`~vesuvius_dask.Segment`'s ink labels. Items become
+        ``(block, label)`` (``(block, label, coords)`` with ``return_coords``), where
+        ``label`` is the ``(y_size, x_size)`` window (2-D) or the block (3-D) at the
+        same start, read in the same dask graph as the blocks.
+    masks : list or "segment", optional
+        One 2-D ``(Y, X)`` mask per volume (entries may be None), or ``"segment"``.
+        Only starts whose footprint the mask covers (see ``mask_coverage``) are drawn;
+        the count of valid starts is exact and known before the epoch.
+    mask_coverage : float
+        Fraction of a block's ``(y, x)`` footprint that must be non-zero in the mask
+        (default 1.0: the whole footprint; any value > 0 needs at least one voxel).
 
     Notes
     -----
@@ -194,6 +289,9 @@ class DaskVesuviusStream(IterableDataset):
         num_threads: int | None = None,
         locality: int | None = None,
         locality_mix: int = 8,
+        labels: Any = None,
+        masks: Any = None,
+        mask_coverage: float = 1.0,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -232,10 +330,21 @@ class DaskVesuviusStream(IterableDataset):
         self.volumes: list[Volume] = []
         for i, f in enumerate(files):
             self.volumes.append(resolve_volume(f, level=level, label=f"files[{i}]"))
-        self.grids = [
+        self.grids: list[Any] = [
             StartGrid(v.shape, self.block, self.stride, label=f"files[{i}] ({v.label})")
             for i, v in enumerate(self.volumes)
         ]
+        if not (isinstance(mask_coverage, (int, float)) and 0 < mask_coverage <= 1):
+            raise SamplingError(f"mask_coverage must be in (0, 1], got {mask_coverage!r}")
+        self.mask_coverage = float(mask_coverage)
+        for i, mask in enumerate(_per_volume("masks", masks, files, "mask")):
+            if mask is not None:
+                mask = _load_2d(mask, f"masks[{i}]", self.volumes[i])
+                self.grids[i] = MaskedStartGrid(self.grids[i], mask, self.mask_coverage)
+        self.masked = any(isinstance(g, MaskedStartGrid) for g in self.grids)
+        if self.masked and self.locality is not None:
+            raise SamplingError("locality cannot be combined with masks yet")
+        self.label_volumes, self.label_2d = _label_volumes(labels, files, self.volumes)
         total = sum(g.n for g in self.grids)
         if self.samples_per_epoch > total:
             raise SamplingError(
@@ -260,6 +369,11 @@ class DaskVesuviusStream(IterableDataset):
             raise SamplingError(f"seed must be non-negative, got {seed}")
         self.engine = BatchEngine(self.volumes, self.block, dtype=out,
                                   cache_bytes=cache_bytes, num_threads=num_threads)
+        self.label_engine = None
+        if self.label_volumes is not None:
+            lblock = (1,) + self.block[1:] if self.label_2d else self.block
+            self.label_engine = BatchEngine(self.label_volumes, lblock, cache_bytes=cache_bytes // 4,
+                                            num_threads=num_threads)
         self._epoch = 0
         self._epoch_set = False
         self._iterations = 0
@@ -379,15 +493,24 @@ class DaskVesuviusStream(IterableDataset):
         self._iterations += 1
         return self._generate(epoch, worker, num_workers)
 
-    def _read(self, labels: np.ndarray, starts: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    def _read(self, vols: np.ndarray, starts: np.ndarray) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+        requests: list[tuple[Any, np.ndarray, np.ndarray, Any]] = [(self.engine, vols, starts, None)]
+        if self.label_engine is not None:
+            lstarts = starts.copy()
+            if self.label_2d:
+                lstarts[:, 0] = 0
+            requests.append((self.label_engine, vols, lstarts, None))
+        tensors = None
         if self.batch_size is not None and get_worker_info() is not None:
             # In a DataLoader worker, write the batch straight into shared memory, so
             # handing it to the main process costs no copy (as default_collate does).
-            shape = (labels.size,) + self.block
-            tensor = _shared_tensor(shape, self._torch_dtype)
-            self.engine.read(labels, starts, out=tensor.numpy())
-            return tensor, labels, starts
-        return self.engine.read(labels, starts), labels, starts
+            tensors = [_shared_tensor((vols.size,) + eng.block, _torch_dtype(eng.dtype))
+                       for eng, *_ in requests]
+            requests = [(eng, v, st, t.numpy()) for (eng, v, st, _), t in zip(requests, tensors)]
+        arrays = read_together(requests)
+        items = tensors if tensors is not None else arrays
+        label = items[1] if len(items) > 1 else None
+        return items[0], label, vols, starts
 
     def _generate(self, epoch: int, worker: int, num_workers: int) -> Iterator[Any]:
         batches = self._batches(epoch, worker, num_workers)
@@ -439,17 +562,25 @@ class DaskVesuviusStream(IterableDataset):
             stop.set()
             thread.join()
 
-    def _emit(self, results: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[Any]:
-        for batch, labels, starts in results:
-            tensor = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
-            coords = torch.from_numpy(np.column_stack([labels, starts]).astype(np.int64))
+    def _emit(self, results: Iterator[tuple[Any, Any, np.ndarray, np.ndarray]]) -> Iterator[Any]:
+        for batch, label, vols, starts in results:
+            tensor = _as_tensor(batch)
+            if label is not None:
+                label = _as_tensor(label)
+                if self.label_2d:
+                    label = label[:, 0]
+            coords = torch.from_numpy(np.column_stack([vols, starts]).astype(np.int64))
             if self.batch_size is not None:
-                yield self._item(tensor, coords)
+                yield self._item(tensor, label, coords)
             else:
                 for i in range(tensor.shape[0]):
-                    yield self._item(tensor[i], coords[i])
+                    yield self._item(tensor[i], None if label is None else label[i], coords[i])
 
-    def _item(self, block: torch.Tensor, coords: torch.Tensor) -> Any:
+    def _item(self, block: torch.Tensor, label: Any, coords: torch.Tensor) -> Any:
+        if label is None:
+            if self.transform is not None:
+                block = self.transform(block)
+            return (block, coords) if self.return_coords else block
         if self.transform is not None:
-            block = self.transform(block)
-        return (block, coords) if self.return_coords else block
+            block, label = self.transform(block, label)
+        return (block, label, coords) if self.return_coords else (block, label)

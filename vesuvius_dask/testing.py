@@ -68,3 +68,39 @@ def synthetic_papyrus(shape: tuple[int, int, int] = (16, 512, 512), seed: int = 
         vol += 26000 * density
     vol += rng.normal(0, 2500, size=shape).astype(np.float32)
     return np.clip(vol, 0, 65535).astype(np.uint16)
+
+
+def write_segment(folder, shape: tuple[int, int, int] = (16, 256, 256), seed: int = 0,
+                  compression: str | None = None) -> dict:
+    """Write a synthetic segment folder: surface_volume/NN.tif, mask.png, inklabels.png.
+
+    The mask is an irregular blob covering part of the image; ink strokes lie mostly
+    inside it and make the papyrus denser there (so ink is learnable).
+
+    Returns
+    -------
+    dict
+        ``{"volume", "mask", "labels"}`` numpy arrays that were written.
+    """
+    from pathlib import Path
+
+    import tifffile
+    from PIL import Image
+
+    root = Path(folder)
+    (root / "surface_volume").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    _, h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    radius = 0.42 * min(h, w) * (1 + 0.15 * np.sin(np.arctan2(yy - h / 2, xx - w / 2) * 5
+                                                   + rng.uniform(0, 6)))
+    mask = (np.hypot(yy - h / 2, xx - w / 2) < radius).astype(np.uint8)
+    ink = synthetic_ink((h, w), seed=seed + 1) * mask
+    volume = synthetic_papyrus(shape, seed=seed, ink=ink)
+    width = max(2, len(str(shape[0] - 1)))
+    for z in range(shape[0]):
+        tifffile.imwrite(root / "surface_volume" / f"{z:0{width}d}.tif", volume[z],
+                         compression=compression)
+    Image.fromarray(mask * 255).save(root / "mask.png")
+    Image.fromarray(ink * 255).save(root / "inklabels.png")
+    return {"volume": volume, "mask": mask, "labels": ink}

@@ -258,6 +258,9 @@ def resolve_volume(
 
     if isinstance(source, Volume):
         return source
+    hook = getattr(source, "__vesuvius_volume__", None)
+    if hook is not None:  # e.g. a Segment
+        return hook()
     if _is_pathlike(source):
         arr, lbl = _open_zarr_path(source, level)
         _check_array(arr.shape, arr.dtype, lbl)
