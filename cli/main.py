@@ -31,7 +31,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     report = stream_throughput(
         args.paths, block=(args.z_size, args.y_size, args.x_size), batch_size=args.batch_size,
         batches=args.batches, num_workers=args.num_workers, seed=args.seed,
-        sampling_method=args.sampling_method,
+        sampling_method=args.sampling_method, scheduler=args.scheduler,
     )
     print(report)
     return 0
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--sampling-method", choices=("uniform", "proportional"), default="uniform")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default=None,
+                   help="dask.distributed scheduler address (default: local threads)")
     p.set_defaults(func=cmd_stream)
 
     from . import convert_cmd

@@ -43,8 +43,11 @@ def get_client(scheduler: Any, timeout: float | None = None) -> Any:
         import dask
 
         timeout = float(dask.config.get("vesuvius-dask.connect-timeout", DEFAULT_CONNECT_TIMEOUT))
+    import os
+
     address = str(scheduler)
-    client = _clients.get(address)
+    cache_key = f"{os.getpid()}:{address}"  # a client inherited through fork is not usable
+    client = _clients.get(cache_key)
     if client is None or client.status not in ("running", "connecting"):
         try:
             client = Client(address, timeout=timeout, set_as_default=False)
@@ -52,5 +55,5 @@ def get_client(scheduler: Any, timeout: float | None = None) -> Any:
             raise VesuviusDaskError(
                 f"cannot reach the dask scheduler at {address} within {timeout:g} s ({err})"
             ) from err
-        _clients[address] = client
+        _clients[cache_key] = client
     return client

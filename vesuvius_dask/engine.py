@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ import numpy as np
 from .volumes import Volume
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
-           "DEFAULT_CACHE_BYTES"]
+           "remote_read", "DEFAULT_CACHE_BYTES"]
 
 #: Default decoded-chunk cache budget per process (bytes).
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -258,6 +259,7 @@ class BatchEngine:
         self._pool_pid: int | None = None
         self._graphs: dict[int, dict] = {}
         self._lock = threading.Lock()
+        self.uid = uuid.uuid4().hex  # identifies this engine's copies on cluster workers
 
     # -- pickling: caches, pools and counters are per process -------------------
     def __getstate__(self) -> dict:
@@ -326,41 +328,25 @@ class BatchEngine:
         in_memory: list[tuple[np.ndarray, np.ndarray]] = []
         n_reads = 0
         hits = 0
-        for v in np.unique(vol_index).tolist():
-            rows = np.nonzero(vol_index == v)[0]
+        for v, cid, region, pieces in self._work(vol_index, starts):
             vol = self.volumes[v]
-            if vol.data is not None:
-                # In RAM (or memory-mapped): every block is one piece of one "chunk".
-                pieces = np.zeros((rows.size, 10), dtype=np.int64)
-                pieces[:, 0] = rows
-                pieces[:, 2], pieces[:, 4], pieces[:, 6] = self.block
-                pieces[:, 7:] = starts[rows]
+            if cid is None:  # in RAM or memory-mapped
                 in_memory.append((vol.data, pieces))
                 continue
-            chunk_ids, pieces = plan_pieces(self._bounds[v], starts[rows], self.block, rows)
-            grid = np.array([len(b) - 1 for b in self._bounds[v]], dtype=np.int64)
-            lin = (chunk_ids[:, 0] * grid[1] + chunk_ids[:, 1]) * grid[2] + chunk_ids[:, 2]
-            order = np.argsort(lin, kind="stable")
-            lin_sorted = lin[order]
-            cut_at = np.nonzero(np.diff(lin_sorted))[0] + 1
-            for group in np.split(order, cut_at):
-                cid = tuple(int(c) for c in chunk_ids[group[0]])
-                cached = self.cache.get((vol.token,) + cid)
-                if cached is not None:
-                    in_memory.append((cached, pieces[group]))
-                    hits += 1
-                    continue
-                key = (f"vd-read-{tag}", v) + cid
-                if vol.zarr is not None:
-                    region = tuple(slice(int(b[c]), int(b[c + 1]))
-                                   for b, c in zip(self._bounds[v], cid))
-                    graph[key] = (_ReadCut(self, vol, cid, region, out, pieces[group]),)
-                else:
-                    src_key = (vol.array.name,) + cid
-                    graph.update(self._culled(v, src_key))
-                    graph[key] = (_CutComputed(self, (vol.token,) + cid, out, pieces[group]), src_key)
-                deps.append(key)
-                n_reads += 1
+            cached = self.cache.get((vol.token,) + cid)
+            if cached is not None:
+                in_memory.append((cached, pieces))
+                hits += 1
+                continue
+            key = (f"vd-read-{tag}", v) + cid
+            if vol.zarr is not None:
+                graph[key] = (_ReadCut(self, vol, cid, region, out, pieces),)
+            else:
+                src_key = (vol.array.name,) + cid
+                graph.update(self._culled(v, src_key))
+                graph[key] = (_CutComputed(self, (vol.token,) + cid, out, pieces), src_key)
+            deps.append(key)
+            n_reads += 1
         if in_memory:
             key = (f"vd-cut-{tag}",)
             graph[key] = (_CutCached(out, in_memory),)
@@ -370,6 +356,35 @@ class BatchEngine:
         with self._lock:
             self.stats.cache_hits += hits
         return graph, out_key, out, n_reads
+
+    def _work(self, vol_index: np.ndarray, starts: np.ndarray
+              ) -> list[tuple[int, tuple[int, int, int] | None, tuple[slice, ...] | None, np.ndarray]]:
+        """Pieces of a batch grouped by source: ``(volume, chunk id, region, pieces)``.
+
+        In-RAM and memory-mapped volumes give one group with chunk id ``None``.
+        """
+        work = []
+        for v in np.unique(vol_index).tolist():
+            rows = np.nonzero(vol_index == v)[0]
+            if self.volumes[v].data is not None:
+                # every block is one piece of one "chunk": the whole array
+                pieces = np.zeros((rows.size, 10), dtype=np.int64)
+                pieces[:, 0] = rows
+                pieces[:, 2], pieces[:, 4], pieces[:, 6] = self.block
+                pieces[:, 7:] = starts[rows]
+                work.append((v, None, None, pieces))
+                continue
+            bounds = self._bounds[v]
+            chunk_ids, pieces = plan_pieces(bounds, starts[rows], self.block, rows)
+            grid = np.array([len(b) - 1 for b in bounds], dtype=np.int64)
+            lin = (chunk_ids[:, 0] * grid[1] + chunk_ids[:, 1]) * grid[2] + chunk_ids[:, 2]
+            order = np.argsort(lin, kind="stable")
+            cut_at = np.nonzero(np.diff(lin[order]))[0] + 1
+            for group in np.split(order, cut_at):
+                cid = tuple(int(c) for c in chunk_ids[group[0]])
+                region = tuple(slice(int(b[c]), int(b[c + 1])) for b, c in zip(bounds, cid))
+                work.append((v, cid, region, pieces[group]))  # type: ignore[arg-type]
+        return work
 
     def _culled(self, v: int, key: Any) -> dict:
         from dask.optimization import cull
@@ -441,3 +456,32 @@ def read_together(requests: Sequence[tuple[BatchEngine, np.ndarray, np.ndarray, 
             engine.stats.blocks += out.shape[0]
             engine.stats.bytes_delivered += out.nbytes
     return outs
+
+
+# -- dask.distributed ----------------------------------------------------------------
+# Engines deserialised in this (worker) process, by uid: a batch task carries its
+# engine (a few KB: volumes travel as zarr store paths, memory-map and TIFF file
+# names), and the first copy to arrive is kept, with its decoded-chunk cache.
+_WORKER_ENGINES: dict[str, BatchEngine] = {}
+
+
+def remote_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
+                starts: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Task run on a dask.distributed worker: read one batch (and its labels).
+
+    Parameters
+    ----------
+    engines : sequence of BatchEngine
+        The volume engine, then optionally the label engine.
+    vol_index : numpy.ndarray
+        Volume of each block.
+    starts : sequence of numpy.ndarray
+        Block starts for each engine.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One batch per engine, read as one chunk-aware dask graph on this worker.
+    """
+    local = [_WORKER_ENGINES.setdefault(e.uid, e) for e in engines]
+    return read_together([(e, vol_index, st, None) for e, st in zip(local, starts)])

@@ -11,7 +11,9 @@ import os
 import queue
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,16 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
         raise InvalidTypeError(f"dtype={dtype!r} is not a numpy or torch dtype") from err
 
 
+def _needs_scatter(vol: Volume) -> bool:
+    """In-RAM numpy data cannot be re-opened by workers by name: it must be sent."""
+    from .volumes import _memmap_ref
+
+    data = vol.data
+    if data is None or not isinstance(data, np.ndarray):
+        return False
+    return not (isinstance(data, np.memmap) and _memmap_ref(data, vol.array.chunks) is not None)
+
+
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
@@ -134,9 +146,12 @@ def _label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume]
     for i, (src, vol) in enumerate(zip(_per_volume("labels", labels, files, "labels"), volumes)):
         if src is None:
             raise SamplingError(f"labels[{i}]: volume {vol.label} has no labels; every volume needs them")
-        is_path = isinstance(src, (str, os.PathLike))
-        if is_path and os.fspath(src).lower().endswith((".png", ".tif", ".tiff", ".jpg")) \
-                or getattr(src, "ndim", 3) == 2:
+        if isinstance(src, (str, os.PathLike)) and not os.fspath(src).lower().endswith(
+                (".png", ".tif", ".tiff", ".jpg")):
+            import zarr
+
+            src = zarr.open(os.fspath(src), mode="r")  # a Zarr label array, 2-D or 3-D
+        if isinstance(src, (str, os.PathLike)) or getattr(src, "ndim", 3) == 2:
             arr = _load_2d(src, f"labels[{i}]", vol)
             out.append(resolve_volume(arr[None], label=f"labels[{i}]"))
             dims.add(2)
@@ -237,6 +252,19 @@ class DaskVesuviusStream(IterableDataset):
         chunks so that a run's chunks stay cached while it is drawn.
     locality_mix : int
         Runs interleaved at a time with ``locality`` (default 8).
+    client : distributed.Client or str, optional
+        Run each batch's graph on a dask.distributed cluster (a client, or a scheduler
+        address). ``prefetch`` batches (default 2) stay in flight as futures and are
+        yielded in order. Workers must reach the volumes by path (Zarr, memory maps,
+        TIFF stacks); with in-RAM numpy arrays (volumes, 2-D labels from PNG) the
+        engines are scattered to every worker once per client instead. Each batch is
+        one task that runs the chunk-aware engine on a worker. Failed tasks are retried
+        ``retries`` times (default 2) and a lost worker's tasks are recomputed by the
+        scheduler, so an epoch still yields each planned block once. Under
+        ``DataLoader(num_workers=k)`` each worker process connects its own client
+        (by address); usually ``num_workers=0`` suffices, the cluster reads in parallel.
+    retries : int
+        dask retries per task with ``client`` (default 2).
     labels : list or "segment", optional
         One label array per volume: 2-D ``(Y, X)`` (e.g. ``inklabels.png``) or 3-D
         ``(Z, Y, X)``; numpy, dask, a path to a PNG/TIFF/Zarr, or ``"segment"`` to take
@@ -292,6 +320,8 @@ class DaskVesuviusStream(IterableDataset):
         labels: Any = None,
         masks: Any = None,
         mask_coverage: float = 1.0,
+        client: Any = None,
+        retries: int = 2,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -377,6 +407,26 @@ class DaskVesuviusStream(IterableDataset):
         self._epoch = 0
         self._epoch_set = False
         self._iterations = 0
+        self._client_obj: Any = None
+        self._client_pid = os.getpid()
+        self.scheduler_address: str | None = None
+        self.retries = int(retries)
+        self._scattered: dict[Any, Any] = {}
+        if client is not None:
+            if isinstance(client, str):
+                from .cluster import get_client
+
+                self.scheduler_address = client
+                get_client(client)  # fail now, within the timeout, if it is unreachable
+            else:
+                self._client_obj = client
+                self.scheduler_address = client.scheduler.address
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_client_obj"] = None  # a Client does not travel; copies connect by address
+        state["_scattered"] = {}
+        return state
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> None:
@@ -512,8 +562,76 @@ class DaskVesuviusStream(IterableDataset):
         label = items[1] if len(items) > 1 else None
         return items[0], label, vols, starts
 
+    def _client(self) -> Any:
+        from .cluster import get_client
+
+        if self._client_obj is not None and self._client_pid == os.getpid():
+            return self._client_obj
+        return get_client(self.scheduler_address)
+
+    def _remote(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], prefetch: int
+                ) -> Iterator[tuple[Any, Any, np.ndarray, np.ndarray]]:
+        """Read each batch on the cluster, ``prefetch`` batches in flight, in plan order.
+
+        One task per batch runs the chunk-aware engine on a worker (its decoded-chunk
+        cache stays there between batches); only block starts and the engine's few KB
+        of references travel, and the batch comes back.
+        """
+        from .engine import remote_read
+
+        client = self._client()
+        engines = self._remote_engines(client)
+        pending: deque = deque()
+        # A future's data is transferred only when asked for: fetch each one in a
+        # background thread as soon as it is submitted, so the transfer overlaps too.
+        fetcher = ThreadPoolExecutor(2, thread_name_prefix="vesuvius-dask-fetch")
+        try:
+            for vols, starts in batches:
+                all_starts = [starts]
+                if self.label_engine is not None:
+                    lstarts = starts.copy()
+                    if self.label_2d:
+                        lstarts[:, 0] = 0
+                    all_starts.append(lstarts)
+                future = client.submit(remote_read, engines, vols, all_starts, pure=False,
+                                       retries=self.retries)
+                pending.append((future, fetcher.submit(future.result), vols, starts))
+                if len(pending) > prefetch:
+                    yield self._collect(pending.popleft())
+            while pending:
+                yield self._collect(pending.popleft())
+        finally:
+            for future, *_ in pending:
+                future.cancel()
+            fetcher.shutdown(wait=False, cancel_futures=True)
+
+    def _remote_engines(self, client: Any) -> Any:
+        """The engines as task arguments; scattered once if they hold in-RAM arrays."""
+        engines = [self.engine] + ([self.label_engine] if self.label_engine else [])
+        if not any(_needs_scatter(v) for e in engines for v in e.volumes):
+            return engines  # small: travel with each task, rebuilt nowhere twice
+        key = (os.getpid(), id(client))
+        future = self._scattered.get(key)
+        if future is None:
+            future = self._scattered[key] = client.scatter(engines, broadcast=True, hash=False)
+        return future
+
+    def _collect(self, item: tuple[Any, Any, np.ndarray, np.ndarray]
+                 ) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+        _, fetched, vols, starts = item
+        arrays = fetched.result()
+        for stats, arr in zip([self.engine.stats] + ([self.label_engine.stats] if self.label_engine else []),
+                              arrays):
+            stats.batches += 1
+            stats.blocks += arr.shape[0]
+            stats.bytes_delivered += arr.nbytes
+        return arrays[0], (arrays[1] if len(arrays) > 1 else None), vols, starts
+
     def _generate(self, epoch: int, worker: int, num_workers: int) -> Iterator[Any]:
         batches = self._batches(epoch, worker, num_workers)
+        if self.scheduler_address is not None:
+            yield from self._emit(self._remote(batches, 2 if self.prefetch is None else self.prefetch))
+            return
         prefetch = self.prefetch
         if prefetch is None:
             prefetch = 0 if get_worker_info() is not None else 2
