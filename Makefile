@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 # torch is pinned on the dev/test path (a CPU build of 2.13.0 is what this project tests with).
 TORCH  ?= torch==2.13.0
+# napari tests need a display: use a virtual one when xvfb-run is there (.ci/run installs it)
+XVFB   := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
 .PHONY: demo test bench venv clean example
 
@@ -21,7 +23,7 @@ demo: $(VENV)/.installed
 
 ## test: set up, then run the whole test suite
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest -q
+	$(XVFB) $(VENV)/bin/pytest -q
 
 ## bench: the speed and memory benchmarks (prints numbers and ratios)
 bench: $(VENV)/.installed

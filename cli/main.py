@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dask.distributed scheduler address (default: local threads)")
     p.set_defaults(func=cmd_stream)
 
-    from . import convert_cmd
+    from . import convert_cmd, predict_cmd, view_cmd
 
     convert_cmd.add_parser(sub, _triple)
+    predict_cmd.add_parser(sub, _triple)
+    view_cmd.add_parser(sub, _triple)
     return parser
 
 

@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", default=None, help="save the trained weights (state_dict)")
     args = parser.parse_args()
     z, y, x = (int(v) for v in args.block.split(","))
     torch.manual_seed(args.seed)
@@ -92,6 +93,9 @@ def main() -> None:
                 pred = model(blocks) > 0
                 correct += (pred == (labels > 0)).sum().item()
                 total += labels.numel()
+        if args.save:
+            torch.save(model.state_dict(), args.save)
+            print(f"saved weights to {args.save} (export: examples/export_model.py)")
         k = min(5, len(losses))
         print(f"trained on {n} blocks in {dt:.1f} s ({n / dt:,.0f} blocks/s with training); "
               f"loss {sum(losses[:k]) / k:.3f} -> {sum(losses[-k:]) / k:.3f}; "

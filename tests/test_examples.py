@@ -30,3 +30,26 @@ def test_train_ink_example_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "trained on 48 blocks" in proc.stdout and "starts inside the mask" in proc.stdout
+
+
+def test_export_then_predict(tmp_path):
+    from vesuvius_dask.cli.main import main
+    from vesuvius_dask.testing import write_segment
+
+    weights = tmp_path / "inknet.pth"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_ink.py"), "--steps", "3",
+         "--batch-size", "8", "--num-workers", "0", "--save", str(weights)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "export_model.py"), str(weights),
+                           str(tmp_path / "inknet.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    write_segment(tmp_path / "seg", (8, 64, 80), seed=5)
+    assert main(["predict", str(tmp_path / "inknet.pt"), str(tmp_path / "seg"),
+                 str(tmp_path / "pred.zarr"), "--block", "8,32,32", "--overlap", "0,8,8",
+                 "--png", str(tmp_path / "pred.png"), "--quiet"]) == 0
+    import zarr
+
+    pred = zarr.open(tmp_path / "pred.zarr", mode="r")[:]
+    assert pred.shape == (64, 80) and 0 <= pred.min() and pred.max() <= 1

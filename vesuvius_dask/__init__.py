@@ -22,6 +22,7 @@ from .volumes import open_volume
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import convert_tiffs
+    from .inference import PredictionWriter, predict
     from .segment import Segment, open_segment
     from .stream import DaskVesuviusStream
 
@@ -32,6 +33,8 @@ __all__ = [
     "convert_tiffs",
     "open_segment",
     "Segment",
+    "PredictionWriter",
+    "predict",
     "VesuviusDaskError",
     "VolumeError",
     "VolumeNotFoundError",
@@ -44,6 +47,8 @@ _LAZY = {
     "DaskVesuviusStream": ("stream", "DaskVesuviusStream"),
     "convert_tiffs": ("convert", "convert_tiffs"),
     "open_segment": ("segment", "open_segment"),
+    "PredictionWriter": ("inference", "PredictionWriter"),
+    "predict": ("inference", "predict"),
     "Segment": ("segment", "Segment"),
 }
 

@@ -21,10 +21,10 @@ import numpy as np
 
 from .errors import SamplingError
 
-__all__ = ["StartGrid", "MaskedStartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan",
+__all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan",
            "SAMPLING_METHODS"]
 
-SAMPLING_METHODS = ("uniform", "proportional")
+SAMPLING_METHODS = ("uniform", "proportional", "grid")
 
 # Plans are generated in fixed segments, so the random stream (and therefore the
 # plan) does not depend on the batch size or on the number of workers.
@@ -66,12 +66,19 @@ class StartGrid:
         )
         self.n = int(np.prod(self.counts, dtype=object))
 
+    def axis_starts(self, axis: int) -> np.ndarray:
+        """The start coordinates along one axis (``counts[axis]`` of them)."""
+        return np.arange(self.counts[axis], dtype=np.int64) * self.stride[axis]
+
     def unravel(self, index: np.ndarray) -> np.ndarray:
         """Map start indices in ``[0, n)`` to ``(k, 3)`` int64 start coordinates."""
         index = np.asarray(index, dtype=np.int64)
         _, ny, nx = self.counts
         iz, rem = np.divmod(index, ny * nx)
         iy, ix = np.divmod(rem, nx)
+        return self._coords(iz, iy, ix)
+
+    def _coords(self, iz: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
         return np.stack([iz, iy, ix], axis=-1) * np.asarray(self.stride, dtype=np.int64)
 
     def ravel(self, starts: np.ndarray) -> np.ndarray:
@@ -145,6 +152,50 @@ def _feistel(x: np.ndarray, n: Any, keys: Sequence[Any]) -> np.ndarray:
             y[bad] = once(y[bad], bad)
             bad = bad[y[bad] >= _pick(n64, bad)]
     return y.astype(np.int64)
+
+
+class GridStarts(StartGrid):
+    """Block starts that tile a volume completely, with overlap, each exactly once.
+
+    Along each axis starts are ``0, step, 2*step, ...`` with ``step = block - overlap``
+    while the block fits; when that leaves the far edge uncovered, one more start at
+    ``size - block`` is added (the last block is shifted inwards, so it overlaps its
+    neighbour more than ``overlap``). Every voxel is covered, no block sticks out.
+
+    Parameters
+    ----------
+    shape, block : tuple of int
+        Volume and block shapes.
+    overlap : tuple of int
+        Overlap between neighbouring blocks along z, y, x (``0 <= overlap < block``).
+    label : str
+        Volume name for error messages.
+    """
+
+    def __init__(self, shape: Sequence[int], block: Sequence[int], overlap: Sequence[int],
+                 label: str = "volume") -> None:
+        super().__init__(shape, block, (1, 1, 1), label=label)
+        self.overlap = tuple(int(o) for o in overlap)
+        self._starts = []
+        for axis, size, b, o in zip("zyx", self.shape, self.block, self.overlap):
+            if not 0 <= o < b:
+                raise SamplingError(
+                    f"{label}: overlap along {axis} must be in [0, {b}) for a block of {b}, got {o}")
+            starts = list(range(0, size - b + 1, b - o))
+            if starts[-1] != size - b:
+                starts.append(size - b)
+            self._starts.append(np.asarray(starts, dtype=np.int64))
+        self.counts = tuple(len(s) for s in self._starts)
+        self.n = int(np.prod(self.counts, dtype=object))
+
+    def axis_starts(self, axis: int) -> np.ndarray:
+        return self._starts[axis]
+
+    def _coords(self, iz: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        return np.stack([self._starts[0][iz], self._starts[1][iy], self._starts[2][ix]], axis=-1)
+
+    def __repr__(self) -> str:
+        return f"GridStarts(shape={self.shape}, block={self.block}, overlap={self.overlap}, n={self.n})"
 
 
 class FeistelPermutation:
@@ -243,6 +294,8 @@ class EpochPlan:
         used = np.zeros(n_vol, dtype=np.int64)
         if self.method == "uniform":
             rng = np.random.default_rng([self.seed, self.epoch, 1])
+        elif self.method == "grid":  # volume after volume, each in its own order
+            offsets = np.concatenate([[0], np.cumsum(self.n_starts)])
         else:
             offsets = np.concatenate([[0], np.cumsum(self.n_starts)])
             union = FeistelPermutation(int(offsets[-1]), [self.seed, self.epoch, 2])
@@ -250,6 +303,8 @@ class EpochPlan:
             size = min(_SEGMENT, self.samples - first)
             if self.method == "uniform":
                 labels = self._uniform_labels(rng, used, size)
+            elif self.method == "grid":
+                labels = np.searchsorted(offsets, np.arange(first, first + size), side="right") - 1
             else:
                 g = union(np.arange(first, first + size, dtype=np.int64))
                 labels = np.searchsorted(offsets, g, side="right") - 1
@@ -453,9 +508,9 @@ class MaskedStartGrid:
         m = (np.asarray(mask) != 0).astype(acc)
         # Window sums of the footprint on the stride grid: along y, keep the grid rows,
         # then along x, keep the grid columns (whole-array adds, no prefix sums).
-        vert = _window_sum(m, by, axis=0)[::sy][:ny]
+        vert = _window_sum(m, by, axis=0)[grid.axis_starts(1)]
         del m
-        self.valid = _window_sum(vert, bx, axis=1)[:, ::sx][:, :nx] >= need
+        self.valid = _window_sum(vert, bx, axis=1)[:, grid.axis_starts(2)] >= need
         del vert
         flat = np.zeros(-(-self.valid.size // 64) * 64, dtype=bool)
         flat[: self.valid.size] = self.valid.ravel()
@@ -473,7 +528,7 @@ class MaskedStartGrid:
         r = j - self._rank[word]
         pos = np.argmax(np.cumsum(self._words[word], axis=1) > r[:, None], axis=1)
         iy, ix = np.divmod(word * 64 + pos, self.grid.counts[2])
-        return np.stack([iz, iy, ix], axis=-1) * np.asarray(self.stride, dtype=np.int64)
+        return self.grid._coords(iz, iy, ix)
 
     def __repr__(self) -> str:
         return f"MaskedStartGrid({self.grid!r}, valid={self.n})"

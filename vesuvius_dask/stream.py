@@ -33,6 +33,7 @@ from .sampling import (
     SAMPLING_METHODS,
     EpochPlan,
     FeistelPermutation,
+    GridStarts,
     LocalityPermutation,
     MaskedStartGrid,
     StartGrid,
@@ -199,10 +200,15 @@ class DaskVesuviusStream(IterableDataset):
     samples_per_epoch : int
         Blocks per epoch, across all DataLoader workers together. At most the number
         of available block starts.
-    sampling_method : {"uniform", "proportional"}
+    sampling_method : {"uniform", "proportional", "grid"}
         ``"uniform"``: each block picks a volume uniformly at random (among volumes
         with undrawn starts left), then an undrawn start in it. ``"proportional"``:
         volumes are picked with probability proportional to their undrawn starts.
+        ``"grid"`` (for inference): every position of a regular grid that tiles each
+        volume (see ``overlap`` and :class:`~vesuvius_dask.sampling.GridStarts`),
+        volume after volume, in raster order (z, then y, then x: consecutive blocks
+        share stored chunks), each exactly once per epoch; ``samples_per_epoch=None``
+        means all of them. Masks skip positions outside the mask.
     shuffle : bool
         ``True``: starts inside a volume come in a seeded random order. ``False``:
         in raster order (z, then y, then x), as the original ``VesuviusStream``; the
@@ -252,6 +258,10 @@ class DaskVesuviusStream(IterableDataset):
         chunks so that a run's chunks stay cached while it is drawn.
     locality_mix : int
         Runs interleaved at a time with ``locality`` (default 8).
+    overlap : int or (int, int, int), optional
+        With ``sampling_method="grid"``: overlap between neighbouring blocks (default
+        0). The last block along an axis is shifted inwards to end at the volume's
+        edge, so it may overlap more.
     client : distributed.Client or str, optional
         Run each batch's graph on a dask.distributed cluster (a client, or a scheduler
         address). ``prefetch`` batches (default 2) stay in flight as futures and are
@@ -320,6 +330,7 @@ class DaskVesuviusStream(IterableDataset):
         labels: Any = None,
         masks: Any = None,
         mask_coverage: float = 1.0,
+        overlap: int | Sequence[int] | None = None,
         client: Any = None,
         retries: int = 2,
     ) -> None:
@@ -333,13 +344,23 @@ class DaskVesuviusStream(IterableDataset):
             _positive_int("y_size", y_size),
             _positive_int("x_size", x_size),
         )
-        self.samples_per_epoch = _positive_int("samples_per_epoch", samples_per_epoch)
         if sampling_method not in SAMPLING_METHODS:
             raise SamplingError(
                 f"unknown sampling_method {sampling_method!r}; expected one of {SAMPLING_METHODS}"
             )
         self.sampling_method = sampling_method
-        self.shuffle = bool(shuffle)
+        grid_mode = sampling_method == "grid"
+        if samples_per_epoch is None and grid_mode:
+            self.samples_per_epoch = -1  # every grid position; set once the grids are known
+        else:
+            self.samples_per_epoch = _positive_int("samples_per_epoch", samples_per_epoch)
+        if grid_mode and stride is not None:
+            raise SamplingError("stride does not apply to sampling_method='grid'; use overlap")
+        self.overlap = (0, 0, 0) if overlap is None else tuple(
+            int(o) for o in ((overlap,) * 3 if isinstance(overlap, (int, np.integer)) else overlap))
+        if overlap is not None and not grid_mode:
+            raise SamplingError("overlap applies to sampling_method='grid' only")
+        self.shuffle = bool(shuffle) and not grid_mode  # the grid is visited in order
         self.stride = (1, 1, 1) if stride is None else _triple("stride", stride)
         self.batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
         self.read_batch = self.batch_size or _positive_int("read_batch", read_batch)
@@ -361,6 +382,8 @@ class DaskVesuviusStream(IterableDataset):
         for i, f in enumerate(files):
             self.volumes.append(resolve_volume(f, level=level, label=f"files[{i}]"))
         self.grids: list[Any] = [
+            GridStarts(v.shape, self.block, self.overlap, label=f"files[{i}] ({v.label})")
+            if grid_mode else
             StartGrid(v.shape, self.block, self.stride, label=f"files[{i}] ({v.label})")
             for i, v in enumerate(self.volumes)
         ]
@@ -376,6 +399,8 @@ class DaskVesuviusStream(IterableDataset):
             raise SamplingError("locality cannot be combined with masks yet")
         self.label_volumes, self.label_2d = _label_volumes(labels, files, self.volumes)
         total = sum(g.n for g in self.grids)
+        if self.samples_per_epoch == -1:
+            self.samples_per_epoch = total
         if self.samples_per_epoch > total:
             raise SamplingError(
                 f"samples_per_epoch={self.samples_per_epoch} is more than the {total} block "

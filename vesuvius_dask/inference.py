@@ -1,0 +1,366 @@
+"""Whole-segment inference: blend overlapping block predictions into Zarr, out of core.
+
+:class:`PredictionWriter` takes ``(prediction, coords)`` batches in any order and
+accumulates ``sum(weight * prediction)`` and ``sum(weight)`` per output chunk. Only a
+bounded number of output chunks is kept in memory (``memory_bytes``); the others are
+added into on-disk accumulators with chunk-aligned read-modify-writes.
+:meth:`PredictionWriter.finalize` divides, writes the output chunk by chunk and
+renames it into place. :func:`predict` runs a TorchScript model over a grid stream.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SamplingError, VesuviusDaskError
+
+__all__ = ["PredictionWriter", "predict", "BLENDS"]
+
+BLENDS = ("hann", "mean")
+
+
+def blend_window(block: Sequence[int], blend: str) -> np.ndarray:
+    """Per-voxel weights of one block prediction.
+
+    ``"mean"``: all ones (overlaps are averaged). ``"hann"``: a separable Hann window
+    sampled at voxel centres (never zero), which down-weights block edges, where
+    predictions are least reliable, so seams between blocks fade out.
+    """
+    if blend not in BLENDS:
+        raise SamplingError(f"unknown blend {blend!r}; expected one of {BLENDS}")
+    w = np.ones(tuple(block), dtype=np.float32)
+    if blend == "mean":
+        return w
+    for axis, n in enumerate(block):
+        profile = 0.5 - 0.5 * np.cos(2 * np.pi * (np.arange(n) + 0.5) / n)
+        shape = [1] * len(block)
+        shape[axis] = n
+        w = w * profile.astype(np.float32).reshape(shape)
+    return w
+
+
+class PredictionWriter:
+    """Accumulate overlapping block predictions into a Zarr array, out of core.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output Zarr array; written to a temporary sibling and renamed on
+        :meth:`finalize`.
+    shape : tuple of int
+        Output shape: ``(Y, X)`` for 2-D maps (e.g. ink) or ``(Z, Y, X)``.
+    block : tuple of int
+        Shape of one prediction, ``(y, x)`` or ``(z, y, x)`` (same length as ``shape``).
+    chunks : tuple of int, optional
+        Output chunks (default 1024×1024 in 2-D, 16×256×256 in 3-D, clipped).
+    blend : {"hann", "mean"}
+        Weighting of overlapping predictions (see :func:`blend_window`).
+    memory_bytes : int
+        Budget for in-memory accumulator chunks (default 256 MiB).
+    volume : int, optional
+        Only rows of ``coords`` whose first column (volume index) equals this are used.
+    overwrite : bool
+        Replace an existing output at ``finalize``.
+    fill_value : float
+        Output value where no prediction landed (e.g. outside a mask).
+
+    Notes
+    -----
+    Feed it from one process (e.g. the training/inference loop fed by a DataLoader
+    with workers): :meth:`add` is thread-safe, not multi-process-safe.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: Sequence[int], block: Sequence[int], *,
+                 chunks: Sequence[int] | None = None, blend: str = "hann",
+                 memory_bytes: int = 256 * 2**20, volume: int | None = None,
+                 overwrite: bool = False, fill_value: float = 0.0) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.block = tuple(int(b) for b in block)
+        if len(self.shape) not in (2, 3) or len(self.block) != len(self.shape):
+            raise SamplingError(
+                f"{self.path}: shape {self.shape} and block {self.block} must both be 2-D or 3-D")
+        if any(b > s for b, s in zip(self.block, self.shape)):
+            raise SamplingError(f"{self.path}: block {self.block} is larger than the output {self.shape}")
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path}: already exists; pass overwrite=True to replace it")
+        default = (1024, 1024) if len(self.shape) == 2 else (16, 256, 256)
+        self.chunks = tuple(min(int(c), s) for c, s in zip(chunks or default, self.shape))
+        self.weights = blend_window(self.block, blend)
+        self.blend = blend
+        self.volume = volume
+        self.overwrite = overwrite
+        self.fill_value = float(fill_value)
+        self.memory_bytes = int(memory_bytes)
+        self._acc_dir = self.path.parent / f".{self.path.name}.acc-{os.getpid()}"
+        shutil.rmtree(self._acc_dir, ignore_errors=True)
+        kw = dict(shape=self.shape, chunks=self.chunks, dtype="float32", fill_value=0.0,
+                  compressors=None)
+        self._sum = zarr.create_array(self._acc_dir / "sum", **kw)
+        self._weight = zarr.create_array(self._acc_dir / "weight", **kw)
+        self._buffers: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._chunk_bytes = 2 * 4 * int(np.prod(self.chunks))
+        self._lock = threading.Lock()
+        self.items = 0
+        self.flushes = 0
+
+    # ------------------------------------------------------------------ adding
+    def add(self, prediction: Any, coords: Any) -> None:
+        """Accumulate a batch of predictions.
+
+        Parameters
+        ----------
+        prediction : array or tensor
+            ``(B, *block)`` or ``(B, 1, *block)``.
+        coords : array or tensor
+            ``(B, 4)`` ``[volume, z, y, x]`` as yielded with ``return_coords=True``,
+            or ``(B, 3)`` ``[z, y, x]``. For 2-D outputs only ``y, x`` are used.
+        """
+        pred = _numpy(prediction).astype(np.float32, copy=False)
+        coords = _numpy(coords).astype(np.int64).reshape(pred.shape[0], -1)
+        if pred.ndim == len(self.block) + 2 and pred.shape[1] == 1:
+            pred = pred[:, 0]
+        if pred.shape[1:] != self.block:
+            raise SamplingError(
+                f"{self.path}: predictions have shape {pred.shape[1:]}, expected {self.block}")
+        if coords.shape[1] == 4:
+            if self.volume is not None:
+                keep = coords[:, 0] == self.volume
+                pred, coords = pred[keep], coords[keep]
+            coords = coords[:, 1:]
+        starts = coords[:, 1:] if len(self.shape) == 2 else coords
+        with self._lock:
+            for p, start in zip(pred, starts.tolist()):
+                self._add_one(p * self.weights, start)
+                self.items += 1
+
+    def _add_one(self, weighted: np.ndarray, start: list[int]) -> None:
+        for a, (s, b, n) in enumerate(zip(start, self.block, self.shape)):
+            if s < 0 or s + b > n:
+                raise SamplingError(f"{self.path}: block at {tuple(start)} sticks out of {self.shape}")
+        first = [s // c for s, c in zip(start, self.chunks)]
+        last = [(s + b - 1) // c for s, b, c in zip(start, self.block, self.chunks)]
+        for cid in np.ndindex(*[l - f + 1 for f, l in zip(first, last)]):
+            cid = tuple(f + i for f, i in zip(first, cid))
+            lo = [max(s, c * k) for s, c, k in zip(start, self.chunks, cid)]
+            hi = [min(s + b, c * (k + 1), n) for s, b, c, k, n in
+                  zip(start, self.block, self.chunks, cid, self.shape)]
+            src = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
+            dst = tuple(slice(l - c * k, h - c * k) for l, h, c, k in zip(lo, hi, self.chunks, cid))
+            acc_sum, acc_w = self._buffer(cid)
+            acc_sum[dst] += weighted[src]
+            acc_w[dst] += self.weights[src]
+
+    def _region(self, cid: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(c * k, min(c * (k + 1), n)) for c, k, n in zip(self.chunks, cid, self.shape))
+
+    def _buffer(self, cid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        buf = self._buffers.get(cid)
+        if buf is not None:
+            self._buffers.move_to_end(cid)
+            return buf
+        while self._buffers and (len(self._buffers) + 1) * self._chunk_bytes > self.memory_bytes:
+            self._flush(*self._buffers.popitem(last=False))
+        shape = tuple(r.stop - r.start for r in self._region(cid))
+        buf = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        self._buffers[cid] = buf
+        return buf
+
+    def _flush(self, cid: tuple[int, ...], buf: tuple[np.ndarray, np.ndarray]) -> None:
+        region = self._region(cid)  # one whole chunk: an aligned read-modify-write
+        self._sum[region] = self._sum[region] + buf[0]
+        self._weight[region] = self._weight[region] + buf[1]
+        self.flushes += 1
+
+    # ------------------------------------------------------------------ output
+    def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3) -> Any:
+        """Divide by the weights, write the output chunk by chunk, rename it into place.
+
+        Parameters
+        ----------
+        png : str or os.PathLike, optional
+            Also save a 2-D output as an 8-bit PNG (values in [0, 1] map to 0..255;
+            values outside are clipped).
+        zarr_format : {2, 3}
+            Format of the output array.
+
+        Returns
+        -------
+        dask.array.Array
+            The written output.
+        """
+        import dask.array as da
+        import zarr
+
+        with self._lock:
+            while self._buffers:
+                self._flush(*self._buffers.popitem(last=False))
+            tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                out = zarr.create_array(tmp, shape=self.shape, chunks=self.chunks, dtype="float32",
+                                        fill_value=self.fill_value, zarr_format=zarr_format)
+                out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
+                                              "predictions": self.items}
+                for cid in np.ndindex(*[-(-n // c) for n, c in zip(self.shape, self.chunks)]):
+                    region = self._region(cid)
+                    w = self._weight[region]
+                    s = self._sum[region]
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        out[region] = np.where(w > 0, s / np.where(w > 0, w, 1), self.fill_value)
+                if self.path.exists():
+                    shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+                os.rename(tmp, self.path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(self._acc_dir, ignore_errors=True)
+        result = da.from_zarr(zarr.open(self.path, mode="r"))
+        if png is not None:
+            if len(self.shape) != 2:
+                raise SamplingError("png= needs a 2-D output")
+            from PIL import Image
+
+            img = np.clip(np.asarray(result), 0, 1) * 255
+            Image.fromarray(np.round(img).astype(np.uint8)).save(png)
+        return result
+
+    def abort(self) -> None:
+        """Drop everything accumulated (no output is written)."""
+        with self._lock:
+            self._buffers.clear()
+            shutil.rmtree(self._acc_dir, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return (f"PredictionWriter({str(self.path)!r}, shape={self.shape}, block={self.block}, "
+                f"chunks={self.chunks}, blend={self.blend!r}, items={self.items})")
+
+
+def _is_segment_folder(p: Path) -> bool:
+    """A folder holding a volume (surface_volume/ or *.zarr), not itself a Zarr node."""
+    if not p.is_dir() or any((p / f).exists() for f in ("zarr.json", ".zarray", ".zgroup")):
+        return False
+    return (p / "surface_volume").is_dir() or any(p.glob("*.zarr"))
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def predict(model: Any, source: Any, out: str | os.PathLike, *,
+            block: Sequence[int] = (16, 64, 64), overlap: Sequence[int] = (0, 16, 16),
+            batch_size: int = 32, mask: Any = None, mask_coverage: float = 1e-9,
+            blend: str = "hann", png: str | os.PathLike | None = None, overwrite: bool = False,
+            num_workers: int = 0, client: Any = None, quiet: bool = True) -> Any:
+    """Run a model over every grid block of a volume and write the blended prediction.
+
+    Parameters
+    ----------
+    model : torch.nn.Module, callable or path
+        A TorchScript file (``torch.jit.save``) or a ``torch.export`` archive
+        (``.pt2``), or a callable mapping a ``(B, 1, z, y, x)`` float32
+        batch to ``(B, y, x)`` / ``(B, 1, y, x)`` (2-D output) or ``(B, z, y, x)`` /
+        ``(B, 1, z, y, x)`` (3-D output). Integer volumes are scaled to [0, 1] by their
+        dtype's maximum before the model sees them.
+    source : Segment, path or array
+        A segment (folder path or :class:`~vesuvius_dask.Segment`) or any volume.
+    out : str or os.PathLike
+        Output Zarr path.
+    block, overlap : tuple of int
+        Grid block and overlap (see :class:`~vesuvius_dask.sampling.GridStarts`).
+    batch_size : int
+        Blocks per model call.
+    mask : array, path, "segment" or None
+        Only blocks the mask touches are predicted (``mask_coverage``: fraction of
+        the footprint, default: any voxel); elsewhere the output is 0.
+    blend, png, overwrite : see :class:`PredictionWriter`.
+    num_workers : int
+        DataLoader workers reading blocks.
+    client : distributed.Client or str, optional
+        Read blocks on a dask.distributed cluster.
+    quiet : bool
+        No progress output.
+
+    Returns
+    -------
+    dask.array.Array
+        The written prediction.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .segment import Segment, open_segment
+    from .stream import DaskVesuviusStream
+
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        try:
+            if path.endswith(".pt2"):  # torch.export archive
+                model = torch.export.load(path).module()
+            else:
+                model = torch.jit.load(path, map_location="cpu")
+        except Exception as err:
+            raise VesuviusDaskError(f"{path}: cannot load the model ({err})") from err
+    if hasattr(model, "eval"):
+        model.eval()
+    if isinstance(source, (str, os.PathLike)) and _is_segment_folder(Path(source)):
+        source = open_segment(source)
+    masks = None
+    if mask is not None:
+        masks = "segment" if isinstance(mask, str) and mask == "segment" else [mask]
+        if masks == "segment" and not isinstance(source, Segment):
+            raise SamplingError("mask='segment' needs a segment folder as the source")
+        if masks == "segment" and source.mask is None:
+            raise SamplingError(f"{source.path}: the segment has no mask.png")
+    stream = DaskVesuviusStream(
+        [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
+        batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,
+        mask_coverage=mask_coverage, client=client)
+    vol_dtype = stream.volumes[0].dtype
+    scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    writer = None
+    t0 = time.perf_counter()
+    done = 0
+    total = stream.samples_per_epoch
+    try:
+        with torch.no_grad():
+            for blocks, coords in loader:
+                pred = model((blocks / scale).unsqueeze(1))
+                pred = pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
+                if writer is None:
+                    two_d = pred.ndim == 3
+                    vshape = stream.volumes[0].shape
+                    writer = PredictionWriter(
+                        out, vshape[1:] if two_d else vshape, pred.shape[1:], blend=blend,
+                        overwrite=overwrite)
+                writer.add(pred, coords)
+                done += blocks.shape[0]
+                if not quiet:
+                    rate = done / (time.perf_counter() - t0)
+                    print(f"\rpredict: {done}/{total} blocks ({100 * done / total:.0f}%), "
+                          f"{rate:,.0f} blocks/s", end="", file=sys.stderr, flush=True)
+        if not quiet:
+            print(file=sys.stderr)
+        if writer is None:
+            raise SamplingError("no block to predict (is the mask empty?)")
+        return writer.finalize(png=png)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
