@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import queue
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +46,8 @@ __all__ = ["DaskVesuviusStream"]
 DEFAULT_READ_BATCH = 128
 #: Block starts computed per vectorised call (rounded to whole batches).
 _STARTS_GROUP = 4096
+#: Seconds a consumer spends on one batch above which the stream reads ahead.
+_BUSY_CONSUMER = 1e-3
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -242,7 +244,9 @@ class DaskVesuviusStream(IterableDataset):
         Batches read ahead in a background thread; 0 reads inline. Default (None):
         2 in the main process, 0 inside DataLoader workers, where the DataLoader
         already keeps ``prefetch_factor`` batches per worker in flight and a second
-        thread would only contend for the GIL.
+        thread would only contend for the GIL. The stream reads ahead only while the
+        consumer spends more than 1 ms per batch (a training step); a consumer that
+        asks again at once gets inline reads, which are faster then.
     read_batch : int
         Blocks per dask graph when ``batch_size`` is None (default 128).
     level : int, optional
@@ -663,47 +667,35 @@ class DaskVesuviusStream(IterableDataset):
         if prefetch == 0:
             yield from self._emit(self._read(lab, st) for lab, st in batches)
             return
-        # A producer thread plans and reads the next `prefetch` batches while the
-        # consumer (the training step) works; the bounded queue applies back-pressure.
-        results: queue.Queue = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
-        done = object()
+        # Read ahead in a background thread only while the consumer spends time
+        # between batches (a training step, which releases the GIL). A consumer that
+        # asks again at once gets the next batch read inline: a thread would only add
+        # GIL hand-offs there. Futures are collected in submission order.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vesuvius-dask-prefetch")
+        pending: deque = deque()
+        lock = threading.Lock()
 
-        def put(item: Any) -> bool:
-            """Queue ``item`` unless the consumer has gone; return whether it was queued."""
-            while not stop.is_set():
-                try:
-                    results.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def read_next() -> Any:
+            with lock:
+                nxt = next(batches, None)
+            return None if nxt is None else self._read(*nxt)
 
-        def produce() -> None:
-            try:
-                for lab, st in batches:
-                    if not put(self._read(lab, st)):
-                        return
-                put(done)
-            except BaseException as err:  # re-raised in the consumer
-                put(err)
-
-        def consume() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            while True:
-                item = results.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-
-        thread = threading.Thread(target=produce, name="vesuvius-dask-prefetch", daemon=True)
-        thread.start()
+        ahead = False
         try:
-            yield from self._emit(consume())
+            while True:
+                result = pending.popleft().result() if pending else read_next()
+                if result is None:
+                    return
+                if ahead:
+                    while len(pending) < prefetch:
+                        pending.append(pool.submit(read_next))
+                t_yield = time.perf_counter()
+                yield from self._emit([result])
+                ahead = time.perf_counter() - t_yield > _BUSY_CONSUMER
         finally:
-            stop.set()
-            thread.join()
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _emit(self, results: Iterator[tuple[Any, Any, np.ndarray, np.ndarray]]) -> Iterator[Any]:
         for batch, label, vols, starts in results:
