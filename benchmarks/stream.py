@@ -117,18 +117,22 @@ def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
           f"(prefetch=0: {b0 / e:.2f})   a/d = {a / res['d']['blocks_s']:.1f}x")
 
     if loader_workers:
-        for workers in (0, 2):
-            s = DaskVesuviusStream([str(path)], *block, **kw)
-            s.set_epoch(0)
-            loader = DataLoader(s, batch_size=None, num_workers=workers,
-                                persistent_workers=bool(workers))
-            for _ in loader:  # start workers, warm caches
-                pass
-            t = median(timed(lambda: [None for _ in loader], reps))
-            res[f"dl{workers}"] = _row(f"(a) through DataLoader(num_workers={workers})", t,
-                                       n_blocks, nbytes)
-        print(f"   DataLoader(num_workers=2) / single process = "
-              f"{res['dl2']['blocks_s'] / res['dl0']['blocks_s']:.2f}")
+        # warm: every chunk is in each process's cache (memory-bound); cache_bytes=0:
+        # every batch decodes its chunks (decode-bound, like volumes far larger than
+        # the cache), which is where worker processes pay off
+        for label, extra in (("warm cache", {}), ("cache_bytes=0", {"cache_bytes": 0})):
+            for workers in (0, 2):
+                s = DaskVesuviusStream([str(path)], *block, **kw, **extra)
+                s.set_epoch(0)
+                loader = DataLoader(s, batch_size=None, num_workers=workers,
+                                    persistent_workers=bool(workers))
+                for _ in loader:  # start workers, warm caches
+                    pass
+                t = median(timed(lambda: [None for _ in loader], reps))
+                res[f"dl{workers}-{label}"] = _row(
+                    f"(a) DataLoader(num_workers={workers}), {label}", t, n_blocks, nbytes)
+            print(f"   DataLoader(num_workers=2) / single process, {label} = "
+                  f"{res[f'dl2-{label}']['blocks_s'] / res[f'dl0-{label}']['blocks_s']:.2f}")
         # A training loop: 20 ms "step" per batch (sleep releases the GIL like torch ops).
         for pf in (0, 2):
             s = DaskVesuviusStream([str(path)], *block, prefetch=pf,
