@@ -99,9 +99,6 @@ class Volume:
         self.__dict__.update(state)
 
 
-_OPEN_MAPS: dict[Any, np.memmap] = {}
-
-
 @dataclass(frozen=True)
 class _MemmapRef:
     filename: str
@@ -116,13 +113,6 @@ class _MemmapRef:
             self.filename, dtype=self.dtype, mode="r", offset=self.offset,
             shape=self.shape, order=self.order,
         )
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        """Read a region (the file is mapped once per process)."""
-        mm = _OPEN_MAPS.get(self)
-        if mm is None:
-            mm = _OPEN_MAPS[self] = self.open()
-        return mm[key]
 
 
 def _memmap_ref(data: Any, chunks: tuple[tuple[int, ...], ...]) -> _MemmapRef | None:
