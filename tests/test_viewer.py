@@ -153,3 +153,16 @@ def test_write_ome_helper_used(tmp_path):
     # keep the conftest helper covered for OME fixtures used above
     write_ome(tmp_path / "o.zarr", np.zeros((4, 8, 8), np.uint16), chunks=(2, 4, 4), levels=2)
     assert is_volume_path(tmp_path / "o.zarr")
+
+
+@needs_display
+def test_napari_opens_path_through_the_plugin(zarr_v3):
+    import npe2
+
+    assert npe2.PluginManager.instance().get_manifest("vesuvius-dask") is not None
+    viewer = napari.Viewer(show=True)
+    try:
+        layers = viewer.open(str(zarr_v3), plugin="vesuvius-dask")
+        assert len(layers) == 1 and isinstance(layers[0].data, da.Array)
+    finally:
+        viewer.close()

@@ -364,8 +364,9 @@ class BatchEngine:
         In-RAM and memory-mapped volumes give one group with chunk id ``None``.
         """
         work = []
-        for v in np.unique(vol_index).tolist():
-            rows = np.nonzero(vol_index == v)[0]
+        single = len(self.volumes) == 1
+        for v in ([0] if single else np.unique(vol_index).tolist()):
+            rows = np.arange(vol_index.size) if single else np.nonzero(vol_index == v)[0]
             if self.volumes[v].data is not None:
                 # every block is one piece of one "chunk": the whole array
                 pieces = np.zeros((rows.size, 10), dtype=np.int64)

@@ -671,7 +671,7 @@ class DaskVesuviusStream(IterableDataset):
         # between batches (a training step, which releases the GIL). A consumer that
         # asks again at once gets the next batch read inline: a thread would only add
         # GIL hand-offs there. Futures are collected in submission order.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="vesuvius-dask-prefetch")
+        pool: ThreadPoolExecutor | None = None  # made on first read-ahead
         pending: deque = deque()
         lock = threading.Lock()
 
@@ -687,6 +687,8 @@ class DaskVesuviusStream(IterableDataset):
                 if result is None:
                     return
                 if ahead:
+                    if pool is None:
+                        pool = ThreadPoolExecutor(1, thread_name_prefix="vesuvius-dask-prefetch")
                     while len(pending) < prefetch:
                         pending.append(pool.submit(read_next))
                 t_yield = time.perf_counter()
@@ -695,7 +697,8 @@ class DaskVesuviusStream(IterableDataset):
         finally:
             for fut in pending:
                 fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _emit(self, results: Iterator[tuple[Any, Any, np.ndarray, np.ndarray]]) -> Iterator[Any]:
         for batch, label, vols, starts in results:
@@ -704,14 +707,16 @@ class DaskVesuviusStream(IterableDataset):
                 label = _as_tensor(label)
                 if self.label_2d:
                     label = label[:, 0]
-            coords = torch.from_numpy(np.column_stack([vols, starts]).astype(np.int64))
+            coords = torch.from_numpy(np.column_stack([vols, starts]).astype(np.int64)) \
+                if self.return_coords else None
             if self.batch_size is not None:
                 yield self._item(tensor, label, coords)
             else:
                 for i in range(tensor.shape[0]):
-                    yield self._item(tensor[i], None if label is None else label[i], coords[i])
+                    yield self._item(tensor[i], None if label is None else label[i],
+                                     None if coords is None else coords[i])
 
-    def _item(self, block: torch.Tensor, label: Any, coords: torch.Tensor) -> Any:
+    def _item(self, block: torch.Tensor, label: Any, coords: torch.Tensor | None) -> Any:
         if label is None:
             if self.transform is not None:
                 block = self.transform(block)
