@@ -111,6 +111,7 @@ class PredictionWriter:
         self._sum = zarr.create_array(self._acc_dir / "sum", **kw)
         self._weight = zarr.create_array(self._acc_dir / "weight", **kw)
         self._buffers: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._flushed: set[tuple[int, ...]] = set()  # chunks with data in the accumulators
         self._chunk_bytes = 2 * 4 * int(np.prod(self.chunks))
         self._lock = threading.Lock()
         self.items = 0
@@ -179,10 +180,26 @@ class PredictionWriter:
         return buf
 
     def _flush(self, cid: tuple[int, ...], buf: tuple[np.ndarray, np.ndarray]) -> None:
-        region = self._region(cid)  # one whole chunk: an aligned read-modify-write
-        self._sum[region] = self._sum[region] + buf[0]
-        self._weight[region] = self._weight[region] + buf[1]
+        region = self._region(cid)  # one whole chunk: aligned writes
+        if cid in self._flushed:  # read-modify-write
+            self._sum[region] = self._sum[region] + buf[0]
+            self._weight[region] = self._weight[region] + buf[1]
+        else:
+            self._sum[region] = buf[0]
+            self._weight[region] = buf[1]
+            self._flushed.add(cid)
         self.flushes += 1
+
+    def _totals(self, cid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Sum and weight of one chunk: in-memory part plus flushed part (None: empty)."""
+        buf = self._buffers.pop(cid, None)
+        if cid not in self._flushed:
+            return buf
+        region = self._region(cid)
+        s, w = self._sum[region], self._weight[region]
+        if buf is not None:
+            s, w = s + buf[0], w + buf[1]
+        return s, w
 
     # ------------------------------------------------------------------ output
     def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3) -> Any:
@@ -205,8 +222,6 @@ class PredictionWriter:
         import zarr
 
         with self._lock:
-            while self._buffers:
-                self._flush(*self._buffers.popitem(last=False))
             tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -215,11 +230,13 @@ class PredictionWriter:
                 out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
                                               "predictions": self.items}
                 for cid in np.ndindex(*[-(-n // c) for n, c in zip(self.shape, self.chunks)]):
-                    region = self._region(cid)
-                    w = self._weight[region]
-                    s = self._sum[region]
+                    totals = self._totals(cid)
+                    if totals is None:  # nothing landed here: leave the fill value
+                        continue
+                    s, w = totals
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        out[region] = np.where(w > 0, s / np.where(w > 0, w, 1), self.fill_value)
+                        out[self._region(cid)] = np.where(w > 0, s / np.where(w > 0, w, 1),
+                                                          self.fill_value)
                 if self.path.exists():
                     shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
                 os.rename(tmp, self.path)
@@ -242,6 +259,7 @@ class PredictionWriter:
         """Drop everything accumulated (no output is written)."""
         with self._lock:
             self._buffers.clear()
+            self._flushed.clear()
             shutil.rmtree(self._acc_dir, ignore_errors=True)
 
     def __repr__(self) -> str:
