@@ -354,3 +354,20 @@ def test_locality_keeps_correctness_and_cuts_reads(tmp_path):
     assert {tuple(r) for r in multi.tolist()} == set(seen)
     with pytest.raises(SamplingError, match="locality needs shuffle=True"):
         DaskVesuviusStream([data], 4, 16, 16, samples_per_epoch=4, shuffle=False, locality=8)
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_recycled_outputs_never_overwrite_held_blocks(rng_volume, batch_size):
+    # The engine reuses batch arrays nobody references any more; blocks (or views of
+    # them) the consumer still holds must keep their values whatever is read after.
+    stream = DaskVesuviusStream([rng_volume], 4, 16, 16, samples_per_epoch=400, seed=3,
+                                batch_size=batch_size, read_batch=16, return_coords=True)
+    kept = []
+    for i, (block, coords) in enumerate(stream):
+        if i % 3 == 0:
+            kept.append((block, coords))  # others are dropped at once: their arrays recycle
+    assert len(stream.engine._outputs) <= 4
+    for block, coords in kept:
+        block, coords = block.reshape(-1, 4, 16, 16), coords.reshape(-1, 4)
+        for b, (_, z, y, x) in zip(block, coords.tolist()):
+            np.testing.assert_array_equal(b.numpy(), rng_volume[z:z + 4, y:y + 16, x:x + 16])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -41,6 +42,8 @@ __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_toge
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
 _batch_counter = itertools.count()
+#: Released batch arrays kept for reuse per engine.
+_OUTPUT_POOL = 4
 
 
 class ChunkCache:
@@ -259,17 +262,39 @@ class BatchEngine:
         self._pool_pid: int | None = None
         self._graphs: dict[int, dict] = {}
         self._lock = threading.Lock()
+        self._outputs: list[np.ndarray] = []
         self.uid = uuid.uuid4().hex  # identifies this engine's copies on cluster workers
 
     # -- pickling: caches, pools and counters are per process -------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_pool=None, _pool_pid=None, _graphs={}, _lock=None, stats=EngineStats())
+        state.update(_pool=None, _pool_pid=None, _graphs={}, _lock=None, stats=EngineStats(),
+                     _outputs=[])
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+    def _output(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A batch array: a recycled one nobody references any more, or a new one.
+
+        Reusing released outputs keeps their pages mapped and warm; a fresh
+        multi-megabyte array costs a page fault per 4 KB on first write, which is a
+        large part of the copy time here. An array is reused only when the pool's own
+        references are the only ones left (CPython reference counts: a tensor made
+        by ``torch.from_numpy`` and any view keep the array referenced).
+        """
+        with self._lock:
+            for arr in self._outputs:
+                # references: the pool list, the loop variable, getrefcount's argument
+                if arr.shape == shape and sys.getrefcount(arr) <= 3:
+                    return arr
+            arr = np.empty(shape, dtype=self.dtype)
+            self._outputs.append(arr)
+            if len(self._outputs) > _OUTPUT_POOL:
+                self._outputs.pop(0)
+            return arr
 
     def _thread_pool(self) -> ThreadPoolExecutor:
         pid = os.getpid()
@@ -318,7 +343,7 @@ class BatchEngine:
         starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
         shape = (starts.shape[0],) + self.block
         if out is None:
-            out = np.empty(shape, dtype=self.dtype)
+            out = self._output(shape)
         elif out.shape != shape or out.dtype != self.dtype:
             raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; "
                              f"expected {shape} and {self.dtype}")
