@@ -488,7 +488,9 @@ def read_together(requests: Sequence[tuple[BatchEngine, np.ndarray, np.ndarray, 
 # Engines deserialised in this (worker) process, by uid: a batch task carries its
 # engine (a few KB: volumes travel as zarr store paths, memory-map and TIFF file
 # names), and the first copy to arrive is kept, with its decoded-chunk cache.
-_WORKER_ENGINES: dict[str, BatchEngine] = {}
+# At most _WORKER_ENGINES_MAX engines (and their caches) are kept, least recent out.
+_WORKER_ENGINES: OrderedDict[str, BatchEngine] = OrderedDict()
+_WORKER_ENGINES_MAX = 4
 
 
 def remote_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
@@ -509,5 +511,11 @@ def remote_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
     list of numpy.ndarray
         One batch per engine, read as one chunk-aware dask graph on this worker.
     """
-    local = [_WORKER_ENGINES.setdefault(e.uid, e) for e in engines]
+    local = []
+    for e in engines:
+        kept = _WORKER_ENGINES.setdefault(e.uid, e)
+        _WORKER_ENGINES.move_to_end(e.uid)
+        local.append(kept)
+    while len(_WORKER_ENGINES) > _WORKER_ENGINES_MAX:
+        _WORKER_ENGINES.popitem(last=False)
     return read_together([(e, vol_index, st, None) for e, st in zip(local, starts)])
