@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from vesuvius_dask import DaskVesuviusStream
-from vesuvius_dask.viewer import is_volume_path, read_layers, sample_boxes
+from vesuvius_dask.viewer import is_volume_path, sample_boxes
 from vesuvius_dask.viewer._reader import napari_get_reader
 
 from .conftest import EXAMPLE, write_ome
