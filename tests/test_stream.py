@@ -371,3 +371,71 @@ def test_recycled_outputs_never_overwrite_held_blocks(rng_volume, batch_size):
         block, coords = block.reshape(-1, 4, 16, 16), coords.reshape(-1, 4)
         for b, (_, z, y, x) in zip(block, coords.tolist()):
             np.testing.assert_array_equal(b.numpy(), rng_volume[z:z + 4, y:y + 16, x:x + 16])
+
+
+def _segment(t):
+    """The shared-memory segment a received batch lives in (file_system strategy)."""
+    return t.untyped_storage()._share_filename_cpu_()[1]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_reuse_released_batches_only(mixed_files, context):
+    # Workers reuse the shared memory of batches the main process has released, and
+    # never that of batches it still holds (or holds views of).
+    from vesuvius_dask.stream import _ShmBatchPool
+
+    if not _ShmBatchPool._check_layout():
+        pytest.skip("torch's shared-memory layout differs here: the pool is off")
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=640, seed=4,
+                                batch_size=16, return_coords=True)
+    stream.set_epoch(0)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120,
+                        multiprocessing_context=context)
+    kept, segments = [], []
+    for i, (blocks, coords) in enumerate(loader):
+        segments.append(_segment(blocks))
+        if i % 3 == 0:
+            kept.append((blocks, coords))
+        elif i % 3 == 1:
+            kept.append((blocks[::2], coords[::2]))  # a view keeps the batch busy too
+    assert len(segments) == 40
+    assert len(set(segments)) < 30  # released batches were reused ...
+    seen = _check_blocks(kept, _source(mixed_files))  # ... held ones never overwritten
+    assert len(seen) == 14 * 16 + 13 * 8
+
+
+def test_dataloader_without_reusable_shared_memory(mixed_files, monkeypatch):
+    # Where torch's segment layout is not the expected one, every batch gets a fresh
+    # segment (the pool is off) and the blocks are still right.
+    from vesuvius_dask import stream as stream_mod
+
+    monkeypatch.setattr(stream_mod._ShmBatchPool, "_check_layout", staticmethod(lambda: False))
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=160, seed=4,
+                                batch_size=16, return_coords=True)
+    stream.set_epoch(0)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120,
+                        multiprocessing_context="fork")
+    items = list(loader)
+    seen = _check_blocks(items, _source(mixed_files))
+    assert len(set(seen)) == 160
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers(mixed_files, context):
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=96, seed=2,
+                                batch_size=16, return_coords=True)
+    expected = {e: {tuple(r) for r in stream.epoch_coords(e).tolist()} for e in (0, 1, 5)}
+    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120,
+                        persistent_workers=True, multiprocessing_context=context)
+
+    def epoch_set():
+        return {tuple(r) for c in (c for _, c in loader) for r in c.tolist()}
+
+    stream.set_epoch(0)
+    assert epoch_set() == expected[0]
+    assert epoch_set() == expected[1]  # no set_epoch: the workers advance by one
+    stream.set_epoch(5)                # a jump (e.g. resuming) ...
+    assert epoch_set() == expected[5]
+    stream.set_epoch(5)                # ... and a repeat reach the running workers
+    assert epoch_set() == expected[5]
+    assert expected[0] != expected[5]
