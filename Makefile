@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # napari tests need a display: use a virtual one when xvfb-run is there (.ci/run installs it)
 XVFB   := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
-.PHONY: demo test bench venv clean example
+.PHONY: demo test lint bench venv clean example
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,13 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/train.py --data example_zarr/example.zarr
 
-## test: set up, then run the whole test suite
-test: $(VENV)/.installed
+## test: set up, lint, then run the whole test suite
+test: lint
 	$(XVFB) $(VENV)/bin/pytest -q
+
+## lint: ruff, with the rules in pyproject.toml
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 ## bench: the speed and memory benchmarks (prints numbers and ratios)
 bench: $(VENV)/.installed

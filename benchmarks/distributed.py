@@ -58,7 +58,7 @@ def main() -> None:
             s = DaskVesuviusStream([path], 4, 64, 64, **kw, **extra)
             for _ in s:  # warm: caches on both sides
                 pass
-            t = median(timed(lambda: [None for _ in s], args.reps))
+            t = median(timed(lambda s=s: [None for _ in s], args.reps))
             rates[name] = n / t
             print(f"  {name:<28} {rates[name]:>10,.0f} blocks/s")
         print(f"  cluster / local = {rates['LocalCluster (2 processes)'] / rates['local threads']:.2f}")

@@ -35,6 +35,23 @@ def _row(name: str, seconds: float, n: int, nbytes: int, extra: str = "") -> dic
     return r
 
 
+def _ready_batches(batch, n):
+    """A do-nothing IterableDataset: one prepared shared-memory batch, ``n`` times per epoch."""
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class ReadyBatches(IterableDataset):
+        def __iter__(self):
+            import torch.multiprocessing
+
+            torch.multiprocessing.set_sharing_strategy("file_system")  # as the stream's workers
+            info = get_worker_info()
+            share = n if info is None else n // info.num_workers
+            return (batch.view(batch.shape) for _ in range(share))
+
+    batch.share_memory_()
+    return ReadyBatches()
+
+
 def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
     import dask
     import torch
@@ -60,25 +77,35 @@ def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
             pass
     res["a_cold"] = _row("(a) stream, Zarr on disk, cold cache", median(timed(a_cold, reps)),
                          n_blocks, nbytes)
-    # ... and one stream over successive epochs (decoded chunks stay cached)
+    # ... and one stream over successive epochs (decoded chunks stay cached). The warm
+    # measurements and the numpy limit (e) run interleaved, one repetition of each per
+    # round, so drift on a noisy machine hits all of them alike.
     warm = DaskVesuviusStream([str(path)], *block, **kw)
-    for _ in warm:
-        pass
-    res["a"] = _row("(a) stream, Zarr on disk, warm cache", median(timed(lambda: [None for _ in warm], reps)),
-                    n_blocks, nbytes, f"amplification {warm.engine.stats.amplification:.2f}")
     ramstream = DaskVesuviusStream([ram], *block, **kw)
-    res["b"] = _row("(b) stream, numpy in RAM", median(timed(lambda: [None for _ in ramstream], reps)),
-                    n_blocks, nbytes)
     # prefetch=0: no producer thread. Faster when the consumer does nothing (no GIL
     # hand-off); prefetch pays off when a training step runs (see the wait test below).
     warm0 = DaskVesuviusStream([str(path)], *block, prefetch=0, **kw)
-    for _ in warm0:
-        pass
-    res["a0"] = _row("(a) same, warm cache, prefetch=0", median(timed(lambda: [None for _ in warm0], reps)),
-                     n_blocks, nbytes)
     ram0 = DaskVesuviusStream([ram], *block, prefetch=0, **kw)
-    res["b0"] = _row("(b) same, numpy in RAM, prefetch=0", median(timed(lambda: [None for _ in ram0], reps)),
-                     n_blocks, nbytes)
+    out = np.empty((n_blocks,) + tuple(block), ram.dtype)
+
+    def numpy_loop():
+        for i, (zz, yy, xx) in enumerate(coords):
+            out[i] = ram[zz:zz + bz, yy:yy + by, xx:xx + bx]
+
+    runs = {"a": lambda: [None for _ in warm], "b": lambda: [None for _ in ramstream],
+            "a0": lambda: [None for _ in warm0], "b0": lambda: [None for _ in ram0],
+            "e": numpy_loop}
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()  # warm caches, recycled outputs and (e)'s output pages
+    for _ in range(reps):
+        for k, fn in runs.items():
+            times[k].extend(timed(fn, 1))
+    res["a"] = _row("(a) stream, Zarr on disk, warm cache", median(times["a"]), n_blocks, nbytes,
+                    f"amplification {warm.engine.stats.amplification:.2f}")
+    res["b"] = _row("(b) stream, numpy in RAM", median(times["b"]), n_blocks, nbytes)
+    res["a0"] = _row("(a) same, warm cache, prefetch=0", median(times["a0"]), n_blocks, nbytes)
+    res["b0"] = _row("(b) same, numpy in RAM, prefetch=0", median(times["b0"]), n_blocks, nbytes)
 
     def per_block_zarr():
         for zz, yy, xx in coords:
@@ -95,20 +122,13 @@ def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
     res["d"] = _row("(d) naive dask getitem per block", median(timed(naive_dask, max(1, reps // 3))),
                     n_blocks, nbytes)
 
-    out = np.empty((n_blocks,) + tuple(block), ram.dtype)
-
-    def numpy_loop():
-        for i, (zz, yy, xx) in enumerate(coords):
-            out[i] = ram[zz:zz + bz, yy:yy + by, xx:xx + bx]
-
     def numpy_first():
         fresh = np.empty((n_blocks,) + tuple(block), ram.dtype)
         for i, (zz, yy, xx) in enumerate(coords):
             fresh[i] = ram[zz:zz + bz, yy:yy + by, xx:xx + bx]
     res["e_first"] = _row("(e) numpy slicing in RAM, fresh output", median(timed(numpy_first, reps)),
                           n_blocks, nbytes)
-    numpy_loop()
-    res["e"] = _row("(e) numpy slicing in RAM, warm", median(timed(numpy_loop, reps)), n_blocks, nbytes)
+    res["e"] = _row("(e) numpy slicing in RAM, warm", median(times["e"]), n_blocks, nbytes)
     a, b, c, e = (res[k]["blocks_s"] for k in ("a", "b", "c", "e"))
     ac = res["a_cold"]["blocks_s"]
     a0, b0 = res["a0"]["blocks_s"], res["b0"]["blocks_s"]
@@ -120,19 +140,48 @@ def compare(path, block, n_blocks, batch, reps, label, loader_workers=True):
         # warm: every chunk is in each process's cache (memory-bound); cache_bytes=0:
         # every batch decodes its chunks (decode-bound, like volumes far larger than
         # the cache), which is where worker processes pay off
-        for label, extra in (("warm cache", {}), ("cache_bytes=0", {"cache_bytes": 0})):
+        # (the two loaders run interleaved, a repetition each per round).
+        def loader_pair(n, extra):
+            loaders = {}
             for workers in (0, 2):
-                s = DaskVesuviusStream([str(path)], *block, **kw, **extra)
+                s = DaskVesuviusStream([str(path)], *block, **{**kw, "samples_per_epoch": n},
+                                       **extra)
                 s.set_epoch(0)
-                loader = DataLoader(s, batch_size=None, num_workers=workers,
-                                    persistent_workers=bool(workers))
-                for _ in loader:  # start workers, warm caches
+                loaders[workers] = DataLoader(s, batch_size=None, num_workers=workers,
+                                              persistent_workers=bool(workers))
+                for _ in loaders[workers]:  # start workers, warm caches
                     pass
-                t = median(timed(lambda: [None for _ in loader], reps))
+            t = {0: [], 2: []}
+            for _ in range(reps):
+                for workers, loader in loaders.items():
+                    t[workers].extend(timed(lambda loader=loader: [None for _ in loader], 1))
+            return {w: median(v) for w, v in t.items()}
+
+        for label, n, extra in (("warm cache", n_blocks, {}),
+                                ("cache_bytes=0", n_blocks, {"cache_bytes": 0}),
+                                (f"warm, {8 * n_blocks} blocks/epoch", 8 * n_blocks, {})):
+            t = loader_pair(n, extra)
+            for workers in (0, 2):
                 res[f"dl{workers}-{label}"] = _row(
-                    f"(a) DataLoader(num_workers={workers}), {label}", t, n_blocks, nbytes)
+                    f"(a) DataLoader(num_workers={workers}), {label}", t[workers], n,
+                    nbytes * n // n_blocks)
             print(f"   DataLoader(num_workers=2) / single process, {label} = "
                   f"{res[f'dl2-{label}']['blocks_s'] / res[f'dl0-{label}']['blocks_s']:.2f}")
+        # The DataLoader's own cost per epoch with workers (resume handshake, first and
+        # last batch hand-offs), measured with a dataset that yields one ready batch:
+        # it weighs on short epochs like the 8 batches above.
+        zeros = torch.zeros((batch,) + tuple(block), dtype=torch.uint16)
+        t_epoch = {}
+        for n in (8, 64):
+            loader = DataLoader(_ready_batches(zeros, n), batch_size=None, num_workers=2,
+                                persistent_workers=True)
+            for _ in loader:
+                pass
+            t_epoch[n] = median(timed(lambda loader=loader: [None for _ in loader], reps))
+        per_batch = (t_epoch[64] - t_epoch[8]) / 56
+        print(f"   DataLoader(num_workers=2) itself, batches ready in the workers: "
+              f"{1e3 * (t_epoch[8] - 8 * per_batch):.1f} ms per epoch + "
+              f"{1e3 * per_batch:.2f} ms per batch")
         # A training loop: 20 ms "step" per batch (sleep releases the GIL like torch ops).
         for pf in (0, 2):
             s = DaskVesuviusStream([str(path)], *block, prefetch=pf,
@@ -168,7 +217,7 @@ def masked(path, reps):
         s = DaskVesuviusStream([str(path)], 4, 64, 64, **kw, **extra)
         for _ in s:
             pass
-        t = median(timed(lambda: [None for _ in s], reps))
+        t = median(timed(lambda s=s: [None for _ in s], reps))
         rates[name] = 1024 / t
         print(f"  {name:<10} {rates[name]:>10,.0f} blocks/s  ({s.starts_per_volume[0]:,} starts)")
     t0 = time.perf_counter()
@@ -234,12 +283,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--skip-big", action="store_true", help="skip the >= 4 GB volume")
     p.add_argument("--only-big", action="store_true", help="only the >= 4 GB volume")
+    p.add_argument("--only-headline", action="store_true", help="only the headline workload")
     p.add_argument("--big-shape", default="128,4096,4096")
     p.add_argument("--cache-mb", type=int, default=512)
     args = p.parse_args()
     print(f"benchmarks/stream.py  (reps={args.reps}, medians)")
     if not args.only_big:
         compare(headline_volume(), (4, 64, 64), 1024, 128, args.reps, "headline")
+        if args.only_headline:
+            return
         larger = make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024))
         compare(larger, (16, 64, 64), 1024, 128, args.reps, "larger blocks", loader_workers=False)
         compare(larger, (32, 128, 128), 256, 32, args.reps, "larger blocks", loader_workers=False)

@@ -1,4 +1,4 @@
-"""Export the tiny ink model of train_ink.py to TorchScript, for `vesuvius-dask predict`.
+r"""Export the tiny ink model of train_ink.py to TorchScript, for `vesuvius-dask predict`.
 
     python examples/train_ink.py --save inknet.pth
     python examples/export_model.py inknet.pth inknet.pt

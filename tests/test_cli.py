@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from vesuvius_dask.cli.main import main
 
 from .conftest import EXAMPLE

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from vesuvius_dask.cli.main import main
 
 import vesuvius_dask.convert as convert_mod
 from vesuvius_dask import ConversionError, convert_tiffs, open_volume
-from vesuvius_dask.cli.main import main
 
 
 def write_stack(folder, data, width=2, order_seed=0, compression=None, prefix=""):
@@ -230,9 +230,9 @@ def test_distributed_scheduler(stack, stack_data, tmp_path):
 
 def test_unreachable_scheduler(stack, tmp_path):
     pytest.importorskip("distributed")
-    from vesuvius_dask.errors import VesuviusDaskError
-
     import dask
+
+    from vesuvius_dask.errors import VesuviusDaskError
 
     with dask.config.set({"vesuvius-dask.connect-timeout": 1}):
         with pytest.raises(VesuviusDaskError, match="cannot reach the dask scheduler.*within 1 s"):

@@ -34,6 +34,7 @@ def test_train_ink_example_runs():
 
 def test_export_then_predict(tmp_path):
     from vesuvius_dask.cli.main import main
+
     from vesuvius_dask.testing import write_segment
 
     weights = tmp_path / "inknet.pth"

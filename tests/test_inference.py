@@ -3,9 +3,9 @@ import pytest
 import torch
 import zarr
 from torch.utils.data import DataLoader
+from vesuvius_dask.cli.main import main
 
 from vesuvius_dask import DaskVesuviusStream, PredictionWriter, SamplingError, open_segment, predict
-from vesuvius_dask.cli.main import main
 from vesuvius_dask.sampling import GridStarts
 from vesuvius_dask.testing import write_segment
 
@@ -72,7 +72,8 @@ def test_every_grid_position_once_across_workers(rng_volume):
     stream.set_epoch(0)
     got = [tuple(r) for _, c in DataLoader(stream, batch_size=None, num_workers=2, timeout=120)
            for r in c.tolist()]
-    expected = [(v,) + tuple(s) for v, g in enumerate(stream.grids) for s in g.unravel(np.arange(g.n)).tolist()]
+    expected = [(v,) + tuple(s) for v, g in enumerate(stream.grids)
+                for s in g.unravel(np.arange(g.n)).tolist()]
     assert len(got) == len(expected) == stream.samples_per_epoch
     assert sorted(got) == sorted(expected)
 
@@ -85,7 +86,7 @@ def test_masked_grid_skips_outside(tmp_path, rng_volume):
                                 masks=[mask], mask_coverage=1e-9, batch_size=16, return_coords=True)
     full = GridStarts(vol.shape, (4, 16, 16), (0, 4, 4))
     coords = np.concatenate([c.numpy() for _, c in stream])
-    for _, z, y, x in coords:
+    for _, _z, y, x in coords:
         assert mask[y:y + 16, x:x + 16].any()
     touching = [s for s in full.unravel(np.arange(full.n)) if mask[s[1]:s[1] + 16, s[2]:s[2] + 16].any()]
     assert len(coords) == len(touching) < full.n

@@ -52,7 +52,8 @@ def test_start_grid_bounds(shape, data):
 
 
 def test_start_grid_block_too_large():
-    with pytest.raises(SamplingError, match=r"vol7: block y_size=20 is larger than the volume's y axis \(10\)"):
+    with pytest.raises(SamplingError,
+                       match=r"vol7: block y_size=20 is larger than the volume's y axis \(10\)"):
         StartGrid((5, 10, 10), (1, 20, 1), (1, 1, 1), label="vol7")
 
 

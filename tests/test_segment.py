@@ -27,7 +27,8 @@ def test_open_segment_tiff_folder_lazily(segment):
     seg = open_segment(root)
     assert isinstance(seg.record.data, TiffStack)  # memory-mapped, no conversion
     assert seg.volume.shape == SHAPE
-    np.testing.assert_array_equal(seg.volume[3:7, 10:90, 20:140].compute(), arrays["volume"][3:7, 10:90, 20:140])
+    np.testing.assert_array_equal(seg.volume[3:7, 10:90, 20:140].compute(),
+                                  arrays["volume"][3:7, 10:90, 20:140])
     np.testing.assert_array_equal(seg.mask.compute() != 0, arrays["mask"] != 0)
     np.testing.assert_array_equal(seg.labels.compute() != 0, arrays["labels"] != 0)
     assert seg.ir is None and "mask" in repr(seg)
@@ -144,7 +145,7 @@ def test_transform_gets_block_and_label(rng_volume):
     stream = DaskVesuviusStream([rng_volume], 4, 8, 8, samples_per_epoch=4, seed=1, labels=[lab],
                                 dtype=torch.float32,
                                 transform=lambda b, lb: (b.flip(-1), lb * 2))
-    for block, label in stream:
+    for _block, label in stream:
         assert torch.all(label == 2)
 
 
@@ -164,7 +165,7 @@ def test_masks_with_workers_seed_no_duplicates(segment, tmp_path):
     multi = [tuple(r) for _, _, c in DataLoader(stream, batch_size=None, num_workers=2, timeout=120)
              for r in c.tolist()]
     assert len(multi) == 400 and set(multi) == single
-    for v, z, y, x in multi:
+    for v, _z, y, x in multi:
         if v == 1:
             assert ram_mask[y:y + 16, x:x + 16].all()
 

@@ -392,7 +392,8 @@ def convert_tiffs(
 
     provenance = {
         "source": os.path.abspath(src_text),
-        "layers": [os.path.basename(layers[roi[0].start].path), os.path.basename(layers[roi[0].stop - 1].path)],
+        "layers": [os.path.basename(layers[roi[0].start].path),
+                   os.path.basename(layers[roi[0].stop - 1].path)],
         "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
         "source_shape": list(info.shape),
         "tool": f"vesuvius-dask {__version__}",

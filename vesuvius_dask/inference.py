@@ -148,18 +148,18 @@ class PredictionWriter:
                 self.items += 1
 
     def _add_one(self, weighted: np.ndarray, start: list[int]) -> None:
-        for a, (s, b, n) in enumerate(zip(start, self.block, self.shape)):
+        for s, b, n in zip(start, self.block, self.shape):
             if s < 0 or s + b > n:
                 raise SamplingError(f"{self.path}: block at {tuple(start)} sticks out of {self.shape}")
         first = [s // c for s, c in zip(start, self.chunks)]
         last = [(s + b - 1) // c for s, b, c in zip(start, self.block, self.chunks)]
-        for cid in np.ndindex(*[l - f + 1 for f, l in zip(first, last)]):
+        for cid in np.ndindex(*[e - f + 1 for f, e in zip(first, last)]):
             cid = tuple(f + i for f, i in zip(first, cid))
             lo = [max(s, c * k) for s, c, k in zip(start, self.chunks, cid)]
             hi = [min(s + b, c * (k + 1), n) for s, b, c, k, n in
                   zip(start, self.block, self.chunks, cid, self.shape)]
-            src = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
-            dst = tuple(slice(l - c * k, h - c * k) for l, h, c, k in zip(lo, hi, self.chunks, cid))
+            src = tuple(slice(a - s, h - s) for a, h, s in zip(lo, hi, start))
+            dst = tuple(slice(a - c * k, h - c * k) for a, h, c, k in zip(lo, hi, self.chunks, cid))
             acc_sum, acc_w = self._buffer(cid)
             acc_sum[dst] += weighted[src]
             acc_w[dst] += self.weights[src]

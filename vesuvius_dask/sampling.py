@@ -21,8 +21,8 @@ import numpy as np
 
 from .errors import SamplingError
 
-__all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "FeistelPermutation", "LocalityPermutation", "EpochPlan",
-           "SAMPLING_METHODS"]
+__all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "FeistelPermutation", "LocalityPermutation",
+           "EpochPlan", "SAMPLING_METHODS"]
 
 SAMPLING_METHODS = ("uniform", "proportional", "grid")
 

@@ -141,7 +141,7 @@ def _load_2d(source: Any, what: str, vol: Volume) -> np.ndarray:
 
 def _label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume]
                    ) -> tuple[list[Volume] | None, bool]:
-    """Labels as volumes the engine can read (2-D (Y, X) become (1, Y, X)); are they 2-D?"""
+    """Labels as volumes the engine can read (2-D become (1, Y, X)), and whether they are 2-D."""
     if labels is None:
         return None, False
     out = []
@@ -298,7 +298,7 @@ _SHM_POOL: _ShmBatchPool | None = None
 
 
 def _shm_pool() -> _ShmBatchPool:
-    """This process's pool (a forked child starts its own)."""
+    """The pool of the calling process (a forked child starts its own)."""
     global _SHM_POOL
     if _SHM_POOL is None or _SHM_POOL.pid != os.getpid():
         _SHM_POOL = _ShmBatchPool()

@@ -213,7 +213,8 @@ def _wrap_zarr(arr: Any, label: str, chunks: Any) -> da.Array:
     if chunks is not None:
         chunks = tuple(int(c) for c in chunks)
         bad = [
-            (axis, c, s) for axis, c, s in zip("zyx", chunks, stored) if c % s and c < arr.shape["zyx".index(axis)]
+            (axis, c, s) for axis, c, s in zip("zyx", chunks, stored)
+            if c % s and c < arr.shape["zyx".index(axis)]
         ]
         if bad:
             axis, c, s = bad[0]
