@@ -44,8 +44,10 @@ def main() -> None:
         batch_size=args.batch_size, seed=args.seed, dtype=torch.float32,
         transform=normalise,
     )
+    # persistent workers keep their decoded-chunk caches from epoch to epoch;
+    # set_epoch below reaches them all the same
     loader = DataLoader(stream, batch_size=None, num_workers=args.num_workers,
-                        persistent_workers=False)
+                        persistent_workers=args.num_workers > 0)
     model = nn.Sequential(
         nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(),
         nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
