@@ -439,3 +439,30 @@ def test_set_epoch_reaches_persistent_workers(mixed_files, context):
     stream.set_epoch(5)                # ... and a repeat reach the running workers
     assert epoch_set() == expected[5]
     assert expected[0] != expected[5]
+
+
+def test_dataloader_transform_outputs_are_pooled_and_kept_intact(mixed_files):
+    # A transform that returns new tensors: the worker copies them into its reused
+    # shared memory; batches the main process holds are never overwritten.
+    from vesuvius_dask.stream import _ShmBatchPool
+
+    if not _ShmBatchPool._check_layout():
+        pytest.skip("torch's shared-memory layout differs here: the pool is off")
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=480, seed=6,
+                                batch_size=16, return_coords=True,
+                                transform=lambda b: b.to(torch.float32) * 2 + 1)
+    stream.set_epoch(0)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120)
+    kept, segments = [], []
+    for i, (blocks, coords) in enumerate(loader):
+        assert blocks.dtype == torch.float32 and blocks.is_shared()
+        segments.append(_segment(blocks))
+        if i % 2 == 0:
+            kept.append((blocks, coords))
+    assert len(set(segments)) < len(segments)
+    sources = _source(mixed_files)
+    z, y, x = BLOCK
+    for blocks, coords in kept:
+        for b, (v, sz, sy, sx) in zip(blocks.numpy(), coords.tolist()):
+            expected = sources[v][sz:sz + z, sy:sy + y, sx:sx + x].astype(np.float32) * 2 + 1
+            np.testing.assert_array_equal(b, expected)

@@ -183,7 +183,7 @@ def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 #: Batch buffers a DataLoader worker keeps for reuse, and their total byte budget.
-_SHM_POOL_BUFFERS = 6
+_SHM_POOL_BUFFERS = 16
 _SHM_POOL_BYTES = 512 * 2**20
 #: torch's refcounted shared-memory segments keep their cross-process reference count
 #: in an int this many bytes before the data (at the start of the mapping).
@@ -295,6 +295,34 @@ class _ShmBatchPool:
 
 
 _SHM_POOL: _ShmBatchPool | None = None
+#: Tensors smaller than this travel as they are (a fresh segment is cheap for them).
+_POOL_MIN_BYTES = 4096
+
+
+def _into_pool(item: Any) -> Any:
+    """Tensors of a worker's item that are not in shared memory, copied into pool buffers.
+
+    A ``transform`` that returns new tensors (``(block - m) / s``) would otherwise make
+    the DataLoader copy each of them into a fresh shared-memory segment, page faults
+    and all; a copy into a reused buffer costs a fraction of that. Tensors already in
+    shared memory (the batch itself, views of it, in-place results) pass unchanged.
+    """
+    if isinstance(item, torch.Tensor):
+        pool = _shm_pool()
+        if (not pool.enabled or item.is_shared() or item.device.type != "cpu"
+                or not item.is_contiguous() or item.nbytes < _POOL_MIN_BYTES
+                or type(item) is not torch.Tensor or item.requires_grad):
+            return item
+        buf = pool.take(tuple(item.shape), item.dtype)
+        buf.copy_(item)
+        return buf.view(buf.shape)  # an alias, so the pool sees it while it travels
+    if isinstance(item, tuple) and not hasattr(item, "_fields"):
+        return tuple(_into_pool(v) for v in item)
+    if isinstance(item, list):
+        return [_into_pool(v) for v in item]
+    if isinstance(item, dict):
+        return {k: _into_pool(v) for k, v in item.items()}
+    return item
 
 
 def _shm_pool() -> _ShmBatchPool:
@@ -853,7 +881,8 @@ class DaskVesuviusStream(IterableDataset):
             coords = torch.from_numpy(np.column_stack([vols, starts]).astype(np.int64)) \
                 if self.return_coords else None
             if self.batch_size is not None:
-                yield self._item(tensor, label, coords)
+                item = self._item(tensor, label, coords)
+                yield _into_pool(item) if get_worker_info() is not None else item
             else:
                 for i in range(tensor.shape[0]):
                     yield self._item(tensor[i], None if label is None else label[i],
