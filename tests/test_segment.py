@@ -204,3 +204,20 @@ def test_sparse_mask_on_huge_lazy_volume_starts_fast():
     assert np.all((c[:, 2] >= 3000) & (c[:, 2] + 64 <= 3800))
     # generous bound for a loaded CI machine; the benchmark measures it properly
     assert elapsed < 10
+
+
+def test_scroll_segment_layout(tmp_path):
+    # Scroll segments (volpkg paths/<id>/) keep their layers in layers/ and name the
+    # images after the segment id.
+    root = tmp_path / "20230205180739"
+    arrays = write_segment(root, (6, 64, 80), seed=3)
+    (root / "surface_volume").rename(root / "layers")
+    (root / "mask.png").rename(root / "20230205180739_mask.png")
+    (root / "inklabels.png").rename(root / "20230205180739_inklabels.png")
+    seg = open_segment(root)
+    np.testing.assert_array_equal(seg.volume.compute(), arrays["volume"])
+    np.testing.assert_array_equal(seg.mask.compute() > 0, arrays["mask"] > 0)
+    np.testing.assert_array_equal(seg.labels.compute() > 0, arrays["labels"] > 0)
+    from vesuvius_dask.viewer import is_volume_path
+
+    assert is_volume_path(root)

@@ -271,7 +271,7 @@ def _is_segment_folder(p: Path) -> bool:
     """A folder holding a volume (surface_volume/ or *.zarr), not itself a Zarr node."""
     if not p.is_dir() or any((p / f).exists() for f in ("zarr.json", ".zarray", ".zgroup")):
         return False
-    return (p / "surface_volume").is_dir() or any(p.glob("*.zarr"))
+    return any((p / d).is_dir() for d in ("surface_volume", "layers")) or any(p.glob("*.zarr"))
 
 
 def _numpy(x: Any) -> np.ndarray:

@@ -3,10 +3,11 @@
 :func:`open_segment` finds the parts of a segment (or fragment) folder::
 
     SEGMENT/
-      surface_volume/00.tif ... 64.tif   (or a converted Zarr: SEGMENT/*.zarr)
-      mask.png        2-D, non-zero = papyrus present     (optional)
-      inklabels.png   2-D, non-zero = ink                  (optional)
-      ir.png          2-D infrared photograph              (optional)
+      surface_volume/00.tif ... 64.tif   (fragments; scroll segments: layers/00.tif ...;
+                                          or a converted Zarr: SEGMENT/*.zarr)
+      mask.png        2-D, non-zero = papyrus present     (optional; or <id>_mask.png)
+      inklabels.png   2-D, non-zero = ink                  (optional; or <id>_inklabels.png)
+      ir.png          2-D infrared photograph              (optional; or <id>_ir.png)
 
 The volume is read lazily: uncompressed TIFF layers are memory-mapped
 (:class:`TiffStack`, a block read touches only its rows of each layer), compressed
@@ -37,6 +38,9 @@ _PIL_LOCK = threading.Lock()
 _MASK_NAMES = ("mask.png", "mask.tif", "mask.tiff")
 _LABEL_NAMES = ("inklabels.png", "inklabels.tif", "inklabels.tiff")
 _IR_NAMES = ("ir.png", "ir.tif", "ir.tiff")
+#: Folders of TIFF layers, in order of preference: fragments (Kaggle ink-detection
+#: layout) use surface_volume/, scroll segments (volpkg paths/<id>/) use layers/.
+_LAYER_DIRS = ("surface_volume", "layers")
 
 
 class TiffStack:
@@ -237,7 +241,10 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
     """Open a segment folder: its surface volume, ``mask.png``, ``inklabels.png``, ``ir.png``.
 
     The volume is a converted Zarr inside the folder (``*.zarr``; preferred when
-    present) or the ``surface_volume/`` TIFF layers, read lazily without conversion.
+    present) or the TIFF layers in ``surface_volume/`` (fragments) or ``layers/``
+    (scroll segments), read lazily without conversion. The images are found as
+    ``mask.png``, ``inklabels.png``, ``ir.png`` (or ``.tif``), or else as
+    ``<anything>_mask.png`` etc. (scroll segments name them after the segment id).
 
     Parameters
     ----------
@@ -262,14 +269,15 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
     if not root.is_dir():
         raise VolumeNotFoundError(f"{root}: no such segment folder")
     zarrs = sorted(p for p in root.glob("*.zarr") if p.is_dir())
+    layer_dirs = [root / d for d in _LAYER_DIRS if (root / d).is_dir()]
     if zarrs:
         record = resolve_volume(zarrs[0], level=level)
-    elif (root / "surface_volume").is_dir():
-        record = _tiff_volume(root / "surface_volume")
+    elif layer_dirs:
+        record = _tiff_volume(layer_dirs[0])
     else:
         raise VolumeNotFoundError(
-            f"{root}: no volume found (expected a surface_volume/ folder of TIFF layers or a "
-            "*.zarr inside the segment folder)")
+            f"{root}: no volume found (expected a surface_volume/ or layers/ folder of TIFF "
+            "layers, or a *.zarr inside the segment folder)")
     _, ny, nx = record.shape
     images = {}
     for name, names in (("mask", _MASK_NAMES), ("labels", _LABEL_NAMES), ("ir", _IR_NAMES)):
