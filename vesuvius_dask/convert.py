@@ -17,6 +17,7 @@ import glob as _glob
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def find_layers(src: str | os.PathLike) -> list[Layer]:
         raise ConversionError(f"{where}: contains no .tif/.tiff layers")
     numbered = sorted(((_layer_number(f), f) for f in files), key=lambda t: (t[0], _natural_key(t[1])))
     numbers = [n for n, _ in numbered]
-    dupes = sorted({n for n in numbers if numbers.count(n) > 1})
+    dupes = sorted(n for n, k in Counter(numbers).items() if k > 1)
     if dupes:
         names = [os.path.basename(f) for n, f in numbered if n == dupes[0]]
         raise ConversionError(f"{where}: layer number {dupes[0]} appears more than once ({', '.join(names)})")
