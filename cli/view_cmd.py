@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction, triple: Callable[[str], tuple[int, int, int]]) -> None:
     p = sub.add_parser(
         "view", help="open volumes lazily in napari (with the sampler's blocks)",
-        description="Open Zarr arrays, OME-Zarr pyramids or segment folders in napari, lazily; "
+        description="Open Zarr arrays, OME-Zarr pyramids, TIFF layer folders or segment folders "
+                    "in napari, lazily; "
                     "with --samples N, outline where DaskVesuviusStream draws its next N blocks "
                     "(one colour per volume).")
     p.add_argument("paths", nargs="+")

@@ -30,6 +30,23 @@ def test_info_ome_levels(ome_v2, capsys):
     assert "3 levels" in out and "level 2" in out
 
 
+def test_info_tiff_folder_and_segment(tmp_path, capsys):
+    from vesuvius_dask.testing import write_segment
+
+    write_segment(tmp_path / "seg", (6, 40, 50))
+    assert main(["info", str(tmp_path / "seg" / "surface_volume")]) == 0
+    out = capsys.readouterr().out
+    assert "TIFF stack, 6 layers (00.tif .. 05.tif)" in out and "(6, 40, 50)" in out
+    assert "memory-mapped" in out
+    assert main(["info", str(tmp_path / "seg")]) == 0
+    out = capsys.readouterr().out
+    assert "segment" in out and "mask    40x50 uint8" in out and "ir      none" in out
+    (tmp_path / "seg" / "surface_volume" / "03.tif").unlink()
+    assert main(["info", str(tmp_path / "seg")]) == 2
+    err = capsys.readouterr().err
+    assert "surface_volume" in err and "3" in err and "Traceback" not in err
+
+
 def test_info_missing_path_is_one_line_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope.zarr")]) == 2
     err = capsys.readouterr().err

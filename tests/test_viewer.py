@@ -44,6 +44,17 @@ def test_reader_segment_folder(tmp_path):
     assert all(isinstance(d, da.Array) for d, _, _ in layers)
 
 
+def test_reader_tiff_folder(tmp_path, rng_volume):
+    import tifffile
+
+    (tmp_path / "slices").mkdir()
+    for z in range(4):
+        tifffile.imwrite(tmp_path / "slices" / f"{z:02d}.tif", rng_volume[z, :40, :50])
+    (data, meta, kind), = napari_get_reader(str(tmp_path / "slices"))(str(tmp_path / "slices"))
+    assert kind == "image" and isinstance(data, da.Array)
+    np.testing.assert_array_equal(data.compute(), rng_volume[:4, :40, :50])
+
+
 def test_reader_declines_other_paths(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "folder").mkdir()

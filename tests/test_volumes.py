@@ -144,3 +144,49 @@ def test_real_crop(real_crop):
     assert vol.chunks[1][0] == 512
     direct = zarr.open(real_crop, mode="r")[0:4, 100:164, 900:964]
     np.testing.assert_array_equal(vol[0:4, 100:164, 900:964].compute(), direct)
+
+
+def _tiff_folder(path, volume, compression=None):
+    import tifffile
+
+    path.mkdir(parents=True)
+    for z in range(volume.shape[0]):
+        tifffile.imwrite(path / f"{z:05d}.tif", volume[z], compression=compression)
+    return path
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_tiff_folder_opens_lazily(tmp_path, rng_volume, compression):
+    from vesuvius_dask import DaskVesuviusStream
+
+    vol_np = rng_volume[:7, :90, :110]
+    folder = _tiff_folder(tmp_path / "slices", vol_np, compression)
+    vol = open_volume(folder)
+    assert vol.shape == vol_np.shape and vol.dtype == vol_np.dtype
+    np.testing.assert_array_equal(vol[1:6, 5:80, 7:99].compute(), vol_np[1:6, 5:80, 7:99])
+    assert open_volume(str(folder), chunks=(2, 32, 32)).chunksize == (2, 32, 32)
+    stream = DaskVesuviusStream([str(folder)], 2, 16, 16, samples_per_epoch=40, batch_size=8,
+                                return_coords=True, seed=1)
+    for blocks, coords in stream:
+        for b, (_, z, y, x) in zip(blocks.numpy(), coords.tolist()):
+            np.testing.assert_array_equal(b, vol_np[z:z + 2, y:y + 16, x:x + 16])
+
+
+def test_multipage_tiff_and_segment_folder_paths(tmp_path, rng_volume):
+    import tifffile
+
+    from vesuvius_dask.testing import write_segment
+
+    tifffile.imwrite(tmp_path / "stack.tif", rng_volume[:5, :40, :50], photometric="minisblack")
+    np.testing.assert_array_equal(open_volume(tmp_path / "stack.tif").compute(), rng_volume[:5, :40, :50])
+    arrays = write_segment(tmp_path / "seg", (6, 40, 50))
+    np.testing.assert_array_equal(open_volume(tmp_path / "seg").compute(), arrays["volume"])
+
+
+def test_tiff_folder_errors_name_the_file(tmp_path, rng_volume):
+    folder = _tiff_folder(tmp_path / "slices", rng_volume[:5, :40, :50])
+    (folder / "00002.tif").unlink()
+    with pytest.raises(VolumeError, match="slices.*missing.*2"):
+        open_volume(folder)
+    with pytest.raises(VolumeError, match="level=1 applies to OME-Zarr"):
+        open_volume(tmp_path / "slices", level=1)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .volumes import _multiscale_paths, _open_zarr_path
+from .volumes import _multiscale_paths, _non_zarr_kind, _open_zarr_path
 
 __all__ = ["describe", "stored_bytes"]
 
@@ -46,13 +46,57 @@ def _array_lines(arr: Any, indent: str = "  ") -> list[str]:
     ]
 
 
+def _tiff_lines(path: Path, indent: str = "  ") -> list[str]:
+    import numpy as np
+
+    from .convert import find_layers, inspect_stack
+    from .errors import ConversionError, VolumeError
+
+    try:
+        info = inspect_stack(find_layers(path))
+    except ConversionError as err:
+        raise VolumeError(str(err)) from err
+    files = sorted({layer.path for layer in info.layers})
+    first, last = info.layers[0], info.layers[-1]
+    return [
+        f"{indent}TIFF stack, {len(info.layers)} layers "
+        f"({os.path.basename(first.path)} .. {os.path.basename(last.path)})",
+        f"{indent}shape   {info.shape}",
+        f"{indent}dtype   {info.dtype}",
+        f"{indent}read    " + ("memory-mapped in place (uncompressed)" if info.memmappable
+                               and len(files) == len(info.layers) else
+                               "whole layers decoded per read (compressed or multi-page: "
+                               "convert it for random blocks)"),
+        f"{indent}logical {int(np.prod(info.shape)) * info.dtype.itemsize:,} bytes",
+        f"{indent}stored  {sum(os.path.getsize(f) for f in files):,} bytes on disk",
+    ]
+
+
+def _segment_lines(path: Path) -> list[str]:
+    from .segment import open_segment
+
+    seg = open_segment(path)
+    src = seg.record.label
+    lines = [f"  segment, volume from {src}"]
+    if seg.record.zarr is not None:
+        lines += describe(src).splitlines()[1:]
+    else:
+        lines += _tiff_lines(Path(src))
+    for name in ("mask", "labels", "ir"):
+        img = getattr(seg, name)
+        lines.append(f"  {name:<7} " + (f"{img.shape[0]}x{img.shape[1]} {img.dtype}"
+                                         if img is not None else "none"))
+    return lines
+
+
 def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
-    """Return a human-readable description of a Zarr array or OME-Zarr group.
+    """Return a human-readable description of a stored volume.
 
     Parameters
     ----------
     path : str or os.PathLike
-        A Zarr array or an OME-Zarr multiscale group.
+        A Zarr array, an OME-Zarr multiscale group, a folder of TIFF layers (or a
+        multi-page TIFF) or a segment folder.
     level : int, optional
         Only this level of a multiscale group (default: every level).
 
@@ -63,6 +107,11 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     import zarr
 
     label = os.fspath(path)
+    kind = _non_zarr_kind(path)
+    if kind == "tiff":
+        return "\n".join([label] + _tiff_lines(Path(label)))
+    if kind == "segment":
+        return "\n".join([label] + _segment_lines(Path(label)))
     arr, _ = _open_zarr_path(path, level)  # validates the path and the level
     node = zarr.open(label, mode="r")
     lines = [label]

@@ -104,23 +104,32 @@ class TiffStack:
         return f"TiffStack({len(self.paths)} layers, shape={self.shape}, dtype={self.dtype})"
 
 
-def _tiff_volume(folder: Path) -> Volume:
-    """A TIFF layer folder as a Volume: memory-mapped when possible, else lazy dask."""
+def _tiff_volume(folder: Path, chunks: Any = None) -> Volume:
+    """A TIFF layer folder (or multi-page TIFF) as a Volume, memory-mapped when possible.
+
+    Otherwise (compressed layers) a lazy dask stack. Stack errors (numbering, shapes,
+    unreadable files) name the file.
+    """
     from dask.base import tokenize
 
     from .convert import find_layers, inspect_stack, lazy_stack
+    from .errors import ConversionError
     from .volumes import _ORIGIN_ATTR, _wrap_numpy
 
-    info = inspect_stack(find_layers(folder))
+    try:
+        info = inspect_stack(find_layers(folder))
+    except ConversionError as err:
+        raise VolumeError(str(err)) from err
     label = str(folder)
     if info.memmappable and all(layer.page == 0 for layer in info.layers):
         stack = TiffStack([layer.path for layer in info.layers], info.shape, info.dtype)
         token = "volume-tiff-" + tokenize(stack.paths, [os.path.getmtime(p) for p in stack.paths])
-        arr = _wrap_numpy(stack, None, token)  # type: ignore[arg-type]
+        arr = _wrap_numpy(stack, chunks, token)  # type: ignore[arg-type]
         setattr(arr, _ORIGIN_ATTR, ("numpy", stack))
         return Volume(arr, label, data=stack)  # type: ignore[arg-type]
     full = tuple(slice(0, s) for s in info.shape)
-    arr = lazy_stack(info, full, band=512).rechunk((4, 512, 512))  # type: ignore[arg-type]
+    default = tuple(min(c, s) for c, s in zip((4, 512, 512), info.shape))
+    arr = lazy_stack(info, full, band=512).rechunk(chunks or default)  # type: ignore[arg-type]
     return Volume(arr, label)
 
 

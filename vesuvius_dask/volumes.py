@@ -157,6 +157,30 @@ def _is_pathlike(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike))
 
 
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+
+
+def _non_zarr_kind(source: str | os.PathLike) -> str | None:
+    """What a non-Zarr path holds: ``"tiff"``, ``"segment"`` or None.
+
+    ``"tiff"``: a TIFF file or a folder of TIFF layers; ``"segment"``: a segment folder;
+    None: anything else (Zarr, URLs, missing paths).
+    """
+    p = Path(os.fspath(source))
+    if "://" in os.fspath(source):
+        return None
+    if p.is_file():
+        return "tiff" if p.suffix.lower() in (".tif", ".tiff") else None
+    if not p.is_dir() or any((p / m).exists() for m in _ZARR_MARKERS):
+        return None
+    if any(f.suffix.lower() in (".tif", ".tiff") and not f.name.startswith(".")
+           for f in p.iterdir() if f.is_file()):
+        return "tiff"
+    if any((p / d).is_dir() for d in ("surface_volume", "layers")):
+        return "segment"
+    return None
+
+
 def _multiscale_paths(attrs: dict[str, Any]) -> list[str] | None:
     """Dataset paths of an OME-Zarr multiscales group (v0.4 or v0.5 metadata)."""
     ms = attrs.get("multiscales")
@@ -263,6 +287,18 @@ def resolve_volume(
     if hook is not None:  # e.g. a Segment
         return hook()
     if _is_pathlike(source):
+        kind = _non_zarr_kind(source)
+        if kind == "segment":
+            from .segment import open_segment
+
+            return open_segment(source, level=level).record
+        if kind == "tiff":
+            from .segment import _tiff_volume
+
+            if level not in (None, 0):
+                raise VolumeError(f"{os.fspath(source)}: level={level} applies to OME-Zarr "
+                                  "multiscale groups; this is a TIFF stack")
+            return _tiff_volume(Path(os.fspath(source)), chunks=chunks)
         arr, lbl = _open_zarr_path(source, level)
         _check_array(arr.shape, arr.dtype, lbl)
         return Volume(_wrap_zarr(arr, lbl, chunks), lbl, zarr=arr)
@@ -308,6 +344,9 @@ def open_volume(
     ----------
     source : str, os.PathLike, zarr.Array, numpy.ndarray or dask.array.Array
         A path to a Zarr v2 or v3 array, a path to an OME-Zarr multiscale group, a
+        path to a folder of 2-D TIFF layers (``00.tif``, ``01.tif``, ... in numeric
+        order; uncompressed layers are memory-mapped, not converted) or a multi-page
+        TIFF, a segment folder (its volume, see :func:`open_segment`), a
         ``zarr.Array``, a numpy array or ``np.memmap`` (wrapped without copying), or
         a dask array (returned as is, after validation).
     level : int, optional

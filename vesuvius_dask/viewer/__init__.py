@@ -35,8 +35,9 @@ def _is_zarr_node(p: Path) -> bool:
 
 
 def is_volume_path(path: Any) -> bool:
-    """True for a Zarr array, an OME-Zarr multiscale group or a segment folder."""
+    """True for a Zarr array, an OME-Zarr multiscale group, a TIFF layer folder or a segment folder."""
     from ..inference import _is_segment_folder
+    from ..volumes import _non_zarr_kind
 
     p = Path(os.fspath(path))
     if not p.is_dir():
@@ -50,7 +51,7 @@ def is_volume_path(path: Any) -> bool:
         from ..volumes import _multiscale_paths
 
         return _multiscale_paths(node.attrs.asdict()) is not None
-    return _is_segment_folder(p)
+    return _is_segment_folder(p) or _non_zarr_kind(p) == "tiff"
 
 
 def _contrast(arr: Any, n_chunks: int = 3) -> tuple[float, float]:
@@ -76,12 +77,13 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
     """napari layer data for a volume path: ``[(data, metadata, layer_type), ...]``.
 
     A Zarr array gives one lazy image layer; an OME-Zarr group a multiscale image
-    layer (one dask array per level); a segment folder its volume plus ``mask`` and
+    layer (one dask array per level); a folder of TIFF layers one lazy image layer
+    (memory-mapped layers); a segment folder its volume plus ``mask`` and
     ``inklabels`` as labels layers.
     """
     import zarr
 
-    from ..volumes import _multiscale_paths, open_volume
+    from ..volumes import _multiscale_paths, _non_zarr_kind, open_volume
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -95,6 +97,9 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
         levels = [open_volume(p, level=k) for k in range(len(_multiscale_paths(node.attrs.asdict()) or []))]
         return [(levels, {"name": name, "multiscale": True,
                           "contrast_limits": _contrast(levels[-1])}, "image")]
+    if _non_zarr_kind(p) == "tiff":
+        vol = open_volume(p)
+        return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
     from ..segment import open_segment
 
     seg = open_segment(p)
