@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -221,3 +222,21 @@ def test_scroll_segment_layout(tmp_path):
     from vesuvius_dask.viewer import is_volume_path
 
     assert is_volume_path(root)
+
+
+def test_tiff_stack_keeps_few_layers_mapped(tmp_path, monkeypatch):
+    # Each mapped layer holds a file descriptor; a whole scroll has thousands of layers.
+    import tifffile
+
+    from vesuvius_dask.segment import TiffStack
+
+    vol = np.arange(40 * 8 * 9, dtype=np.uint16).reshape(40, 8, 9)
+    for z in range(40):
+        tifffile.imwrite(tmp_path / f"{z:03d}.tif", vol[z])
+    monkeypatch.setattr(TiffStack, "max_open", 8)
+    stack = TiffStack([str(tmp_path / f"{z:03d}.tif") for z in range(40)], vol.shape, vol.dtype)
+    before = len(os.listdir("/proc/self/fd"))
+    np.testing.assert_array_equal(stack[0:40, 2:7, 1:8], vol[:, 2:7, 1:8])
+    np.testing.assert_array_equal(stack[3], vol[3])
+    assert len(stack._maps) == 8
+    assert len(os.listdir("/proc/self/fd")) - before <= 8

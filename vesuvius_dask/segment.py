@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ class TiffStack:
 
     Slicing ``stack[z0:z1, y0:y1, x0:x1]`` reads just those rows and columns of
     those layers. It pickles as its list of files (each process maps them anew).
+    At most :attr:`max_open` layers stay mapped (least recently used out): each
+    mapping holds a file descriptor, and a whole scroll has thousands of layers.
 
     Parameters
     ----------
@@ -60,12 +63,15 @@ class TiffStack:
     """
 
     ndim = 3
+    #: Layers kept memory-mapped at once, per process.
+    max_open = 128
 
     def __init__(self, paths: list[str], shape: tuple[int, int, int], dtype: Any) -> None:
         self.paths = list(paths)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self._lock = threading.Lock()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -76,12 +82,19 @@ class TiffStack:
 
     def _layer(self, z: int) -> np.memmap:
         if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        mm = self._maps.get(z)
-        if mm is None:
-            import tifffile
+            self._maps, self._lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
+        with self._lock:
+            mm = self._maps.get(z)
+            if mm is not None:
+                self._maps.move_to_end(z)
+                return mm
+        import tifffile
 
-            mm = self._maps[z] = tifffile.memmap(self.paths[z], mode="r")
+        mm = tifffile.memmap(self.paths[z], mode="r")
+        with self._lock:
+            self._maps[z] = mm
+            while len(self._maps) > self.max_open:
+                self._maps.popitem(last=False)  # unmapped once no slice refers to it
         return mm
 
     def __getitem__(self, key: Any) -> np.ndarray:
