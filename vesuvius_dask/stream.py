@@ -182,7 +182,8 @@ def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype).share_memory_()
 
 
-#: Batch buffers a DataLoader worker keeps for reuse, and their total byte budget.
+#: Batch buffers a DataLoader worker keeps for reuse, and their total byte budget
+#: (never more than 1/8 of the free space in /dev/shm at the worker's start).
 _SHM_POOL_BUFFERS = 16
 _SHM_POOL_BYTES = 512 * 2**20
 #: torch's refcounted shared-memory segments keep their cross-process reference count
@@ -236,6 +237,12 @@ class _ShmBatchPool:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, own storage uses)
+        self.max_bytes = _SHM_POOL_BYTES
+        try:  # a small /dev/shm (64 MB in Docker by default) is shared by all workers
+            st = os.statvfs("/dev/shm")
+            self.max_bytes = min(self.max_bytes, st.f_bavail * st.f_frsize // 8)
+        except OSError:
+            pass
         self.enabled = self._check_layout()
         self.reused = 0
 
@@ -289,7 +296,7 @@ class _ShmBatchPool:
         self.buffers.append((buf, _storage_uses(buf)))
         while len(self.buffers) > 1 and (
                 len(self.buffers) > _SHM_POOL_BUFFERS
-                or sum(b.untyped_storage().nbytes() for b, _ in self.buffers) > _SHM_POOL_BYTES):
+                or sum(b.untyped_storage().nbytes() for b, _ in self.buffers) > self.max_bytes):
             self.buffers.pop(0)
         return buf
 
