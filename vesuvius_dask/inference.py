@@ -267,6 +267,41 @@ class PredictionWriter:
                 f"chunks={self.chunks}, blend={self.blend!r}, items={self.items})")
 
 
+class _Progress:
+    """Progress as ``done/total`` blocks on stderr.
+
+    On a terminal the line is redrawn in place (twice a second at most); otherwise a
+    plain line is printed every 10%, so logs stay short.
+    """
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total = what, max(int(total), 1)
+        self.t0 = self.t_shown = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.tenth = -1
+
+    def _text(self, done: int) -> str:
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        return (f"{self.what}: {done}/{self.total} blocks ({100 * done / self.total:.0f}%), "
+                f"{rate:,.0f} blocks/s")
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.tty:
+            if now - self.t_shown >= 0.5:
+                self.t_shown = now
+                print("\r" + self._text(done), end="", file=sys.stderr, flush=True)
+        elif 10 * done // self.total > self.tenth:
+            self.tenth = 10 * done // self.total
+            print(self._text(done), file=sys.stderr, flush=True)
+
+    def close(self, done: int) -> None:
+        if self.tty:
+            print("\r" + self._text(done), file=sys.stderr, flush=True)
+        elif self.tenth < 10:
+            print(self._text(done), file=sys.stderr, flush=True)
+
+
 def _is_segment_folder(p: Path) -> bool:
     """A folder holding a volume (surface_volume/ or *.zarr), not itself a Zarr node."""
     if not p.is_dir() or any((p / f).exists() for f in ("zarr.json", ".zarray", ".zgroup")):
@@ -353,9 +388,9 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
     writer = None
-    t0 = time.perf_counter()
     done = 0
     total = stream.samples_per_epoch
+    progress = _Progress("predict", total)
     try:
         with torch.no_grad():
             for blocks, coords in loader:
@@ -370,11 +405,9 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
                 writer.add(pred, coords)
                 done += blocks.shape[0]
                 if not quiet:
-                    rate = done / (time.perf_counter() - t0)
-                    print(f"\rpredict: {done}/{total} blocks ({100 * done / total:.0f}%), "
-                          f"{rate:,.0f} blocks/s", end="", file=sys.stderr, flush=True)
+                    progress.update(done)
         if not quiet:
-            print(file=sys.stderr)
+            progress.close(done)
         if writer is None:
             raise SamplingError("no block to predict (is the mask empty?)")
         return writer.finalize(png=png)
