@@ -263,6 +263,7 @@ class BatchEngine:
         self._graphs: dict[int, dict] = {}
         self._lock = threading.Lock()
         self._outputs: list[np.ndarray] = []
+        self._proc_pid = os.getpid()
         self.uid = uuid.uuid4().hex  # identifies this engine's copies on cluster workers
 
     # -- pickling: caches, pools and counters are per process -------------------
@@ -275,6 +276,28 @@ class BatchEngine:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._proc_pid = os.getpid()
+
+    def _own_process(self) -> None:
+        """Make anew, in a forked child, what does not survive ``fork``.
+
+        Locks (a parent thread may have held one at the fork), and Zarr arrays on
+        remote stores (an fsspec filesystem's event loop and HTTP session belong to
+        the parent: a pickle round trip opens them again in this process). Spawned
+        and cluster copies come through ``__setstate__`` and need none of it.
+        """
+        pid = os.getpid()
+        if self._proc_pid == pid:
+            return
+        import pickle
+
+        self._lock = threading.Lock()
+        self.cache = ChunkCache(self.cache.max_bytes)
+        self._outputs = []
+        for vol in self.volumes:
+            if vol.zarr is not None and type(vol.zarr.store).__name__ == "FsspecStore":
+                vol.zarr = pickle.loads(pickle.dumps(vol.zarr))
+        self._proc_pid = pid
 
     def _output(self, shape: tuple[int, ...]) -> np.ndarray:
         """A batch array: a recycled one nobody references any more, or a new one.
@@ -460,6 +483,7 @@ def read_together(requests: Sequence[tuple[BatchEngine, np.ndarray, np.ndarray, 
     keys, outs = [], []
     n_reads = 0
     for engine, vol_index, starts, out in requests:
+        engine._own_process()
         g, key, out, n = engine.batch_graph(vol_index, starts, out)
         graph.update(g)
         keys.append(key)
