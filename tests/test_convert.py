@@ -238,3 +238,11 @@ def test_unreachable_scheduler(stack, tmp_path):
         with pytest.raises(VesuviusDaskError, match="cannot reach the dask scheduler.*within 1 s"):
             convert_tiffs(stack, tmp_path / "u.zarr", scheduler="tcp://127.0.0.1:1")
     _no_output(tmp_path, "u.zarr")
+
+
+def test_convert_a_segment_folder_uses_its_layers(tmp_path):
+    from vesuvius_dask.testing import write_segment
+
+    arrays = write_segment(tmp_path / "seg", (6, 40, 50))
+    out = convert_tiffs(tmp_path / "seg", tmp_path / "seg.zarr", chunks=(2, 32, 32))
+    np.testing.assert_array_equal(np.asarray(out[:]), arrays["volume"])

@@ -72,7 +72,8 @@ def find_layers(src: str | os.PathLike) -> list[Layer]:
     Parameters
     ----------
     src : str or os.PathLike
-        A folder of 2-D TIFFs, a glob pattern, or one multi-page TIFF.
+        A folder of 2-D TIFFs, a segment folder (its ``surface_volume/`` or
+        ``layers/``), a glob pattern, or one multi-page TIFF.
 
     Returns
     -------
@@ -93,6 +94,10 @@ def find_layers(src: str | os.PathLike) -> list[Layer]:
         files = [os.path.join(text, f) for f in os.listdir(text)
                  if f.lower().endswith(_TIFF_SUFFIXES) and not f.startswith(".")]
         where = text
+        subdirs = [os.path.join(text, d) for d in ("surface_volume", "layers")
+                   if os.path.isdir(os.path.join(text, d))]
+        if not files and subdirs:  # a segment folder: its layers
+            return find_layers(subdirs[0])
     elif os.path.isfile(text):
         try:
             with tifffile.TiffFile(text) as tif:
@@ -326,7 +331,8 @@ def convert_tiffs(
     ----------
     src : str or os.PathLike
         A folder of 2-D TIFF layers (ordered by the number in the file name, e.g.
-        ``00.tif`` … ``64.tif``), a glob (``"layers/*.tif"``) or one multi-page TIFF.
+        ``00.tif`` … ``64.tif``), a segment folder (its ``surface_volume/`` or
+        ``layers/``), a glob (``"layers/*.tif"``) or one multi-page TIFF.
     dst : str or os.PathLike
         Output path. Built in a temporary sibling and renamed into place on success.
     z, y, x : (start, end)
