@@ -51,3 +51,11 @@ def test_stream_over_http_in_workers_after_the_parent_read(http_root, rng_volume
             np.testing.assert_array_equal(b, rng_volume[z:z + 4, y:y + 32, x:x + 32])
             seen.add((z, y, x))
     assert len(seen) == 96
+
+
+def test_viewer_layers_over_http(http_root, rng_volume):
+    from vesuvius_dask.viewer import read_layers
+
+    (data, meta, kind), = read_layers(http_root)
+    assert kind == "image" and meta["name"] == "vol.zarr"
+    np.testing.assert_array_equal(data[0:2, 0:50, 0:60].compute(), rng_volume[0:2, 0:50, 0:60])

@@ -87,16 +87,18 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
 
     if isinstance(path, (list, tuple)):
         path = path[0]
-    p = Path(os.fspath(path))
-    name = p.name
-    if _is_zarr_node(p):
-        node = zarr.open(str(p), mode="r")
+    text = os.fspath(path)
+    name = text.rstrip("/").rsplit("/", 1)[-1]
+    if "://" in text or _is_zarr_node(Path(text)):  # local or remote (fsspec URL) Zarr
+        node = zarr.open(text, mode="r")
         if isinstance(node, zarr.Array):
-            vol = open_volume(p)
+            vol = open_volume(text)
             return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
-        levels = [open_volume(p, level=k) for k in range(len(_multiscale_paths(node.attrs.asdict()) or []))]
+        n_levels = len(_multiscale_paths(node.attrs.asdict()) or [])
+        levels = [open_volume(text, level=k) for k in range(n_levels)]
         return [(levels, {"name": name, "multiscale": True,
                           "contrast_limits": _contrast(levels[-1])}, "image")]
+    p = Path(text)
     if _non_zarr_kind(p) == "tiff":
         vol = open_volume(p)
         return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
