@@ -226,13 +226,24 @@ def masked(path, reps):
           f"building the masked start grid took {time.perf_counter() - t0:.3f} s")
 
 
+def _half_mask(shape):
+    """A mask covering about half of the (y, x) area: an ellipse, as a segment's would be."""
+    _, h, w = shape
+    yy, xx = np.ogrid[:h, :w]
+    return (((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.35 * w)) ** 2 < 1).astype(np.uint8)
+
+
 def big_child(path: str, block, n_blocks: int, batch: int, locality: int | None, mix: int,
-              cache_bytes: int) -> None:
+              cache_bytes: int, masked: bool = False) -> None:
     """Runs in a subprocess so that its peak RSS is its own."""
+    import zarr
+
     from vesuvius_dask import DaskVesuviusStream
 
+    masks = [_half_mask(zarr.open(path, mode="r").shape)] if masked else None
     s = DaskVesuviusStream([path], *block, samples_per_epoch=n_blocks, batch_size=batch, seed=1,
-                           cache_bytes=cache_bytes, locality=locality, locality_mix=mix)
+                           cache_bytes=cache_bytes, locality=locality, locality_mix=mix,
+                           masks=masks)
     t0 = time.perf_counter()
     n = 0
     for b in s:
@@ -250,17 +261,21 @@ def big(shape, reps, cache_mb):
     print(f"\n== volume larger than the cache: {shape} uint16, {gb:.2f} GB on disk, "
           f"cache_bytes {cache_mb} MB, 8192 blocks of (4, 64, 64), batch 128")
     results = {}
-    for name, loc, mix in (("locality off", None, 8), ("locality=256, mix=8", 256, 8),
-                           ("locality=512, mix=4", 512, 4)):
+    for name, loc, mix, masked in (("locality off", None, 8, False),
+                                   ("locality=256, mix=8", 256, 8, False),
+                                   ("locality=512, mix=4", 512, 4, False),
+                                   ("50% mask, locality off", None, 8, True),
+                                   ("50% mask, locality=256", 256, 8, True)):
         runs = []
         for _ in range(max(1, reps // 3)):
             out = subprocess.run(
-                [sys.executable, __file__, "--big-child", str(path), json.dumps([loc, mix, cache_mb])],
+                [sys.executable, __file__, "--big-child", str(path),
+                 json.dumps([loc, mix, cache_mb, masked])],
                 capture_output=True, text=True, check=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
         r = {k: median([x[k] for x in runs]) for k in runs[0]}
         results[name] = r
-        print(f"  {name:<22} {r['blocks_s']:>9,.0f} blocks/s {r['mb_s']:>8,.1f} MB/s  "
+        print(f"  {name:<24} {r['blocks_s']:>9,.0f} blocks/s {r['mb_s']:>8,.1f} MB/s  "
               f"amplification {r['amplification']:6.2f}  peak RSS {r['rss_mb']:,.0f} MB "
               f"(cache {cache_mb} MB + {r['rss_mb'] - cache_mb:,.0f} MB)")
     # the inspiration's method on the same volume, for scale
@@ -276,8 +291,8 @@ def big(shape, reps, cache_mb):
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--big-child":
-        loc, mix, cache_mb = json.loads(sys.argv[3])
-        big_child(sys.argv[2], (4, 64, 64), 8192, 128, loc, mix, cache_mb * 2**20)
+        loc, mix, cache_mb, masked = json.loads(sys.argv[3])
+        big_child(sys.argv[2], (4, 64, 64), 8192, 128, loc, mix, cache_mb * 2**20, masked)
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)

@@ -466,3 +466,31 @@ def test_dataloader_transform_outputs_are_pooled_and_kept_intact(mixed_files):
         for b, (v, sz, sy, sx) in zip(blocks.numpy(), coords.tolist()):
             expected = sources[v][sz:sz + z, sy:sy + y, sx:sx + x].astype(np.float32) * 2 + 1
             np.testing.assert_array_equal(b, expected)
+
+
+def test_locality_with_a_mask(tmp_path):
+    rng = np.random.default_rng(8)
+    data = rng.integers(0, 65535, size=(16, 256, 256), dtype=np.uint16)
+    arr = zarr.create_array(tmp_path / "seg.zarr", shape=data.shape, chunks=(4, 64, 64),
+                            dtype=data.dtype)
+    arr[:] = data
+    yy, xx = np.mgrid[:256, :256]
+    mask = ((yy - 120) ** 2 + (xx - 140) ** 2 < 100 ** 2).astype(np.uint8)
+    kw = dict(samples_per_epoch=1536, seed=4, batch_size=64, return_coords=True, prefetch=0,
+              masks=[mask], mask_coverage=0.5, cache_bytes=24 * 4 * 64 * 64 * 2)
+    plain = DaskVesuviusStream([str(tmp_path / "seg.zarr")], 4, 16, 16, **kw)
+    local = DaskVesuviusStream([str(tmp_path / "seg.zarr")], 4, 16, 16, locality=48,
+                               locality_mix=4, **kw)
+    assert local.starts_per_volume == plain.starts_per_volume
+    seen = _check_blocks(list(local), [data], block=(4, 16, 16))
+    assert len(set(seen)) == 1536
+    assert all(mask[y:y + 16, x:x + 16].mean() >= 0.5 for _, _, y, x in seen)
+    list(plain)
+    assert local.engine.stats.chunks_read * 2 < plain.engine.stats.chunks_read
+    multi = np.concatenate(_loader_coords(local, 2, "fork"))
+    assert {tuple(r) for r in multi.tolist()} == set(seen)
+    # every valid start, each exactly once, when the epoch asks for all of them
+    full = DaskVesuviusStream([str(tmp_path / "seg.zarr")], 4, 16, 16, locality=48,
+                              **{**kw, "samples_per_epoch": local.starts_per_volume[0]})
+    coords = full.epoch_coords(0)
+    assert len({tuple(r) for r in coords.tolist()}) == local.starts_per_volume[0]

@@ -380,12 +380,14 @@ class LocalityPermutation:
     interleaved, so consecutive draws come from ``mix`` cells and every decoded
     chunk serves about ``run`` blocks while it is in the cache. Randomness is traded
     for fewer chunk reads: blocks drawn close together in the epoch come from the
-    same few chunks. O(number of chunks) memory.
+    same few chunks. O(number of chunks) memory, plus O(mask) for a masked grid.
 
     Parameters
     ----------
-    grid : StartGrid
-        The volume's valid starts.
+    grid : StartGrid or MaskedStartGrid
+        The volume's valid starts. With a mask, indices are valid-start indices
+        (as :meth:`MaskedStartGrid.unravel` takes them) and each cell holds only its
+        valid starts.
     bounds : sequence of 3 int64 arrays
         Chunk boundaries (voxels) along z, y, x.
     run : int
@@ -396,19 +398,27 @@ class LocalityPermutation:
         Seed material.
     """
 
-    def __init__(self, grid: StartGrid, bounds: Sequence[np.ndarray], run: int, mix: int,
-                 key: Sequence[int]) -> None:
+    def __init__(self, grid: StartGrid | MaskedStartGrid, bounds: Sequence[np.ndarray], run: int,
+                 mix: int, key: Sequence[int]) -> None:
         self.grid, self.run, self.mix, self.key = grid, int(run), int(mix), [int(k) for k in key]
+        self.masked = isinstance(grid, MaskedStartGrid)
+        base = grid.grid if isinstance(grid, MaskedStartGrid) else grid
         # cell edges in start-grid index space, per axis
         self.edges = []
         for a in range(3):
-            e = -(-np.asarray(bounds[a], dtype=np.int64) // grid.stride[a])  # ceil division
-            self.edges.append(np.clip(e, 0, grid.counts[a]))
+            e = -(-np.asarray(bounds[a], dtype=np.int64) // base.stride[a])  # ceil division
+            self.edges.append(np.clip(e, 0, base.counts[a]))
         lens = [np.diff(e) for e in self.edges]
         self.cell_shape = tuple(len(x) for x in lens)
-        sizes = (lens[0][:, None, None] * lens[1][None, :, None] * lens[2][None, None, :]).ravel()
-        self.cum = np.concatenate([[0], np.cumsum(sizes)])
         self.lens = lens
+        if isinstance(grid, MaskedStartGrid):
+            self._layout = _masked_cells(grid, self.edges[1], self.edges[2])
+            yx_sizes = self._layout.valid_counts
+        else:
+            yx_sizes = (lens[1][:, None] * lens[2][None, :]).ravel()
+        sizes = (lens[0][:, None] * yx_sizes[None, :]).ravel()
+        self.yx_sizes = yx_sizes
+        self.cum = np.concatenate([[0], np.cumsum(sizes)])
         self.n = grid.n
         group = self.run * self.mix
         self.n_groups = self.n // group
@@ -430,16 +440,58 @@ class LocalityPermutation:
         off = m - self.cum[cell]
         size = self.cum[cell + 1] - self.cum[cell]
         off = _feistel_many(off, size, cell, self.key + [12])
-        cz, rem = np.divmod(cell, self.cell_shape[1] * self.cell_shape[2])
-        cy, cx = np.divmod(rem, self.cell_shape[2])
-        ly, lx = self.lens[1][cy], self.lens[2][cx]
-        iz, rem = np.divmod(off, ly * lx)
-        iy, ix = np.divmod(rem, lx)
+        n_yx_cells = self.cell_shape[1] * self.cell_shape[2]
+        cz, cyx = np.divmod(cell, n_yx_cells)
+        cy, cx = np.divmod(cyx, self.cell_shape[2])
+        iz, k = np.divmod(off, self.yx_sizes[cyx])
         gz = self.edges[0][cz] + iz
-        gy = self.edges[1][cy] + iy
-        gx = self.edges[2][cx] + ix
+        if isinstance(self.grid, MaskedStartGrid):
+            local = self._layout.select(cyx, k)  # k-th valid position of the cell
+            ly, lx = np.divmod(local, self.lens[2][cx])
+            gy, gx = self.edges[1][cy] + ly, self.edges[2][cx] + lx
+            return gz * self.grid.n_yx + self.grid.rank_yx(gy, gx)
+        ly, lx = np.divmod(k, self.lens[2][cx])
+        gy, gx = self.edges[1][cy] + ly, self.edges[2][cx] + lx
         _, ny, nx = self.grid.counts
         return (gz * ny + gy) * nx + gx
+
+
+class _MaskedCells:
+    """Valid ``(y, x)`` grid positions of a masked grid, regrouped by chunk cell.
+
+    The positions of each ``(y, x)`` cell are laid out one cell after another (each
+    cell in raster order), with a rank table over 64-position words, so the k-th
+    valid position of a cell is found without listing positions. O(mask) memory.
+    """
+
+    def __init__(self, valid: np.ndarray, edges_y: np.ndarray, edges_x: np.ndarray) -> None:
+        rects = [valid[edges_y[i]:edges_y[i + 1], edges_x[j]:edges_x[j + 1]]
+                 for i in range(len(edges_y) - 1) for j in range(len(edges_x) - 1)]
+        self.valid_counts = np.array([int(r.sum()) for r in rects], dtype=np.int64)
+        self.rect_base = np.concatenate([[0], np.cumsum([r.size for r in rects])]).astype(np.int64)
+        self.valid_base = np.concatenate([[0], np.cumsum(self.valid_counts)]).astype(np.int64)
+        flat = np.zeros(-(-max(int(self.rect_base[-1]), 1) // 64) * 64, dtype=bool)
+        if rects:
+            flat[: self.rect_base[-1]] = np.concatenate([r.ravel() for r in rects])
+        self._words = flat.reshape(-1, 64)
+        self._rank = np.concatenate([[0], np.cumsum(self._words.sum(axis=1))]).astype(np.int64)
+
+    def select(self, cell: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Position (raster order inside its cell) of the ``k``-th valid start of ``cell``."""
+        r = self.valid_base[cell] + k
+        word = np.searchsorted(self._rank, r, side="right") - 1
+        within = r - self._rank[word]
+        pos = np.argmax(np.cumsum(self._words[word], axis=1) > within[:, None], axis=1)
+        return word * 64 + pos - self.rect_base[cell]
+
+
+def _masked_cells(grid: MaskedStartGrid, edges_y: np.ndarray, edges_x: np.ndarray) -> _MaskedCells:
+    """The cell layout of ``grid`` for these edges (kept on the grid: epochs reuse it)."""
+    key = (edges_y.tobytes(), edges_x.tobytes())
+    cached = grid._cells.get(key)
+    if cached is None:
+        cached = grid._cells[key] = _MaskedCells(grid.valid, edges_y, edges_x)
+    return cached
 
 
 def _window_sum(a: np.ndarray, width: int, axis: int) -> np.ndarray:
@@ -519,6 +571,7 @@ class MaskedStartGrid:
         self.n_yx = int(self._rank[-1])
         self.counts = grid.counts
         self.n = nz * self.n_yx
+        self._cells: dict = {}  # locality layouts by chunk edges (see LocalityPermutation)
 
     def unravel(self, index: np.ndarray) -> np.ndarray:
         """Map valid-start indices in ``[0, n)`` to ``(k, 3)`` start coordinates."""
@@ -529,6 +582,16 @@ class MaskedStartGrid:
         pos = np.argmax(np.cumsum(self._words[word], axis=1) > r[:, None], axis=1)
         iy, ix = np.divmod(word * 64 + pos, self.grid.counts[2])
         return self.grid._coords(iz, iy, ix)
+
+    def rank_yx(self, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        """Index among the valid ``(y, x)`` positions (raster order) of valid grid positions."""
+        q = np.asarray(iy, dtype=np.int64) * self.grid.counts[2] + np.asarray(ix, dtype=np.int64)
+        word, bit = np.divmod(q, 64)
+        before = np.cumsum(self._words[word], axis=1, dtype=np.int64)[np.arange(q.size), bit]
+        return self._rank[word] + before - 1  # the position itself is valid: count it out
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cells": {}}  # layouts are rebuilt where needed
 
     def __repr__(self) -> str:
         return f"MaskedStartGrid({self.grid!r}, valid={self.n})"

@@ -558,8 +558,6 @@ class DaskVesuviusStream(IterableDataset):
                 mask = _load_2d(mask, f"masks[{i}]", self.volumes[i])
                 self.grids[i] = MaskedStartGrid(self.grids[i], mask, self.mask_coverage)
         self.masked = any(isinstance(g, MaskedStartGrid) for g in self.grids)
-        if self.masked and self.locality is not None:
-            raise SamplingError("locality cannot be combined with masks yet")
         self.label_volumes, self.label_2d = _label_volumes(labels, files, self.volumes)
         total = sum(g.n for g in self.grids)
         if self.samples_per_epoch == -1:
