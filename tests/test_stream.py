@@ -334,12 +334,15 @@ def test_real_crop_blocks(real_crop):
     assert len(set(seen)) == 256
 
 
+def _chunked_volume(path, seed):
+    """A 16x256x256 random volume in 4x64x64 chunks (256 of them), and its data."""
+    data = np.random.default_rng(seed).integers(0, 65535, size=(16, 256, 256), dtype=np.uint16)
+    zarr.create_array(path, shape=data.shape, chunks=(4, 64, 64), dtype=data.dtype)[:] = data
+    return data
+
+
 def test_locality_keeps_correctness_and_cuts_reads(tmp_path):
-    rng = np.random.default_rng(5)
-    data = rng.integers(0, 65535, size=(16, 256, 256), dtype=np.uint16)
-    arr = zarr.create_array(tmp_path / "big.zarr", shape=data.shape, chunks=(4, 64, 64),
-                            dtype=data.dtype)
-    arr[:] = data
+    data = _chunked_volume(tmp_path / "big.zarr", 5)
     kw = dict(samples_per_epoch=2048, seed=3, batch_size=64, return_coords=True, prefetch=0,
               cache_bytes=40 * 4 * 64 * 64 * 2)  # 40 chunks: far less than the 256 of the volume
     plain = DaskVesuviusStream([str(tmp_path / "big.zarr")], 4, 16, 16, **kw)
@@ -469,11 +472,7 @@ def test_dataloader_transform_outputs_are_pooled_and_kept_intact(mixed_files):
 
 
 def test_locality_with_a_mask(tmp_path):
-    rng = np.random.default_rng(8)
-    data = rng.integers(0, 65535, size=(16, 256, 256), dtype=np.uint16)
-    arr = zarr.create_array(tmp_path / "seg.zarr", shape=data.shape, chunks=(4, 64, 64),
-                            dtype=data.dtype)
-    arr[:] = data
+    data = _chunked_volume(tmp_path / "seg.zarr", 8)
     yy, xx = np.mgrid[:256, :256]
     mask = ((yy - 120) ** 2 + (xx - 140) ** 2 < 100 ** 2).astype(np.uint8)
     kw = dict(samples_per_epoch=1536, seed=4, batch_size=64, return_coords=True, prefetch=0,
