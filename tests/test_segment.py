@@ -48,11 +48,27 @@ def test_open_segment_prefers_zarr(tmp_path, segment):
     np.testing.assert_array_equal(seg.volume.compute(), arrays["volume"] // 2)
 
 
-def test_compressed_layers_still_open(tmp_path):
+def test_compressed_layers_read_only_the_strips_needed(tmp_path, monkeypatch):
+    import tifffile
+
     arrays = write_segment(tmp_path / "c", (6, 64, 80), seed=1, compression="zlib")
     seg = open_segment(tmp_path / "c")
-    assert seg.record.data is None  # lazy dask stack instead of memory maps
+    assert not seg.record.data.memmap  # region reads through tifffile's Zarr interface
     np.testing.assert_array_equal(seg.volume.compute(), arrays["volume"])
+    # a block read opens its layers as Zarr stores (strips decoded on demand), never
+    # reads a whole layer
+    whole = []
+    monkeypatch.setattr(tifffile, "imread", lambda *a, **k: whole.append(k) or
+                        tifffile.TiffFile(a[0]).aszarr())
+    fresh = open_segment(tmp_path / "c")
+    np.testing.assert_array_equal(fresh.record.data[1:4, 10:30, 20:50],
+                                  arrays["volume"][1:4, 10:30, 20:50])
+    assert len(whole) == 3 and all(k.get("aszarr") for k in whole)
+    stream = DaskVesuviusStream([fresh], 2, 16, 16, samples_per_epoch=30, batch_size=10,
+                                return_coords=True, seed=2)
+    for blocks, coords in stream:
+        for b, (_, z, y, x) in zip(blocks.numpy(), coords.tolist()):
+            np.testing.assert_array_equal(b, arrays["volume"][z:z + 2, y:y + 16, x:x + 16])
 
 
 def test_segment_errors(tmp_path, segment):

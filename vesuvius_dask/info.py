@@ -58,15 +58,19 @@ def _tiff_lines(path: Path, indent: str = "  ") -> list[str]:
         raise VolumeError(str(err)) from err
     files = sorted({layer.path for layer in info.layers})
     first, last = info.layers[0], info.layers[-1]
+    if len(files) < len(info.layers):
+        how = "whole pages decoded per read (multi-page TIFF: convert it for random blocks)"
+    elif info.memmappable:
+        how = "memory-mapped in place (uncompressed)"
+    else:
+        how = ("strips or tiles a block touches decoded per read (compressed: decode-bound, "
+               "convert it for random blocks)")
     return [
         f"{indent}TIFF stack, {len(info.layers)} layers "
         f"({os.path.basename(first.path)} .. {os.path.basename(last.path)})",
         f"{indent}shape   {info.shape}",
         f"{indent}dtype   {info.dtype}",
-        f"{indent}read    " + ("memory-mapped in place (uncompressed)" if info.memmappable
-                               and len(files) == len(info.layers) else
-                               "whole layers decoded per read (compressed or multi-page: "
-                               "convert it for random blocks)"),
+        f"{indent}read    {how}",
         f"{indent}logical {int(np.prod(info.shape)) * info.dtype.itemsize:,} bytes",
         f"{indent}stored  {sum(os.path.getsize(f) for f in files):,} bytes on disk",
     ]

@@ -45,42 +45,51 @@ _LAYER_DIRS = ("surface_volume", "layers")
 
 
 class TiffStack:
-    """A read-only 3-D array-like over memory-mapped 2-D TIFF layers.
+    """A read-only 3-D array-like over 2-D TIFF layers, read in place.
 
     Slicing ``stack[z0:z1, y0:y1, x0:x1]`` reads just those rows and columns of
-    those layers. It pickles as its list of files (each process maps them anew).
-    At most :attr:`max_open` layers stay mapped (least recently used out): each
-    mapping holds a file descriptor, and a whole scroll has thousands of layers.
+    those layers: uncompressed layers are memory-mapped; compressed (or tiled)
+    ones are opened through tifffile's Zarr interface, which decodes only the
+    strips or tiles the region touches. It pickles as its list of files (each
+    process opens them anew). At most :attr:`max_open` layers stay open (least
+    recently used out): each holds a file descriptor, and a whole scroll has
+    thousands of layers.
 
     Parameters
     ----------
     paths : sequence of str
-        The layers, in z order; all uncompressed and of one shape and dtype.
+        The layers, in z order; all of one shape and dtype.
     shape : tuple of int
         ``(Z, Y, X)``.
     dtype : numpy dtype
         Pixel type.
+    memmap : bool
+        Whether every layer can be memory-mapped (uncompressed, contiguous).
     """
 
     ndim = 3
     #: Layers kept memory-mapped at once, per process.
     max_open = 128
 
-    def __init__(self, paths: list[str], shape: tuple[int, int, int], dtype: Any) -> None:
+    def __init__(self, paths: list[str], shape: tuple[int, int, int], dtype: Any,
+                 memmap: bool = True) -> None:
         self.paths = list(paths)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self.memmap = bool(memmap)
+        self._maps: OrderedDict[int, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths, "shape": self.shape, "dtype": self.dtype.str}
+        return {"paths": self.paths, "shape": self.shape, "dtype": self.dtype.str,
+                "memmap": self.memmap}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["paths"], state["shape"], state["dtype"])  # type: ignore[misc]
+        self.__init__(state["paths"], state["shape"], state["dtype"],  # type: ignore[misc]
+                      state.get("memmap", True))
 
-    def _layer(self, z: int) -> np.memmap:
+    def _layer(self, z: int) -> Any:
         if self._pid != os.getpid():
             self._maps, self._lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
         with self._lock:
@@ -90,7 +99,15 @@ class TiffStack:
                 return mm
         import tifffile
 
-        mm = tifffile.memmap(self.paths[z], mode="r")
+        if self.memmap:
+            mm = tifffile.memmap(self.paths[z], mode="r")
+        else:
+            import zarr
+
+            try:
+                mm = zarr.open_array(tifffile.imread(self.paths[z], aszarr=True), mode="r")
+            except Exception as err:
+                raise VolumeError(f"{self.paths[z]}: cannot read the TIFF layer ({err})") from err
         with self._lock:
             self._maps[z] = mm
             while len(self._maps) > self.max_open:
@@ -114,14 +131,17 @@ class TiffStack:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"TiffStack({len(self.paths)} layers, shape={self.shape}, dtype={self.dtype})"
+        how = "memory-mapped" if self.memmap else "compressed"
+        return f"TiffStack({len(self.paths)} {how} layers, shape={self.shape}, dtype={self.dtype})"
 
 
 def _tiff_volume(folder: Path, chunks: Any = None) -> Volume:
-    """A TIFF layer folder (or multi-page TIFF) as a Volume, memory-mapped when possible.
+    """A TIFF layer folder (or multi-page TIFF) as a Volume, read in place.
 
-    Otherwise (compressed layers) a lazy dask stack. Stack errors (numbering, shapes,
-    unreadable files) name the file.
+    One file per layer: a :class:`TiffStack` (memory-mapped when uncompressed, else
+    region reads of the strips or tiles needed). A multi-page TIFF: a lazy dask
+    stack of whole pages. Stack errors (numbering, shapes, unreadable files) name
+    the file.
     """
     from dask.base import tokenize
 
@@ -134,8 +154,9 @@ def _tiff_volume(folder: Path, chunks: Any = None) -> Volume:
     except ConversionError as err:
         raise VolumeError(str(err)) from err
     label = str(folder)
-    if info.memmappable and all(layer.page == 0 for layer in info.layers):
-        stack = TiffStack([layer.path for layer in info.layers], info.shape, info.dtype)
+    if all(layer.page == 0 for layer in info.layers):
+        stack = TiffStack([layer.path for layer in info.layers], info.shape, info.dtype,
+                          memmap=info.memmappable)
         token = "volume-tiff-" + tokenize(stack.paths, [os.path.getmtime(p) for p in stack.paths])
         arr = _wrap_numpy(stack, chunks, token)  # type: ignore[arg-type]
         setattr(arr, _ORIGIN_ATTR, ("numpy", stack))
