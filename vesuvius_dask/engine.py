@@ -283,8 +283,9 @@ class BatchEngine:
 
         Locks (a parent thread may have held one at the fork), and Zarr arrays on
         remote stores (an fsspec filesystem's event loop and HTTP session belong to
-        the parent: a pickle round trip opens them again in this process). Spawned
-        and cluster copies come through ``__setstate__`` and need none of it.
+        the parent: a pickle round trip opens them again in this process). The
+        decoded chunks the parent had cached stay: a forked worker starts warm.
+        Spawned and cluster copies come through ``__setstate__`` and need none of it.
         """
         pid = os.getpid()
         if self._proc_pid == pid:
@@ -292,8 +293,7 @@ class BatchEngine:
         import pickle
 
         self._lock = threading.Lock()
-        self.cache = ChunkCache(self.cache.max_bytes)
-        self._outputs = []
+        self.cache._lock = threading.Lock()
         for vol in self.volumes:
             if vol.zarr is not None and type(vol.zarr.store).__name__ == "FsspecStore":
                 vol.zarr = pickle.loads(pickle.dumps(vol.zarr))
