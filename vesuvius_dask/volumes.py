@@ -202,7 +202,9 @@ def _open_zarr_path(source: str | os.PathLike, level: int | None) -> tuple[Any, 
     try:
         node = zarr.open(label, mode="r")
     except Exception as err:  # zarr raises several types for "not a zarr node"
-        raise VolumeError(f"{label}: cannot be opened as a Zarr array or group ({err})") from err
+        also = ("" if "://" in label else
+                "; nor is it a folder of TIFF layers, a TIFF file or a segment folder")
+        raise VolumeError(f"{label}: cannot be opened as a Zarr array or group ({err}){also}") from err
     if isinstance(node, zarr.Array):
         if level not in (None, 0):
             raise VolumeError(
