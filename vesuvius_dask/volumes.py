@@ -328,7 +328,8 @@ def resolve_volume(
         return Volume(source, lbl)
     raise InvalidTypeError(
         f"{label or 'volume'}: cannot open an object of type {type(source).__name__}; expected a "
-        "path to a Zarr array or OME-Zarr group, a zarr.Array, a numpy array or a dask array"
+        "path (Zarr array, OME-Zarr group, TIFF layers, segment folder), a zarr.Array, a numpy "
+        "array or a dask array"
     )
 
 
