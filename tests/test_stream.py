@@ -1,3 +1,4 @@
+import os
 import pickle
 import tracemalloc
 
@@ -383,17 +384,22 @@ def _segment(t):
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_reuse_released_batches_only(mixed_files, context):
-    # Workers reuse the shared memory of batches the main process has released, and
-    # never that of batches it still holds (or holds views of).
+    # Persistent workers, from their second epoch, reuse the shared memory of batches
+    # the main process has released, and never that of batches it still holds (or
+    # holds views of).
     from vesuvius_dask.stream import _ShmBatchPool
 
     if not _ShmBatchPool._check_layout():
         pytest.skip("torch's shared-memory layout differs here: the pool is off")
     stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=640, seed=4,
                                 batch_size=16, return_coords=True)
-    stream.set_epoch(0)
     loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120,
-                        multiprocessing_context=context)
+                        multiprocessing_context=context, persistent_workers=True)
+    stream.set_epoch(0)
+    first = list(loader)  # first epoch: a fresh (file-descriptor) segment per batch
+    assert len(first) == 40
+    del first
+    stream.set_epoch(1)
     kept, segments = [], []
     for i, (blocks, coords) in enumerate(loader):
         segments.append(_segment(blocks))
@@ -405,6 +411,47 @@ def test_dataloader_workers_reuse_released_batches_only(mixed_files, context):
     assert len(set(segments)) < 30  # released batches were reused ...
     seen = _check_blocks(kept, _source(mixed_files))  # ... held ones never overwritten
     assert len(seen) == 14 * 16 + 13 * 8
+
+
+def _shm_files(pids):
+    """Named shared-memory segments made by these processes (torch_<pid>_...)."""
+    return {f for f in os.listdir("/dev/shm") if f.split("_")[:2] in [["torch", str(p)] for p in pids]}
+
+
+def _run_and_stop(loader, pids, n=3):
+    it = iter(loader)
+    pids.update(w.pid for w in it._workers)
+    for i, _ in enumerate(it):
+        if i == n:
+            break
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+def test_early_stops_leave_no_shared_memory_behind(mixed_files):
+    # Epochs that stop early drop queued batches unread. With one-epoch workers no
+    # named (file_system) segment is made at all; with persistent ones the queue is
+    # drained at the next epoch, so /dev/shm does not grow from epoch to epoch.
+    stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=640, seed=4,
+                                batch_size=16, transform=lambda b: b.to(torch.float32))
+    pids: set = set()
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        _run_and_stop(DataLoader(stream, batch_size=None, num_workers=2, timeout=120), pids)
+    assert len(pids) == 6 and _shm_files(pids) == set()
+    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120,
+                        persistent_workers=True)
+    pids = set()
+    counts = []
+    for epoch in range(24):
+        stream.set_epoch(epoch)
+        _run_and_stop(loader, pids)
+        counts.append(len(_shm_files(pids)))
+    # each worker: its pool, plus at most prefetch_factor batches (2 tensors each:
+    # the raw batch and the transform's output) in the queue; a leak of the queued
+    # batches at every early stop would pass this bound within the 24 epochs
+    from vesuvius_dask.stream import _SHM_POOL_BUFFERS
+
+    assert len(pids) == 2 and max(counts) <= 2 * (_SHM_POOL_BUFFERS + 2 * 2), counts
 
 
 def test_dataloader_without_reusable_shared_memory(mixed_files, monkeypatch):
@@ -454,8 +501,9 @@ def test_dataloader_transform_outputs_are_pooled_and_kept_intact(mixed_files):
     stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=480, seed=6,
                                 batch_size=16, return_coords=True,
                                 transform=lambda b: b.to(torch.float32) * 2 + 1)
-    stream.set_epoch(0)
-    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, timeout=120,
+                        persistent_workers=True)
+    list(loader)  # the pool starts with a persistent worker's second epoch
     kept, segments = [], []
     for i, (blocks, coords) in enumerate(loader):
         assert blocks.dtype == torch.float32 and blocks.is_shared()

@@ -232,6 +232,8 @@ class _ShmBatchPool:
     worker therefore switches to (a per-process setting; the main process keeps its
     own). Where the segment layout is not the one checked at start-up (another
     platform or torch version) the pool is off and every batch gets a fresh segment.
+    Only persistent workers use a pool (see :func:`_pool_allowed`), and it lets go
+    of its buffers when the worker exits.
     """
 
     def __init__(self) -> None:
@@ -244,6 +246,10 @@ class _ShmBatchPool:
         except OSError:
             pass
         self.enabled = self._check_layout()
+        if self.enabled:  # the reference count exists only for this strategy
+            import torch.multiprocessing
+
+            torch.multiprocessing.set_sharing_strategy("file_system")
         self.reused = 0
 
     @staticmethod
@@ -262,10 +268,7 @@ class _ShmBatchPool:
             storage._shared_incref()
             during = _shm_refcount(probe)
             storage._shared_decref()
-            if (before, during, _shm_refcount(probe)) != (1, 2, 1):
-                return False
-            tmp.set_sharing_strategy("file_system")
-            return True
+            return (before, during, _shm_refcount(probe)) == (1, 2, 1)
         except Exception:  # noqa: BLE001 - any surprise: fall back to fresh segments
             return False
 
@@ -274,6 +277,15 @@ class _ShmBatchPool:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
         storage = torch.UntypedStorage._new_using_filename_cpu(max(nbytes, 1))
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def release(self) -> None:
+        """Let go of every buffer (a segment is unlinked once its last holder lets go).
+
+        Runs when the worker process exits. DataLoader workers end with
+        ``os._exit``, which frees nothing, and a ``file_system`` segment the worker
+        still held would stay in ``/dev/shm`` until the main process exits.
+        """
+        self.buffers.clear()
 
     def _free(self, buf: torch.Tensor, uses: int) -> bool:
         return _storage_uses(buf) == uses and _shm_refcount(buf) == 1
@@ -302,6 +314,21 @@ class _ShmBatchPool:
 
 
 _SHM_POOL: _ShmBatchPool | None = None
+#: Epochs (iterations) started in this DataLoader worker process, by pid.
+_WORKER_ITERATIONS: dict[int, int] = {}
+
+
+def _pool_allowed() -> bool:
+    """Reuse shared memory only in a DataLoader worker that has started a second epoch.
+
+    That is, a persistent worker. A worker that lives for one epoch gets a fresh
+    (file-descriptor) segment per batch, as torch does by default: when its
+    DataLoader stops early, batches still in the queue are dropped unread, and a
+    ``file_system`` segment dropped that way would stay in ``/dev/shm`` until the
+    main process exits; one early stop per epoch would pile them up. A persistent
+    worker's queue is drained by the DataLoader at the next epoch instead.
+    """
+    return get_worker_info() is not None and _WORKER_ITERATIONS.get(os.getpid(), 0) >= 2
 #: Tensors smaller than this travel as they are (a fresh segment is cheap for them).
 _POOL_MIN_BYTES = 4096
 
@@ -336,7 +363,11 @@ def _shm_pool() -> _ShmBatchPool:
     """The pool of the calling process (a forked child starts its own)."""
     global _SHM_POOL
     if _SHM_POOL is None or _SHM_POOL.pid != os.getpid():
+        from multiprocessing import util
+
         _SHM_POOL = _ShmBatchPool()
+        # multiprocessing runs these finalizers in a worker before its os._exit
+        util.Finalize(_SHM_POOL, _SHM_POOL.release, exitpriority=10)
     return _SHM_POOL
 
 
@@ -740,6 +771,8 @@ class DaskVesuviusStream(IterableDataset):
                 "set_epoch every epoch repeats epoch 0's order.",
                 stacklevel=2,
             )
+        if info is not None:
+            _WORKER_ITERATIONS[os.getpid()] = _WORKER_ITERATIONS.get(os.getpid(), 0) + 1
         epoch = self.epoch
         self._iterations += 1
         return self._generate(epoch, worker, num_workers)
@@ -755,11 +788,16 @@ class DaskVesuviusStream(IterableDataset):
         if self.batch_size is not None and get_worker_info() is not None:
             # In a DataLoader worker, write the batch straight into shared memory, so
             # handing it to the main process costs no copy (as default_collate does).
-            # Buffers are reused once the main process has released them (see
+            # Persistent workers reuse buffers the main process has released (see
             # _ShmBatchPool); the batch is yielded as an alias, so the pool can tell.
-            pool = _shm_pool()
-            tensors = [pool.take((vols.size,) + eng.block, _torch_dtype(eng.dtype))
-                       for eng, *_ in requests]
+            shape_of = [(vols.size,) + eng.block for eng, *_ in requests]
+            if _pool_allowed():
+                pool = _shm_pool()
+                tensors = [pool.take(shape, _torch_dtype(eng.dtype))
+                           for shape, (eng, *_) in zip(shape_of, requests)]
+            else:
+                tensors = [_shared_tensor(shape, _torch_dtype(eng.dtype))
+                           for shape, (eng, *_) in zip(shape_of, requests)]
             requests = [(eng, v, st, t.numpy()) for (eng, v, st, _), t in zip(requests, tensors)]
         arrays = read_together(requests)
         del requests
@@ -887,7 +925,7 @@ class DaskVesuviusStream(IterableDataset):
                 if self.return_coords else None
             if self.batch_size is not None:
                 item = self._item(tensor, label, coords)
-                yield _into_pool(item) if get_worker_info() is not None else item
+                yield _into_pool(item) if _pool_allowed() else item
             else:
                 for i in range(tensor.shape[0]):
                     yield self._item(tensor[i], None if label is None else label[i],
