@@ -27,6 +27,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import ConversionError
+from .volumes import LAYER_DIRS, TIFF_SUFFIXES
 
 __all__ = ["convert_tiffs", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR", "DEFAULT_CHUNKS"]
 
@@ -34,7 +35,6 @@ DEFAULT_CHUNKS = (4, 512, 512)
 #: See the README ("Choosing the default codec") for the measurements behind it.
 DEFAULT_COMPRESSOR = "blosc-lz4"
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
-_TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,13 @@ def find_layers(src: str | os.PathLike) -> list[Layer]:
 
     text = os.fspath(src)
     if any(ch in text for ch in "*?["):
-        files = [f for f in _glob.glob(text) if f.lower().endswith(_TIFF_SUFFIXES)]
+        files = [f for f in _glob.glob(text) if f.lower().endswith(TIFF_SUFFIXES)]
         where = f"glob {text!r}"
     elif os.path.isdir(text):
         files = [os.path.join(text, f) for f in os.listdir(text)
-                 if f.lower().endswith(_TIFF_SUFFIXES) and not f.startswith(".")]
+                 if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith(".")]
         where = text
-        subdirs = [os.path.join(text, d) for d in ("surface_volume", "layers")
+        subdirs = [os.path.join(text, d) for d in LAYER_DIRS
                    if os.path.isdir(os.path.join(text, d))]
         if not files and subdirs:  # a segment folder: its layers
             return find_layers(subdirs[0])

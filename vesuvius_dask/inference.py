@@ -303,10 +303,12 @@ class _Progress:
 
 
 def _is_segment_folder(p: Path) -> bool:
-    """A folder holding a volume (surface_volume/ or *.zarr), not itself a Zarr node."""
-    if not p.is_dir() or any((p / f).exists() for f in ("zarr.json", ".zarray", ".zgroup")):
+    """A folder holding a volume (surface_volume/, layers/ or *.zarr), not itself a Zarr node."""
+    from .volumes import LAYER_DIRS, is_zarr_node
+
+    if not p.is_dir() or is_zarr_node(p):
         return False
-    return any((p / d).is_dir() for d in ("surface_volume", "layers")) or any(p.glob("*.zarr"))
+    return any((p / d).is_dir() for d in LAYER_DIRS) or any(p.glob("*.zarr"))
 
 
 def _numpy(x: Any) -> np.ndarray:

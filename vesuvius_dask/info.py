@@ -49,16 +49,12 @@ def _array_lines(arr: Any, indent: str = "  ") -> list[str]:
 def _tiff_lines(path: Path, indent: str = "  ") -> list[str]:
     import numpy as np
 
-    from .convert import find_layers, inspect_stack
-    from .errors import ConversionError, VolumeError
+    from .segment import inspect_layers
 
-    try:
-        info = inspect_stack(find_layers(path))
-    except ConversionError as err:
-        raise VolumeError(str(err)) from err
+    info = inspect_layers(path)
     files = sorted({layer.path for layer in info.layers})
     first, last = info.layers[0], info.layers[-1]
-    if len(files) < len(info.layers):
+    if any(layer.page for layer in info.layers):  # as _tiff_volume decides
         how = "whole pages decoded per read (multi-page TIFF: convert it for random blocks)"
     elif info.memmappable:
         how = "memory-mapped in place (uncompressed)"

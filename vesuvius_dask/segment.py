@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import VolumeError, VolumeNotFoundError
-from .volumes import Volume, resolve_volume
+from .volumes import LAYER_DIRS, TIFF_SUFFIXES, Volume, resolve_volume
 
 __all__ = ["Segment", "TiffStack", "open_segment", "read_image", "MAX_IMAGE_PIXELS"]
 
@@ -39,9 +39,6 @@ _PIL_LOCK = threading.Lock()
 _MASK_NAMES = ("mask.png", "mask.tif", "mask.tiff")
 _LABEL_NAMES = ("inklabels.png", "inklabels.tif", "inklabels.tiff")
 _IR_NAMES = ("ir.png", "ir.tif", "ir.tiff")
-#: Folders of TIFF layers, in order of preference: fragments (Kaggle ink-detection
-#: layout) use surface_volume/, scroll segments (volpkg paths/<id>/) use layers/.
-_LAYER_DIRS = ("surface_volume", "layers")
 
 
 class TiffStack:
@@ -135,6 +132,21 @@ class TiffStack:
         return f"TiffStack({len(self.paths)} {how} layers, shape={self.shape}, dtype={self.dtype})"
 
 
+def inspect_layers(path: str | os.PathLike) -> Any:
+    """Find and check the TIFF layers at ``path`` (see :func:`~vesuvius_dask.convert.find_layers`).
+
+    Returns the :class:`~vesuvius_dask.convert.StackInfo`; a stack error (numbering,
+    shapes, unreadable files, naming the file) is raised as :class:`VolumeError`.
+    """
+    from .convert import find_layers, inspect_stack
+    from .errors import ConversionError
+
+    try:
+        return inspect_stack(find_layers(path))
+    except ConversionError as err:
+        raise VolumeError(str(err)) from err
+
+
 def _tiff_volume(folder: Path, chunks: Any = None) -> Volume:
     """A TIFF layer folder (or multi-page TIFF) as a Volume, read in place.
 
@@ -145,14 +157,10 @@ def _tiff_volume(folder: Path, chunks: Any = None) -> Volume:
     """
     from dask.base import tokenize
 
-    from .convert import find_layers, inspect_stack, lazy_stack
-    from .errors import ConversionError
+    from .convert import lazy_stack
     from .volumes import _ORIGIN_ATTR, _wrap_numpy
 
-    try:
-        info = inspect_stack(find_layers(folder))
-    except ConversionError as err:
-        raise VolumeError(str(err)) from err
+    info = inspect_layers(folder)
     label = str(folder)
     if all(layer.page == 0 for layer in info.layers):
         stack = TiffStack([layer.path for layer in info.layers], info.shape, info.dtype,
@@ -209,7 +217,7 @@ def read_image(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.exists():
         raise VolumeNotFoundError(f"{p}: no such file")
-    if p.suffix.lower() in (".tif", ".tiff"):
+    if p.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 
         try:
@@ -276,7 +284,8 @@ def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
         if (folder / name).exists():
             return folder / name
     stem = names[0].split(".")[0]
-    matches = sorted(p for p in folder.glob(f"*_{stem}.*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+    matches = sorted(p for p in folder.glob(f"*_{stem}.*")
+                     if p.suffix.lower() in (".png",) + TIFF_SUFFIXES)
     return matches[0] if matches else None
 
 
@@ -312,7 +321,7 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
     if not root.is_dir():
         raise VolumeNotFoundError(f"{root}: no such segment folder")
     zarrs = sorted(p for p in root.glob("*.zarr") if p.is_dir())
-    layer_dirs = [root / d for d in _LAYER_DIRS if (root / d).is_dir()]
+    layer_dirs = [root / d for d in LAYER_DIRS if (root / d).is_dir()]
     if zarrs:
         record = resolve_volume(zarrs[0], level=level)
     elif layer_dirs:

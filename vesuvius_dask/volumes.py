@@ -157,7 +157,17 @@ def _is_pathlike(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike))
 
 
-_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+#: Files that make a folder a Zarr node (v3, v2 array, v2 group).
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+TIFF_SUFFIXES = (".tif", ".tiff")
+#: Folders of TIFF layers in a segment, in order of preference: fragments (Kaggle
+#: ink-detection layout) use surface_volume/, scroll segments (volpkg paths/<id>/) layers/.
+LAYER_DIRS = ("surface_volume", "layers")
+
+
+def is_zarr_node(p: Path) -> bool:
+    """True for a local folder that is a Zarr array or group."""
+    return any((p / m).exists() for m in ZARR_MARKERS)
 
 
 def _non_zarr_kind(source: str | os.PathLike) -> str | None:
@@ -170,13 +180,13 @@ def _non_zarr_kind(source: str | os.PathLike) -> str | None:
     if "://" in os.fspath(source):
         return None
     if p.is_file():
-        return "tiff" if p.suffix.lower() in (".tif", ".tiff") else None
-    if not p.is_dir() or any((p / m).exists() for m in _ZARR_MARKERS):
+        return "tiff" if p.suffix.lower() in TIFF_SUFFIXES else None
+    if not p.is_dir() or is_zarr_node(p):
         return None
-    if any(f.suffix.lower() in (".tif", ".tiff") and not f.name.startswith(".")
+    if any(f.suffix.lower() in TIFF_SUFFIXES and not f.name.startswith(".")
            for f in p.iterdir() if f.is_file()):
         return "tiff"
-    if any((p / d).is_dir() for d in ("surface_volume", "layers")):
+    if any((p / d).is_dir() for d in LAYER_DIRS):
         return "segment"
     return None
 

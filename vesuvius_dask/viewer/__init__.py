@@ -30,19 +30,15 @@ def _napari() -> Any:
     return napari
 
 
-def _is_zarr_node(p: Path) -> bool:
-    return any((p / f).exists() for f in ("zarr.json", ".zarray", ".zgroup"))
-
-
 def is_volume_path(path: Any) -> bool:
     """True for a Zarr array, an OME-Zarr multiscale group, a TIFF layer folder or a segment folder."""
     from ..inference import _is_segment_folder
-    from ..volumes import _non_zarr_kind
+    from ..volumes import _non_zarr_kind, is_zarr_node
 
     p = Path(os.fspath(path))
     if not p.is_dir():
         return False
-    if _is_zarr_node(p):
+    if is_zarr_node(p):
         import zarr
 
         node = zarr.open(str(p), mode="r")
@@ -83,13 +79,13 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
     """
     import zarr
 
-    from ..volumes import _multiscale_paths, _non_zarr_kind, open_volume
+    from ..volumes import _multiscale_paths, _non_zarr_kind, is_zarr_node, open_volume
 
     if isinstance(path, (list, tuple)):
         path = path[0]
     text = os.fspath(path)
     name = text.rstrip("/").rsplit("/", 1)[-1]
-    if "://" in text or _is_zarr_node(Path(text)):  # local or remote (fsspec URL) Zarr
+    if "://" in text or is_zarr_node(Path(text)):  # local or remote (fsspec URL) Zarr
         node = zarr.open(text, mode="r")
         if isinstance(node, zarr.Array):
             vol = open_volume(text)
