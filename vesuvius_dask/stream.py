@@ -250,7 +250,6 @@ class _ShmBatchPool:
             import torch.multiprocessing
 
             torch.multiprocessing.set_sharing_strategy("file_system")
-        self.reused = 0
 
     @staticmethod
     def _check_layout() -> bool:
@@ -302,7 +301,6 @@ class _ShmBatchPool:
         for i, (buf, uses) in enumerate(self.buffers):
             if tuple(buf.shape) == shape and buf.dtype == dtype and self._free(buf, uses):
                 self.buffers.append(self.buffers.pop(i))  # most recently used last
-                self.reused += 1
                 return buf
         buf = self._allocate(shape, dtype)
         self.buffers.append((buf, _storage_uses(buf)))
@@ -790,14 +788,9 @@ class DaskVesuviusStream(IterableDataset):
             # handing it to the main process costs no copy (as default_collate does).
             # Persistent workers reuse buffers the main process has released (see
             # _ShmBatchPool); the batch is yielded as an alias, so the pool can tell.
-            shape_of = [(vols.size,) + eng.block for eng, *_ in requests]
-            if _pool_allowed():
-                pool = _shm_pool()
-                tensors = [pool.take(shape, _torch_dtype(eng.dtype))
-                           for shape, (eng, *_) in zip(shape_of, requests)]
-            else:
-                tensors = [_shared_tensor(shape, _torch_dtype(eng.dtype))
-                           for shape, (eng, *_) in zip(shape_of, requests)]
+            take = _shm_pool().take if _pool_allowed() else _shared_tensor
+            tensors = [take((vols.size,) + eng.block, _torch_dtype(eng.dtype))
+                       for eng, *_ in requests]
             requests = [(eng, v, st, t.numpy()) for (eng, v, st, _), t in zip(requests, tensors)]
         arrays = read_together(requests)
         del requests
