@@ -445,13 +445,12 @@ class LocalityPermutation:
         cy, cx = np.divmod(cyx, self.cell_shape[2])
         iz, k = np.divmod(off, self.yx_sizes[cyx])
         gz = self.edges[0][cz] + iz
-        if isinstance(self.grid, MaskedStartGrid):
-            local = self._layout.select(cyx, k)  # k-th valid position of the cell
-            ly, lx = np.divmod(local, self.lens[2][cx])
-            gy, gx = self.edges[1][cy] + ly, self.edges[2][cx] + lx
-            return gz * self.grid.n_yx + self.grid.rank_yx(gy, gx)
-        ly, lx = np.divmod(k, self.lens[2][cx])
+        # raster position inside the cell's (y, x) rectangle (masked: of its k-th valid one)
+        local = self._layout.select(cyx, k) if self.masked else k
+        ly, lx = np.divmod(local, self.lens[2][cx])
         gy, gx = self.edges[1][cy] + ly, self.edges[2][cx] + lx
+        if isinstance(self.grid, MaskedStartGrid):
+            return gz * self.grid.n_yx + self.grid.rank_yx(gy, gx)
         _, ny, nx = self.grid.counts
         return (gz * ny + gy) * nx + gx
 
