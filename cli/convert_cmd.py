@@ -3,46 +3,63 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+
+from .main import positive, positive_triple
 
 
 def run(args: argparse.Namespace) -> int:
     from vesuvius_dask.convert import convert_tiffs
     from vesuvius_dask.info import describe
 
+    chunks = list(args.chunks)
+    for i, axis in enumerate("zyx"):  # the original converter's --z_chunksize etc.
+        old = getattr(args, f"{axis}_chunksize")
+        if old is not None:
+            chunks[i] = old
     convert_tiffs(
         args.src, args.dst,
         z=(args.z_start, args.z_end), y=(args.y_start, args.y_end), x=(args.x_start, args.x_end),
-        chunks=args.chunks, compressor=args.compressor, zarr_format=args.zarr_format,
-        shards=args.shards, ome=args.ome, overwrite=args.overwrite, scheduler=args.scheduler,
-        quiet=args.quiet,
+        chunks=tuple(chunks), compressor=args.compressor, zarr_format=args.zarr_format,
+        shards=args.shards, ome=args.ome, overwrite=args.overwrite, resume=args.resume,
+        client=args.scheduler, quiet=args.quiet,
     )
     if not args.quiet:
         print(describe(args.dst))
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction, triple: Callable[[str], tuple[int, int, int]]) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     from vesuvius_dask.convert import COMPRESSORS, DEFAULT_COMPRESSOR
 
     p = sub.add_parser(
         "convert", help="convert a TIFF stack to Zarr / OME-Zarr",
-        description="Convert a folder of 2-D TIFF layers (00.tif ... in numeric order), a glob "
-                    "or a multi-page TIFF to Zarr. Coordinates are source voxels, end-exclusive. "
-                    "The output appears only once complete.")
-    p.add_argument("src", help="folder of TIFF layers, glob ('layers/*.tif') or multi-page TIFF")
+        description="Convert a folder of 2-D TIFF layers (00.tif ... in numeric order), a segment "
+                    "folder, a glob or a multi-page TIFF to Zarr. Coordinates are source voxels, "
+                    "end-exclusive. The output is built in .DST.partial/ beside it and appears "
+                    "only once complete; it may never be, contain or lie inside the input. "
+                    "Ctrl-C or SIGTERM stop cleanly and leave nothing; a run killed outright "
+                    "continues with --resume.")
+    p.add_argument("src", help="folder of TIFF layers, segment folder, glob ('layers/*.tif') or "
+                               "multi-page TIFF")
     p.add_argument("dst", help="output .zarr path")
     for axis in "zyx":
-        p.add_argument(f"--{axis}-start", type=int, default=None, help=f"first {axis} (default 0)")
-        p.add_argument(f"--{axis}-end", type=int, default=None,
+        p.add_argument(f"--{axis}-start", f"--{axis}_start", type=int, default=None,
+                       help=f"first {axis} (default 0)")
+        p.add_argument(f"--{axis}-end", f"--{axis}_end", type=int, default=None,
                        help=f"end {axis}, exclusive (default: the stack's size)")
-    p.add_argument("--chunks", type=triple, default=(4, 512, 512), help="Z,Y,X (default 4,512,512)")
+        p.add_argument(f"--{axis}_chunksize", type=positive, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--chunks", type=positive_triple, default=(4, 512, 512),
+                   help="Z,Y,X (default 4,512,512)")
     p.add_argument("--compressor", choices=COMPRESSORS, default=DEFAULT_COMPRESSOR,
                    help=f"codec (default {DEFAULT_COMPRESSOR}, bit-shuffled)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3)
-    p.add_argument("--shards", type=triple, default=None, help="Z,Y,X shard shape (Zarr v3)")
+    p.add_argument("--shards", type=positive_triple, default=None,
+                   help="Z,Y,X shard shape (Zarr v3; a multiple of --chunks, trimmed to the volume)")
     p.add_argument("--ome", action="store_true", help="write an OME-Zarr multiscale pyramid")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (once the new one is complete)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that was killed (same input and options)")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

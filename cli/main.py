@@ -1,28 +1,98 @@
-"""``vesuvius-dask`` console script: argument parsing, one function per command."""
+"""``vesuvius-dask`` console script: argument parsing, one function per command.
+
+Every failure is one line on stderr and exit status 2 (an interrupt: 130 for SIGINT,
+143 for SIGTERM); errors speak the command line's flag names.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
+#: Python modules of the optional extras, and the extra that installs each.
+EXTRAS = {"torch": "torch", "napari": "viewer", "distributed": "distributed", "fsspec": "remote",
+          "aiohttp": "remote", "qtpy": "viewer", "PyQt6": "viewer", "vispy": "viewer"}
 
-def _triple(text: str) -> tuple[int, int, int]:
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = _old_flag_hint(message)
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+#: Flags of the original converter and what replaced them.
+OLD_FLAGS = {"--z_chunksize": "--chunks Z,Y,X", "--y_chunksize": "--chunks Z,Y,X",
+             "--x_chunksize": "--chunks Z,Y,X", "--input": "the SRC argument",
+             "--output": "the DST argument", "--num_threads": "--scheduler"}
+
+
+def _old_flag_hint(message: str) -> str:
+    for old, new in OLD_FLAGS.items():
+        if old in message:
+            return f" ({old} is now {new})"
+    return ""
+
+
+def triple(text: str) -> tuple[int, int, int]:
+    """Parse ``Z,Y,X`` (three integers)."""
     parts = text.split(",")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X (three integers), got {text!r}")
     try:
-        return tuple(int(p) for p in parts)  # type: ignore[return-value]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X (three integers), got {text!r}") from err
+        if len(parts) == 3:
+            return tuple(int(p) for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected Z,Y,X (three integers), got {text!r}")
+
+
+def positive_triple(text: str) -> tuple[int, int, int]:
+    """Parse ``Z,Y,X`` of positive integers."""
+    value = triple(text)
+    if min(value) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive integers Z,Y,X, got {text!r}")
+    return value
+
+
+def positive(text: str) -> int:
+    """A positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """A non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vesuvius_dask.info import describe
+    from vesuvius_dask.info import check, describe
 
+    status = 0
     for path in args.paths:
-        print(describe(path, level=args.level))
-    return 0
+        if not args.check:
+            print(describe(path, level=args.level))
+            continue
+        n, bad = check(path, level=args.level, quiet=args.quiet)
+        for line in bad:
+            print(line)
+        print(f"{path}: {n} chunks checked, {len(bad)} bad")
+        status = status or (1 if bad else 0)
+    return status
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -40,54 +110,93 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vesuvius_dask._version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vesuvius-dask",
         description="Herculaneum scroll volumes as lazy dask arrays, streamed into PyTorch.",
     )
     parser.add_argument("--version", action="version", version=f"vesuvius-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="describe a Zarr / OME-Zarr volume")
-    p.add_argument("paths", nargs="+", help="Zarr array or OME-Zarr group")
-    p.add_argument("--level", type=int, default=None, help="OME-Zarr level (default: all)")
+    p = sub.add_parser("info", help="describe (or --check) a volume: Zarr, OME-Zarr, TIFFs, segment")
+    p.add_argument("paths", nargs="+", help="Zarr array, OME-Zarr group, TIFF stack or segment folder")
+    p.add_argument("--level", type=non_negative, default=None, help="OME-Zarr level (default: all)")
+    p.add_argument("--check", action="store_true",
+                   help="read and decode every chunk and list the bad ones (exit 1 if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar with --check")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("stream", help="stream random blocks and print throughput")
-    p.add_argument("paths", nargs="+", help="volumes (Zarr arrays or OME-Zarr groups)")
-    p.add_argument("--z-size", type=int, default=4)
-    p.add_argument("--y-size", type=int, default=64)
-    p.add_argument("--x-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--batches", type=int, default=8, help="batches to read (default 8)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("paths", nargs="+", help="volumes (Zarr, OME-Zarr, TIFF stacks, segments)")
+    p.add_argument("--z-size", type=positive, default=4)
+    p.add_argument("--y-size", type=positive, default=64)
+    p.add_argument("--x-size", type=positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=128)
+    p.add_argument("--batches", type=positive, default=8, help="batches to read (default 8)")
+    p.add_argument("--num-workers", type=non_negative, default=0, help="DataLoader workers")
     p.add_argument("--sampling-method", choices=("uniform", "proportional"), default="uniform")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address (default: local threads)")
     p.set_defaults(func=cmd_stream)
 
     from . import convert_cmd, predict_cmd, view_cmd
 
-    convert_cmd.add_parser(sub, _triple)
-    predict_cmd.add_parser(sub, _triple)
-    view_cmd.add_parser(sub, _triple)
+    convert_cmd.add_parser(sub)
+    predict_cmd.add_parser(sub)
+    view_cmd.add_parser(sub)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message in one line (a DataLoader worker's traceback reduced to its last line)."""
+    text = err.cli_message() if hasattr(err, "cli_message") else str(err)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {err.strerror or text}"
+    return " ".join(text.split())
+
+
+def _missing_extra(err: ImportError) -> str | None:
+    name = (getattr(err, "name", None) or "").split(".")[0]
+    extra = EXTRAS.get(name)
+    if extra is None:
+        return None
+    return f"this needs the '{extra}' extra ({name} is not installed): pip install \"vesuvius-dask[{extra}]\""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from vesuvius_dask.errors import VesuviusDaskError
+    logging.basicConfig(format=f"vesuvius-dask {args.command}: %(message)s", level=logging.INFO)
+    from vesuvius_dask.errors import Interrupted, VesuviusDaskError
 
+    where = f"vesuvius-dask {args.command}"
     try:
         return int(args.func(args) or 0)
-    except (VesuviusDaskError, FileNotFoundError, FileExistsError) as err:
-        print(f"vesuvius-dask {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Interrupted as err:
+        print(f"{where}: {err}; stopped cleanly", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
-        print(f"vesuvius-dask {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as err:
+        message = _missing_extra(err)
+        if message is None and not isinstance(err, VesuviusDaskError):
+            raise
+        print(f"{where}: error: {message or _one_line(err)}", file=sys.stderr)
+        return 2
+    except (VesuviusDaskError, OSError) as err:
+        print(f"{where}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug or an unforeseen failure: still one line
+        if os.environ.get("VESUVIUS_DASK_DEBUG"):
+            raise
+        print(f"{where}: error: {type(err).__name__}: {_one_line(err)} "
+              "(set VESUVIUS_DASK_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+
+from .main import non_negative, positive, positive_triple, triple
 
 
 def run(args: argparse.Namespace) -> int:
@@ -12,34 +13,39 @@ def run(args: argparse.Namespace) -> int:
     out = predict(
         args.model, args.source, args.out, block=args.block, overlap=args.overlap,
         batch_size=args.batch_size, mask=args.mask, blend=args.blend, png=args.png,
-        overwrite=args.overwrite, num_workers=args.num_workers, client=args.scheduler,
-        quiet=args.quiet,
+        overwrite=args.overwrite, resume=args.resume, num_workers=args.num_workers,
+        client=args.scheduler, quiet=args.quiet,
     )
     print(f"wrote {args.out}: shape {tuple(out.shape)} {out.dtype}"
           + (f", {args.png}" if args.png else ""))
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction, triple: Callable[[str], tuple[int, int, int]]) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="run a TorchScript model over a segment or volume",
         description="Run a TorchScript model over every block of a regular grid (with overlap) "
                     "and blend the predictions into a Zarr array (and a PNG for 2-D outputs). "
                     "The model gets (B, 1, z, y, x) float32 blocks, integer volumes scaled to "
-                    "[0, 1]; it returns (B, y, x) for a 2-D map or (B, z, y, x) for a volume.")
-    p.add_argument("model", help="TorchScript model file (torch.jit.save)")
-    p.add_argument("source", help="segment folder, Zarr volume or OME-Zarr group")
+                    "[0, 1]; it returns (B, y, x) for a 2-D map or (B, z, y, x) for a volume. "
+                    "The output appears only once complete and may never be, contain or lie "
+                    "inside an input; a killed run continues from its last checkpoint with --resume.")
+    p.add_argument("model", help="TorchScript model file (torch.jit.save) or torch.export .pt2")
+    p.add_argument("source", help="segment folder, Zarr volume, OME-Zarr group or TIFF stack")
     p.add_argument("out", help="output .zarr path")
-    p.add_argument("--block", type=triple, default=(16, 64, 64), help="Z,Y,X (default 16,64,64)")
+    p.add_argument("--block", type=positive_triple, default=None,
+                   help="Z,Y,X (default 16,64,64, clipped to the volume)")
     p.add_argument("--overlap", type=triple, default=(0, 16, 16), help="Z,Y,X (default 0,16,16)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--mask", nargs="?", const="segment", default=None,
                    help="predict only where the mask is: a mask image path, or no value for "
                         "the segment's mask.png")
     p.add_argument("--blend", choices=("hann", "mean"), default="hann")
     p.add_argument("--png", default=None, help="also write a 2-D output as PNG")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--num-workers", type=non_negative, default=0, help="DataLoader workers")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (once the new one is complete)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run")
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=run)

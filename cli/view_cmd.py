@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+
+from .main import non_negative, positive
+
+
+def _check_paths(paths: list[str]) -> None:
+    from vesuvius_dask.errors import VolumeNotFoundError
+    from vesuvius_dask.paths import PathKind, path_kind
+
+    for path in paths:
+        if path_kind(path) == PathKind.MISSING:
+            raise VolumeNotFoundError(f"{path}: no such file or directory")
 
 
 def run(args: argparse.Namespace) -> int:
-    from vesuvius_dask.viewer import _napari, show
+    from vesuvius_dask.errors import SamplingError
+    from vesuvius_dask.viewer import require_napari, show
+    from vesuvius_dask.volumes import open_volume
 
-    napari = _napari()
+    _check_paths(args.paths)
+    napari = require_napari()
+    depth = open_volume(args.paths[0]).shape[0]
+    if args.z is not None and args.z >= depth:
+        raise SamplingError(f"--z {args.z} is outside {args.paths[0]}, which has {depth} slices "
+                            f"(--z 0..{depth - 1})")
     stream = None
     if args.samples:
+        from vesuvius_dask.extras import require
+
+        require("torch", "torch")
         from vesuvius_dask.stream import DaskVesuviusStream
 
         stream = DaskVesuviusStream(
@@ -34,23 +54,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction, triple: Callable[[str], tuple[int, int, int]]) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "view", help="open volumes lazily in napari (with the sampler's blocks)",
         description="Open Zarr arrays, OME-Zarr pyramids, TIFF layer folders or segment folders "
-                    "in napari, lazily; "
-                    "with --samples N, outline where DaskVesuviusStream draws its next N blocks "
-                    "(one colour per volume).")
+                    "in napari, lazily; with --samples N, outline where DaskVesuviusStream draws "
+                    "its next N blocks (one colour per volume). To open a segment or TIFF folder "
+                    "with plain napari, use `napari --plugin vesuvius-dask PATH`.")
     p.add_argument("paths", nargs="+")
-    p.add_argument("--samples", type=int, default=0, help="outline the next N sampled blocks")
-    p.add_argument("--samples-per-epoch", type=int, default=None,
+    p.add_argument("--samples", type=non_negative, default=0,
+                   help="outline the next N sampled blocks (needs torch)")
+    p.add_argument("--samples-per-epoch", type=positive, default=None,
                    help="the stream's epoch size (default: --samples)")
-    p.add_argument("--z-size", type=int, default=4)
-    p.add_argument("--y-size", type=int, default=64)
-    p.add_argument("--x-size", type=int, default=64)
+    p.add_argument("--z-size", type=positive, default=4)
+    p.add_argument("--y-size", type=positive, default=64)
+    p.add_argument("--x-size", type=positive, default=64)
     p.add_argument("--sampling-method", choices=("uniform", "proportional"), default="uniform")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epoch", type=int, default=None)
+    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument("--epoch", type=non_negative, default=None)
     p.add_argument("--screenshot", default=None, help="save a PNG of the canvas and exit")
-    p.add_argument("--z", type=int, default=None, help="z slice to show (with --screenshot)")
+    p.add_argument("--z", type=non_negative, default=None, help="z slice to show")
     p.set_defaults(func=run)

@@ -97,16 +97,47 @@ def test_viewer_shows_volume_and_boxes(real_crop_or_example):
     try:
         image = viewer.layers[0]
         assert isinstance(image.data, da.Array)  # lazy, never computed
-        shapes = [layer for layer in viewer.layers if layer.name.startswith("samples")]
-        assert len(shapes) == 1
-        boxes = sample_boxes(stream, 30)[0]
-        assert len(shapes[0].data) == len(boxes)
-        for drawn, expected in zip(shapes[0].data, boxes):
-            np.testing.assert_allclose(drawn, expected)
+        outlines = [layer for layer in viewer.layers if layer.name.startswith("samples")]
+        assert len(outlines) == 1
+        drawn = np.asarray(outlines[0].data)
+        starts = stream.epoch_coords()[:30, 1:]
+        np.testing.assert_array_equal(drawn, _naive_outlines(drawn.shape, starts, (4, 64, 64), 2))
         shot = viewer.screenshot(canvas_only=True)
         assert shot.ndim == 3 and shot[..., :3].std() > 5  # not a blank canvas
     finally:
         viewer.close()
+
+
+def _naive_outlines(shape, starts, block, thickness):
+    out = np.zeros(shape, np.uint8)
+    bz, by, bx = block
+    for z, y, x in starts.tolist():
+        box = np.zeros((by, bx), np.uint8)
+        box[:thickness], box[-thickness:], box[:, :thickness], box[:, -thickness:] = 1, 1, 1, 1
+        out[z:z + bz, y:y + by, x:x + bx] |= box
+    return out
+
+
+@pytest.mark.parametrize("n,thickness", [(1, 1), (40, 1), (300, 3)])
+def test_outlines_equal_boxes_drawn_one_by_one(rng_volume, n, thickness):
+    from vesuvius_dask.viewer import _outline_slice
+
+    rng = np.random.default_rng(n)
+    shape, block = (9, 70, 90), (3, 12, 17)
+    starts = np.column_stack([rng.integers(0, shape[i] - block[i] + 1, n) for i in range(3)])
+    got = np.concatenate([_outline_slice(np.zeros((1,) + shape[1:], np.uint8), starts, block, thickness,
+                                         block_info={0: {"array-location": [(z, z + 1), (0, 70), (0, 90)]}})
+                          for z in range(shape[0])])
+    np.testing.assert_array_equal(got, _naive_outlines(shape, starts, block, thickness))
+
+
+def test_a_million_samples_draw_one_slice(rng_volume):
+    from vesuvius_dask.viewer import sample_outlines
+
+    stream = DaskVesuviusStream([rng_volume] * 5, 4, 16, 16, samples_per_epoch=1_000_000, seed=1)
+    outline = sample_outlines(stream, None)[0]
+    assert outline.shape == rng_volume.shape and outline.numblocks == (13, 1, 1)  # one task a slice
+    assert outline[5].compute().mean() > 0.5  # the boxes cover the slice
 
 
 @pytest.fixture()

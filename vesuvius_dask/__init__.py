@@ -58,7 +58,14 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        try:
+            value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        except ModuleNotFoundError as err:
+            if err.name != "torch":
+                raise
+            from .errors import MissingExtraError
+
+            raise MissingExtraError(f"{name} needs torch: pip install \"vesuvius-dask[torch]\"") from err
         globals()[name] = value
         return value
     raise AttributeError(f"module 'vesuvius_dask' has no attribute {name!r}")

@@ -16,7 +16,6 @@ import datetime as _dt
 import glob as _glob
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -268,35 +267,78 @@ def _downsample(arr: Any) -> Any:
     return da.coarsen(np.mean, arr, factors)
 
 
-def _compute(target: Any, scheduler: Any, quiet: bool, what: str) -> None:
-    """Run a delayed store with a progress bar (local or distributed)."""
-    if scheduler is None:
-        from dask.diagnostics import ProgressBar
+def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str) -> None:
+    """Compute delayed write units with a progress bar, locally or on a cluster.
 
-        if quiet:
-            target.compute(scheduler="threads")
-        else:
-            print(what, flush=True)
-            with ProgressBar(dt=0.5):
-                target.compute(scheduler="threads")
+    Locally the threads belong to a pool made here: on an interrupt it is shut down
+    (queued units cancelled, running ones finished) before the caller cleans up, so
+    no writer thread outlives the output folder.
+    """
+    if not units:
+        return
+    if scheduler is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import dask
+
+        pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vesuvius-dask-convert")
+        try:
+            if quiet:
+                dask.compute(*units, scheduler="threads", pool=pool)
+            else:
+                from dask.diagnostics import ProgressBar
+
+                print(what, flush=True)
+                with ProgressBar(dt=0.5):
+                    dask.compute(*units, scheduler="threads", pool=pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return
     from .cluster import get_client
 
     client = get_client(scheduler)
-    future = client.compute(target)
-    if not quiet:
-        from distributed import progress
+    futures = client.compute(units)
+    try:
+        if not quiet:
+            from distributed import progress
 
-        print(what, flush=True)
-        progress(future)
-        print()
-    future.result()
+            print(what, flush=True)
+            progress(futures, notebook=False)
+            print()
+        client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def _store_block(block: np.ndarray, arr: Any, journal: Any, level: int,
+                 block_info: Any = None) -> np.ndarray:
+    """Write one output unit (a whole write chunk or shard), then record it as done."""
+    loc = block_info[0]["array-location"]
+    arr[tuple(slice(a, b) for a, b in loc)] = block
+    journal.record(f"{level}:" + ",".join(str(a) for a, _ in loc))
+    return np.ones((1, 1, 1), dtype=bool)
+
+
+def _store(stack: Any, arr: Any, job: Any, level: int, scheduler: Any, quiet: bool,
+           what: str) -> None:
+    """Store ``stack`` (chunked as the write units) into ``arr``, skipping recorded units."""
+    done = job.done()
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in stack.chunks]
+    written = stack.map_blocks(_store_block, arr, job.journal, level, dtype=bool, chunks=(1, 1, 1),
+                               meta=np.empty((0, 0, 0), dtype=bool))
+    units = [d for idx, d in zip(np.ndindex(*stack.numblocks), written.to_delayed().ravel())
+             if f"{level}:" + ",".join(str(starts[a][i]) for a, i in enumerate(idx)) not in done]
+    _run_units(units, scheduler, quiet, what)
 
 
 def _create(store: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
-            zarr_format: int, compressor: str, shards: tuple[int, ...] | None) -> Any:
+            zarr_format: int, compressor: str, shards: tuple[int, ...] | None,
+            reopen: bool = False) -> Any:
     import zarr
 
+    if reopen and any((store / m).exists() for m in ("zarr.json", ".zarray")):
+        return zarr.open_array(store, mode="r+")  # a resumed run: keep what is written
     kwargs: dict[str, Any] = dict(shape=shape, chunks=chunks, dtype=dtype, zarr_format=zarr_format,
                                   fill_value=0)
     codec = _codec(compressor, zarr_format)
@@ -304,9 +346,26 @@ def _create(store: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype:
         kwargs["compressors"] = codec
     else:
         kwargs["compressors"] = codec
+        kwargs["dimension_names"] = ("z", "y", "x")  # NGFF 0.5 requires them
         if shards is not None:
-            kwargs["shards"] = tuple(min(s, n) for s, n in zip(shards, shape))
+            kwargs["shards"] = _fit_shards(shards, chunks, shape)
     return zarr.create_array(store, **kwargs)
+
+
+def _fit_shards(shards: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """Shards no larger than needed: at most the shape rounded up to whole chunks."""
+    return tuple(min(s, -(-n // c) * c) for s, c, n in zip(shards, chunks, shape))
+
+
+def _fingerprint(layers: Sequence[Layer]) -> str:
+    """A digest of the layers' names, sizes and modification times."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for layer in layers:
+        st = os.stat(layer.path)
+        h.update(f"{os.path.abspath(layer.path)}|{layer.page}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def convert_tiffs(
@@ -322,8 +381,10 @@ def convert_tiffs(
     shards: Sequence[int] | None = None,
     ome: bool = False,
     overwrite: bool = False,
-    scheduler: Any = None,
+    resume: bool = False,
+    client: Any = None,
     quiet: bool = True,
+    scheduler: Any = None,
 ) -> Any:
     """Convert a TIFF stack to a Zarr array (or an OME-Zarr multiscale group).
 
@@ -334,7 +395,9 @@ def convert_tiffs(
         ``00.tif`` … ``64.tif``), a segment folder (its ``surface_volume/`` or
         ``layers/``), a glob (``"layers/*.tif"``) or one multi-page TIFF.
     dst : str or os.PathLike
-        Output path. Built in a temporary sibling and renamed into place on success.
+        Output path. Built in ``.NAME.partial/`` beside it and renamed into place on
+        success. It may not be, contain, or lie inside the input (or the input's
+        segment folder).
     z, y, x : (start, end)
         Region of interest in source voxels, end-exclusive; ``None`` means the edge.
     chunks : (int, int, int)
@@ -344,16 +407,24 @@ def convert_tiffs(
     zarr_format : {2, 3}
         Zarr format (default 3).
     shards : (int, int, int), optional
-        Zarr v3 shard shape (a multiple of ``chunks``).
+        Zarr v3 shard shape (a multiple of ``chunks``); shards larger than the
+        volume are trimmed to it (rounded up to whole chunks).
     ome : bool
         Write an OME-Zarr multiscale group: level ``0`` plus 2× downsampled levels
         until a level fits in one chunk in y and x.
     overwrite : bool
-        Replace an existing ``dst`` (only once the new output is complete).
-    scheduler : str or distributed.Client, optional
-        A dask.distributed scheduler address or client; default: local threads.
+        Replace an existing ``dst`` (only once the new output is complete), and
+        discard an interrupted run's leftovers.
+    resume : bool
+        Continue a run that was killed (its ``.NAME.partial/`` folder): written units
+        are kept, the rest is written. Refused, with the reason, if the input files
+        or options differ. With nothing to resume, a fresh run starts (logged).
+    client : str or distributed.Client, optional
+        A dask.distributed client or scheduler address; default: local threads.
     quiet : bool
         No progress bar.
+    scheduler : str or distributed.Client, optional
+        Old name of ``client``.
 
     Returns
     -------
@@ -366,13 +437,21 @@ def convert_tiffs(
         Bad input (numbering, mismatched or unreadable layers, region of interest,
         chunks, codec), or a read that failed during the conversion. ``dst`` is
         then left untouched.
-    FileExistsError
-        ``dst`` exists and ``overwrite`` is false.
+    OutputError
+        ``dst`` is, contains or lies inside the input.
+    OutputExistsError
+        ``dst`` exists and ``overwrite`` is false, or an interrupted run's leftovers
+        are there and neither ``resume`` nor ``overwrite`` is given.
+    ResumeError
+        ``resume=True`` but the interrupted run had other inputs or options.
+    Interrupted
+        SIGINT or SIGTERM: writer threads are stopped and the partial output removed
+        (kept when this run was itself resuming one).
     """
-    import dask.array as da
-
+    from .outputs import OutputJob, interruptible
     from .volumes import open_volume
 
+    client = client if client is not None else scheduler
     src_text = os.fspath(src)
     dst_path = Path(dst)
     if zarr_format not in (2, 3):
@@ -381,68 +460,78 @@ def convert_tiffs(
     shards = _positive_triple("shards", shards)
     if shards is not None:
         if zarr_format != 3:
-            raise ConversionError("shards need zarr_format=3")
+            raise ConversionError("shards need zarr_format=3", cli={"zarr_format=3": "--zarr-format 3"})
         bad = [a for a, s, c in zip("zyx", shards, chunks) if s % c]
         if bad:
             raise ConversionError(f"shards {shards} must be multiples of chunks {chunks} (axis {bad[0]})")
     _codec(compressor, zarr_format)
-    if dst_path.exists() and not overwrite:
-        raise FileExistsError(f"{dst_path}: already exists; pass --overwrite to replace it")
 
     layers = find_layers(src_text)
     info = inspect_stack(layers)
     roi = _roi(info.shape, (z, y, x), src_text)
-    write_chunks = shards or chunks
-    stack = lazy_stack(info, roi, band=write_chunks[1])
-    out_shape = stack.shape
-    stack = stack.rechunk(tuple(min(c, s) for c, s in zip(write_chunks, out_shape)))
-
-    provenance = {
-        "source": os.path.abspath(src_text),
-        "layers": [os.path.basename(layers[roi[0].start].path),
-                   os.path.basename(layers[roi[0].stop - 1].path)],
-        "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
-        "source_shape": list(info.shape),
-        "tool": f"vesuvius-dask {__version__}",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    out_shape = tuple(s.stop - s.start for s in roi)
+    chunks = tuple(min(c, n) for c, n in zip(chunks, out_shape))
+    if shards is not None:
+        shards = _fit_shards(shards, chunks, out_shape)
+    identity = {
+        "source": os.path.realpath(src_text), "layers": _fingerprint(info.layers),
+        "roi": [[s.start, s.stop] for s in roi], "chunks": list(chunks),
+        "shards": list(shards) if shards else None, "compressor": compressor,
+        "zarr_format": zarr_format, "ome": bool(ome), "dtype": info.dtype.str,
     }
-
-    tmp = dst_path.parent / f".{dst_path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if ome:
-            _write_ome(tmp, stack, chunks, info.dtype, zarr_format, compressor, shards, provenance,
-                       scheduler, quiet)
-        else:
-            arr = _create(tmp, out_shape, chunks, info.dtype, zarr_format, compressor, shards)
-            arr.attrs["vesuvius_dask"] = provenance
-            _compute(da.store(stack, arr, lock=False, compute=False), scheduler, quiet,
-                     f"converting {src_text} -> {dst_path} {out_shape}")
-        _replace(tmp, dst_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    inputs = sorted({layer.path for layer in info.layers}) + [src_text]
+    with interruptible():
+        job = OutputJob(dst_path, inputs, identity, overwrite=overwrite, resume=resume, what="convert")
+        try:
+            write_chunks = shards or chunks
+            stack = lazy_stack(info, roi, band=write_chunks[1])
+            stack = stack.rechunk(tuple(min(c, s) for c, s in zip(write_chunks, out_shape)))
+            provenance = {
+                "source": os.path.abspath(src_text),
+                "layers": [os.path.basename(layers[roi[0].start].path),
+                           os.path.basename(layers[roi[0].stop - 1].path)],
+                "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
+                "source_shape": list(info.shape),
+                "tool": f"vesuvius-dask {__version__}",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            what = f"converting {src_text} -> {dst_path} {out_shape}"
+            if ome:
+                _write_ome(job, stack, chunks, info.dtype, zarr_format, compressor, shards,
+                           provenance, client, quiet)
+            else:
+                arr = _create(job.data, out_shape, chunks, info.dtype, zarr_format, compressor,
+                              shards, reopen=job.resumed)
+                if "vesuvius_dask" not in arr.attrs:
+                    arr.attrs["vesuvius_dask"] = provenance
+                _store(stack, arr, job, 0, client, quiet, what)
+            job.publish()
+        except BaseException:
+            job.abandon()
+            raise
     return open_volume(dst_path)
 
 
-def _write_ome(tmp: Path, stack: Any, chunks: tuple[int, int, int], dtype: np.dtype,
+def _write_ome(job: Any, stack: Any, chunks: tuple[int, int, int], dtype: np.dtype,
                zarr_format: int, compressor: str, shards: tuple[int, int, int] | None,
                provenance: dict, scheduler: Any, quiet: bool) -> None:
     import dask.array as da
     import zarr
 
-    group = zarr.open_group(tmp, mode="w", zarr_format=zarr_format)
+    root = job.data
+    group = zarr.open_group(root, mode="a" if job.resumed else "w", zarr_format=zarr_format)
     datasets = []
     level = stack
     scale = [1.0, 1.0, 1.0]
     i = 0
     while True:
         shape = level.shape
-        arr = _create(tmp / str(i), shape, tuple(min(c, s) for c, s in zip(chunks, shape)), dtype,
-                      zarr_format, compressor, shards)
-        write = tuple(min(c, s) for c, s in zip(shards or chunks, shape))
-        _compute(da.store(level.rechunk(write), arr, lock=False, compute=False), scheduler, quiet,
-                 f"level {i} {shape}")
+        lchunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+        lshards = _fit_shards(shards, lchunks, shape) if shards is not None else None
+        arr = _create(root / str(i), shape, lchunks, dtype, zarr_format, compressor, lshards,
+                      reopen=job.resumed)
+        write = tuple(min(c, s) for c, s in zip(lshards or lchunks, shape))
+        _store(level.rechunk(write), arr, job, i, scheduler, quiet, f"level {i} {shape}")
         datasets.append({"path": str(i), "coordinateTransformations": [
             {"type": "scale", "scale": list(scale)}]})
         if (shape[1] <= chunks[1] and shape[2] <= chunks[2]) or i >= 9:
@@ -451,10 +540,11 @@ def _write_ome(tmp: Path, stack: Any, chunks: tuple[int, int, int], dtype: np.dt
         level = _downsample(da.from_zarr(arr))
         scale = [s * (2.0 if n > 1 else 1.0) for s, n in zip(scale, shape)]
         i += 1
+    axes = [{"name": a, "type": "space"} for a in "zyx"]
     multiscales = [{
         "version": "0.4" if zarr_format == 2 else "0.5",
         "name": Path(provenance["source"]).name,
-        "axes": [{"name": a, "type": "space"} for a in "zyx"],
+        "axes": axes,
         "datasets": datasets,
         "type": "mean",
     }]
@@ -465,21 +555,3 @@ def _write_ome(tmp: Path, stack: Any, chunks: tuple[int, int, int], dtype: np.dt
             m.pop("version")
         group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
     group.attrs["vesuvius_dask"] = provenance
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished output into place; an existing dst is removed only afterwards."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .volumes import Volume
+from .volumes import Volume, read_stored
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
            "remote_read", "DEFAULT_CACHE_BYTES"]
@@ -342,7 +342,7 @@ class BatchEngine:
 
     def _read_chunk(self, vol: Volume, chunk_id: tuple[int, int, int],
                     region: tuple[slice, ...]) -> np.ndarray:
-        chunk = np.asarray(vol.zarr[region])
+        chunk = read_stored(vol.zarr, region, vol.label)
         self._account_read((vol.token,) + tuple(chunk_id), chunk)
         return chunk
 

@@ -14,11 +14,33 @@ __all__ = [
     "SamplingError",
     "InvalidTypeError",
     "ConversionError",
+    "CorruptChunkError",
+    "OutputError",
+    "OutputExistsError",
+    "ResumeError",
+    "MissingExtraError",
+    "Interrupted",
 ]
 
 
 class VesuviusDaskError(Exception):
-    """Base class of every error raised by vesuvius-dask."""
+    """Base class of every error raised by vesuvius-dask.
+
+    Messages speak Python's names (``overwrite=True``). ``cli`` maps those words to
+    the command line's (``--overwrite``); :meth:`cli_message` applies it, so the CLI
+    prints the same error in its own words.
+    """
+
+    def __init__(self, *args: object, cli: dict[str, str] | None = None) -> None:
+        super().__init__(*args)
+        self.cli = dict(cli or {})
+
+    def cli_message(self) -> str:
+        """The message with Python's option names replaced by the CLI's flags."""
+        text = str(self)
+        for python, flag in self.cli.items():
+            text = text.replace(python, flag)
+        return text
 
 
 class VolumeError(VesuviusDaskError, ValueError):
@@ -39,3 +61,34 @@ class InvalidTypeError(VesuviusDaskError, TypeError):
 
 class ConversionError(VesuviusDaskError, ValueError):
     """A TIFF stack cannot be converted (missing, mismatched or unreadable layers)."""
+
+
+class CorruptChunkError(VolumeError):
+    """A stored chunk cannot be read or decoded; the message names store, chunk and key."""
+
+
+class OutputError(VesuviusDaskError, ValueError):
+    """An output path is unsafe: it is, contains, or lies inside one of the job's inputs."""
+
+
+class OutputExistsError(VesuviusDaskError, FileExistsError):
+    """The output exists (or an interrupted run's leftovers do) and nothing says to replace it."""
+
+
+class ResumeError(VesuviusDaskError, ValueError):
+    """An interrupted run cannot be resumed: its inputs or options differ from this run's."""
+
+
+class MissingExtraError(VesuviusDaskError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a writer; ``signum`` says which (exit status 128 + signum)."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"interrupted by signal {signum}")
+        self.signum = int(signum)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.signum, str(self)))

@@ -11,7 +11,6 @@ renames it into place. :func:`predict` runs a TorchScript model over a grid stre
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 import time
@@ -50,13 +49,13 @@ def blend_window(block: Sequence[int], blend: str) -> np.ndarray:
 
 
 class PredictionWriter:
-    """Accumulate overlapping block predictions into a Zarr array, out of core.
+    """Accumulate overlapping block predictions into a Zarr array, out of core, resumably.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Output Zarr array; written to a temporary sibling and renamed on
-        :meth:`finalize`.
+        Output Zarr array; built in ``.NAME.partial/`` beside it and renamed into
+        place by :meth:`finalize` (see :class:`~vesuvius_dask.outputs.OutputJob`).
     shape : tuple of int
         Output shape: ``(Y, X)`` for 2-D maps (e.g. ink) or ``(Z, Y, X)``.
     block : tuple of int
@@ -70,21 +69,34 @@ class PredictionWriter:
     volume : int, optional
         Only rows of ``coords`` whose first column (volume index) equals this are used.
     overwrite : bool
-        Replace an existing output at ``finalize``.
+        Replace an existing output at ``finalize`` (and discard an interrupted
+        run's leftovers).
+    resume : bool
+        Continue an interrupted run: the accumulators as of its last
+        :meth:`checkpoint` come back, and :attr:`progress` says what that checkpoint
+        had done, so the caller adds only what came after.
     fill_value : float
         Output value where no prediction landed (e.g. outside a mask).
+    inputs : sequence of paths
+        The job's inputs: the output may not be, contain or lie inside any of them.
+    identity : dict, optional
+        More of the job's description (model, source, options) that a resumed run
+        must match.
 
     Notes
     -----
     Feed it from one process (e.g. the training/inference loop fed by a DataLoader
-    with workers): :meth:`add` is thread-safe, not multi-process-safe.
+    with workers): :meth:`add` is thread-safe, not multi-process-safe. Between
+    checkpoints, flushed chunks are written as new files (generations); a
+    checkpoint commits them, so a kill never leaves a half-added batch behind.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], block: Sequence[int], *,
                  chunks: Sequence[int] | None = None, blend: str = "hann",
                  memory_bytes: int = 256 * 2**20, volume: int | None = None,
-                 overwrite: bool = False, fill_value: float = 0.0) -> None:
-        import zarr
+                 overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
+                 inputs: Sequence[Any] = (), identity: dict | None = None) -> None:
+        from .outputs import OutputJob
 
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
@@ -94,8 +106,6 @@ class PredictionWriter:
                 f"{self.path}: shape {self.shape} and block {self.block} must both be 2-D or 3-D")
         if any(b > s for b, s in zip(self.block, self.shape)):
             raise SamplingError(f"{self.path}: block {self.block} is larger than the output {self.shape}")
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path}: already exists; pass overwrite=True to replace it")
         default = (1024, 1024) if len(self.shape) == 2 else (16, 256, 256)
         self.chunks = tuple(min(int(c), s) for c, s in zip(chunks or default, self.shape))
         self.weights = blend_window(self.block, blend)
@@ -104,18 +114,39 @@ class PredictionWriter:
         self.overwrite = overwrite
         self.fill_value = float(fill_value)
         self.memory_bytes = int(memory_bytes)
-        self._acc_dir = self.path.parent / f".{self.path.name}.acc-{os.getpid()}"
-        shutil.rmtree(self._acc_dir, ignore_errors=True)
-        kw = dict(shape=self.shape, chunks=self.chunks, dtype="float32", fill_value=0.0,
-                  compressors=None)
-        self._sum = zarr.create_array(self._acc_dir / "sum", **kw)
-        self._weight = zarr.create_array(self._acc_dir / "weight", **kw)
+        ident = {"shape": list(self.shape), "block": list(self.block), "chunks": list(self.chunks),
+                 "blend": blend, "volume": volume, "fill_value": self.fill_value}
+        ident.update(identity or {})
+        self.job = OutputJob(self.path, inputs, ident, overwrite=overwrite, resume=resume,
+                             what="predict")
+        self._acc_dir = self.job.partial / "acc"
+        self._acc_dir.mkdir(exist_ok=True)
         self._buffers: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._flushed: set[tuple[int, ...]] = set()  # chunks with data in the accumulators
+        self._latest: dict[tuple[int, ...], int] = {}     # chunk -> generation on disk
+        self._committed: dict[tuple[int, ...], int] = {}  # as of the last checkpoint
+        self._next_gen = 0
+        self.progress: Any = None
+        if self.job.resumed:
+            self._restore()
         self._chunk_bytes = 2 * 4 * int(np.prod(self.chunks))
         self._lock = threading.Lock()
         self.items = 0
         self.flushes = 0
+
+    # ------------------------------------------------------------------ files
+    def _file(self, cid: tuple[int, ...], gen: int) -> Path:
+        return self._acc_dir / (".".join(map(str, cid)) + f"-{gen}.npy")
+
+    def _restore(self) -> None:
+        state = self.job.load_state("state.json") or {}
+        chunks = {tuple(int(c) for c in k.split(".")): int(g) for k, g in state.get("chunks", {}).items()}
+        keep = {self._file(c, g).name for c, g in chunks.items()}
+        for f in self._acc_dir.iterdir():  # generations written after the last checkpoint
+            if f.name not in keep:
+                f.unlink()
+        self._latest, self._committed = dict(chunks), dict(chunks)
+        self._next_gen = int(state.get("next_gen", 0))
+        self.progress = state.get("progress")
 
     # ------------------------------------------------------------------ adding
     def add(self, prediction: Any, coords: Any) -> None:
@@ -180,23 +211,51 @@ class PredictionWriter:
         return buf
 
     def _flush(self, cid: tuple[int, ...], buf: tuple[np.ndarray, np.ndarray]) -> None:
-        region = self._region(cid)  # one whole chunk: aligned writes
-        if cid in self._flushed:  # read-modify-write
-            self._sum[region] = self._sum[region] + buf[0]
-            self._weight[region] = self._weight[region] + buf[1]
-        else:
-            self._sum[region] = buf[0]
-            self._weight[region] = buf[1]
-            self._flushed.add(cid)
+        """Write the chunk's totals as a new generation file (the old one stays until committed)."""
+        totals = np.stack(buf)
+        prev = self._latest.get(cid)
+        if prev is not None:
+            totals += np.load(self._file(cid, prev))
+        gen = self._next_gen
+        self._next_gen += 1
+        np.save(self._file(cid, gen), totals)
+        self._latest[cid] = gen
+        if prev is not None and self._committed.get(cid) != prev:
+            self._file(cid, prev).unlink()  # superseded and never committed
         self.flushes += 1
+
+    def checkpoint(self, progress: Any) -> None:
+        """Flush every chunk and commit: a resumed run restarts from here.
+
+        Parameters
+        ----------
+        progress : JSON-serialisable
+            What the caller has added so far (e.g. the number of batches); a resumed
+            writer hands it back as :attr:`progress`.
+        """
+        from .outputs import critical
+
+        with self._lock:
+            while self._buffers:
+                self._flush(*self._buffers.popitem(last=False))
+            os.sync()  # the generation files reach the disk before the state naming them
+            with critical():
+                self.job.save_state("state.json", {
+                    "progress": progress, "next_gen": self._next_gen,
+                    "chunks": {".".join(map(str, c)): g for c, g in self._latest.items()}})
+                for cid, gen in self._committed.items():
+                    if self._latest.get(cid) != gen:
+                        self._file(cid, gen).unlink()
+                self._committed = dict(self._latest)
+            self.progress = progress
 
     def _totals(self, cid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
         """Sum and weight of one chunk: in-memory part plus flushed part (None: empty)."""
         buf = self._buffers.pop(cid, None)
-        if cid not in self._flushed:
+        gen = self._latest.get(cid)
+        if gen is None:
             return buf
-        region = self._region(cid)
-        s, w = self._sum[region], self._weight[region]
+        s, w = np.load(self._file(cid, gen))
         if buf is not None:
             s, w = s + buf[0], w + buf[1]
         return s, w
@@ -221,46 +280,44 @@ class PredictionWriter:
         import dask.array as da
         import zarr
 
+        if png is not None and len(self.shape) != 2:
+            raise SamplingError("png= needs a 2-D output")
         with self._lock:
-            tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                out = zarr.create_array(tmp, shape=self.shape, chunks=self.chunks, dtype="float32",
-                                        fill_value=self.fill_value, zarr_format=zarr_format)
-                out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
-                                              "predictions": self.items}
-                for cid in np.ndindex(*[-(-n // c) for n, c in zip(self.shape, self.chunks)]):
-                    totals = self._totals(cid)
-                    if totals is None:  # nothing landed here: leave the fill value
-                        continue
-                    s, w = totals
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        out[self._region(cid)] = np.where(w > 0, s / np.where(w > 0, w, 1),
-                                                          self.fill_value)
-                if self.path.exists():
-                    shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
-                os.rename(tmp, self.path)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            finally:
-                shutil.rmtree(self._acc_dir, ignore_errors=True)
-        result = da.from_zarr(zarr.open(self.path, mode="r"))
-        if png is not None:
-            if len(self.shape) != 2:
-                raise SamplingError("png= needs a 2-D output")
-            from PIL import Image
+            out = zarr.create_array(self.job.data, shape=self.shape, chunks=self.chunks,
+                                    dtype="float32", fill_value=self.fill_value,
+                                    zarr_format=zarr_format, overwrite=True)
+            out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
+                                          "predictions": self.items}
+            for cid in np.ndindex(*[-(-n // c) for n, c in zip(self.shape, self.chunks)]):
+                totals = self._totals(cid)
+                if totals is None:  # nothing landed here: leave the fill value
+                    continue
+                s, w = totals
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[self._region(cid)] = np.where(w > 0, s / np.where(w > 0, w, 1),
+                                                      self.fill_value)
+            if png is not None:
+                from PIL import Image
 
-            img = np.clip(np.asarray(result), 0, 1) * 255
-            Image.fromarray(np.round(img).astype(np.uint8)).save(png)
-        return result
+                img = np.clip(np.asarray(out[...]), 0, 1) * 255
+                tmp_png = self.job.partial / "preview.png"
+                Image.fromarray(np.round(img).astype(np.uint8)).save(tmp_png, format="PNG")
+            self.job.publish(extra=[(self.job.partial / "preview.png", Path(png))]
+                             if png is not None else [])
+        return da.from_zarr(zarr.open(self.path, mode="r"))
 
-    def abort(self) -> None:
-        """Drop everything accumulated (no output is written)."""
+    def abort(self, keep: bool | None = None) -> None:
+        """Drop everything accumulated (no output is written).
+
+        Parameters
+        ----------
+        keep : bool, optional
+            Keep the last checkpoint for a later ``resume=True`` (default: only when
+            this writer resumed one).
+        """
         with self._lock:
             self._buffers.clear()
-            self._flushed.clear()
-            shutil.rmtree(self._acc_dir, ignore_errors=True)
+            self.job.abandon(keep)
 
     def __repr__(self) -> str:
         return (f"PredictionWriter({str(self.path)!r}, shape={self.shape}, block={self.block}, "
@@ -302,26 +359,67 @@ class _Progress:
             print(self._text(done), file=sys.stderr, flush=True)
 
 
-def _is_segment_folder(p: Path) -> bool:
-    """A folder holding a volume (surface_volume/, layers/ or *.zarr), not itself a Zarr node."""
-    from .volumes import LAYER_DIRS, is_zarr_node
-
-    if not p.is_dir() or is_zarr_node(p):
-        return False
-    return any((p / d).is_dir() for d in LAYER_DIRS) or any(p.glob("*.zarr"))
-
-
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 
 
+#: Blocks between two checkpoints of ``predict`` (a resumed run restarts from the last one).
+CHECKPOINT_BLOCKS = 4096
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _load_model(model: Any) -> Any:
+    import torch
+
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise VesuviusDaskError(f"{path}: no such model file")
+        try:
+            if path.endswith(".pt2"):  # torch.export archive
+                model = torch.export.load(path).module()
+            else:
+                model = torch.jit.load(path, map_location="cpu")
+        except Exception as err:
+            raise VesuviusDaskError(f"{path}: cannot load the model ({err})") from err
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
+
+
+def _masks(mask: Any, source: Any) -> Any:
+    from .segment import Segment
+
+    if mask is None:
+        return None
+    masks = "segment" if isinstance(mask, str) and mask == "segment" else [mask]
+    if masks == "segment" and not isinstance(source, Segment):
+        raise SamplingError("mask='segment' needs a segment folder as the source",
+                            cli={"mask='segment'": "--mask (with no value)"})
+    if masks == "segment" and source.mask is None:
+        raise SamplingError(f"{source.path}: the segment has no mask.png")
+    return masks
+
+
+def default_block(shape: Sequence[int], block: Sequence[int] | None) -> tuple[int, int, int]:
+    """``block`` as given, or 16×64×64 clipped to the volume's shape."""
+    if block is None:
+        return tuple(min(b, s) for b, s in zip((16, 64, 64), shape))  # type: ignore[return-value]
+    return tuple(int(b) for b in block)  # type: ignore[return-value]
+
+
 def predict(model: Any, source: Any, out: str | os.PathLike, *,
-            block: Sequence[int] = (16, 64, 64), overlap: Sequence[int] = (0, 16, 16),
+            block: Sequence[int] | None = None, overlap: Sequence[int] = (0, 16, 16),
             batch_size: int = 32, mask: Any = None, mask_coverage: float = 1e-9,
             blend: str = "hann", png: str | os.PathLike | None = None, overwrite: bool = False,
-            num_workers: int = 0, client: Any = None, quiet: bool = True) -> Any:
+            resume: bool = False, num_workers: int = 0, client: Any = None,
+            quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS) -> Any:
     """Run a model over every grid block of a volume and write the blended prediction.
 
     Parameters
@@ -335,81 +433,120 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     source : Segment, path or array
         A segment (folder path or :class:`~vesuvius_dask.Segment`) or any volume.
     out : str or os.PathLike
-        Output Zarr path.
-    block, overlap : tuple of int
-        Grid block and overlap (see :class:`~vesuvius_dask.sampling.GridStarts`).
+        Output Zarr path. It may not be, contain, or lie inside an input (the
+        source, its segment folder, the model, the mask).
+    block : tuple of int, optional
+        Grid block (default 16×64×64, clipped to the volume).
+    overlap : tuple of int
+        Overlap between neighbouring blocks (see :class:`~vesuvius_dask.sampling.GridStarts`).
     batch_size : int
         Blocks per model call.
     mask : array, path, "segment" or None
         Only blocks the mask touches are predicted (``mask_coverage``: fraction of
         the footprint, default: any voxel); elsewhere the output is 0.
     blend, png, overwrite : see :class:`PredictionWriter`.
+    resume : bool
+        Continue a killed run from its last checkpoint (every ``checkpoint_blocks``
+        blocks); refused if the model file, the source or the options differ.
     num_workers : int
         DataLoader workers reading blocks.
     client : distributed.Client or str, optional
         Read blocks on a dask.distributed cluster.
     quiet : bool
         No progress output.
+    checkpoint_blocks : int
+        Blocks between checkpoints. Checkpoints fall on fixed batches, so a resumed
+        run gives exactly the bytes of an uninterrupted one.
 
     Returns
     -------
     dask.array.Array
         The written prediction.
+
+    Raises
+    ------
+    OutputError, OutputExistsError, ResumeError
+        See :class:`~vesuvius_dask.outputs.OutputJob`.
+    Interrupted
+        SIGINT or SIGTERM; nothing is left behind (unless this run was resuming).
     """
+    from .outputs import check_output, interruptible
+    from .paths import PathKind, path_kind
+    from .segment import open_segment
+
+    segment_mask = isinstance(mask, str) and mask == "segment"
+    inputs = [p for p in (source, model, None if segment_mask else mask)
+              if isinstance(p, (str, os.PathLike))]
+    check_output(out, inputs)
+    if png is not None:
+        check_output(png, inputs)
+    if isinstance(source, (str, os.PathLike)) and path_kind(source) == PathKind.SEGMENT:
+        source = open_segment(source)
+    if getattr(source, "path", None) is not None:
+        inputs.append(source.path)
+    identity = {"source": os.path.realpath(source) if isinstance(source, (str, os.PathLike))
+                else repr(source), "overlap": [int(o) for o in overlap], "batch_size": int(batch_size),
+                "mask": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else repr(type(mask)),
+                "mask_coverage": float(mask_coverage),
+                "checkpoint_blocks": int(checkpoint_blocks),
+                "model": _file_digest(model) if isinstance(model, (str, os.PathLike)) else repr(model)}
+    with interruptible():
+        return _predict(_load_model(model), source, out, block, overlap, batch_size, _masks(mask, source),
+                        mask_coverage, blend, png, overwrite, resume, num_workers, client, quiet,
+                        checkpoint_blocks, inputs, identity)
+
+
+def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_size: int,
+             masks: Any, mask_coverage: float, blend: str, png: Any, overwrite: bool,
+             resume: bool, num_workers: int, client: Any, quiet: bool, checkpoint_blocks: int,
+             inputs: list, identity: dict) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
-    from .segment import Segment, open_segment
     from .stream import DaskVesuviusStream
+    from .volumes import resolve_volume
 
-    if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        try:
-            if path.endswith(".pt2"):  # torch.export archive
-                model = torch.export.load(path).module()
-            else:
-                model = torch.jit.load(path, map_location="cpu")
-        except Exception as err:
-            raise VesuviusDaskError(f"{path}: cannot load the model ({err})") from err
-    if hasattr(model, "eval"):
-        model.eval()
-    if isinstance(source, (str, os.PathLike)) and _is_segment_folder(Path(source)):
-        source = open_segment(source)
-    masks = None
-    if mask is not None:
-        masks = "segment" if isinstance(mask, str) and mask == "segment" else [mask]
-        if masks == "segment" and not isinstance(source, Segment):
-            raise SamplingError("mask='segment' needs a segment folder as the source")
-        if masks == "segment" and source.mask is None:
-            raise SamplingError(f"{source.path}: the segment has no mask.png")
+    vshape = resolve_volume(source).shape
+    block = default_block(vshape, block)
+    identity["block"] = list(block)
     stream = DaskVesuviusStream(
         [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
         batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,
         mask_coverage=mask_coverage, client=client)
     vol_dtype = stream.volumes[0].dtype
     scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
-    writer = None
-    done = 0
+    every = max(1, int(checkpoint_blocks) // int(batch_size))
+    writer: PredictionWriter | None = None
     total = stream.samples_per_epoch
     progress = _Progress("predict", total)
+    batch = 0
     try:
         with torch.no_grad():
-            for blocks, coords in loader:
-                pred = model((blocks / scale).unsqueeze(1))
-                pred = pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
-                if writer is None:
-                    two_d = pred.ndim == 3
-                    vshape = stream.volumes[0].shape
-                    writer = PredictionWriter(
-                        out, vshape[1:] if two_d else vshape, pred.shape[1:], blend=blend,
-                        overwrite=overwrite)
-                writer.add(pred, coords)
-                done += blocks.shape[0]
-                if not quiet:
-                    progress.update(done)
+            while True:
+                loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+                restart = False
+                for blocks, coords in loader:
+                    pred = model((blocks / scale).unsqueeze(1))
+                    pred = pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
+                    if writer is None:
+                        two_d = pred.ndim == 3
+                        writer = PredictionWriter(
+                            out, vshape[1:] if two_d else vshape, pred.shape[1:], blend=blend,
+                            overwrite=overwrite, resume=resume, inputs=inputs, identity=identity)
+                        if writer.progress:  # resumed: start after the last checkpoint
+                            batch = stream.start_batch = int(writer.progress["batches"])
+                            restart = True
+                            break
+                    writer.add(pred, coords)
+                    batch += 1
+                    if batch % every == 0:
+                        writer.checkpoint({"batches": batch})
+                    if not quiet:
+                        progress.update(min(batch * batch_size, total))
+                if not restart:
+                    break
         if not quiet:
-            progress.close(done)
+            progress.close(min(batch * batch_size, total))
         if writer is None:
             raise SamplingError("no block to predict (is the mask empty?)")
         return writer.finalize(png=png)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .volumes import _multiscale_paths, _non_zarr_kind, _open_zarr_path
 
-__all__ = ["describe", "stored_bytes"]
+__all__ = ["describe", "stored_bytes", "check"]
 
 
 def stored_bytes(path: str | os.PathLike) -> int:
@@ -132,3 +132,109 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     if prov:
         lines.append(f"  provenance {prov}")
     return "\n".join(lines)
+
+
+def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]]) -> list[str]:
+    from .volumes import read_stored
+
+    bad = []
+    for start in starts:
+        region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, arr.chunks, arr.shape))
+        try:
+            read_stored(arr, region, label)
+        except Exception as err:  # every failure is reported, not only decode errors
+            bad.append(str(err))
+    return bad
+
+
+def _check_layer(path: str, page: int) -> list[str]:
+    import tifffile
+
+    try:
+        tifffile.imread(path, key=page)
+    except Exception as err:
+        return [f"{path}: layer (page {page}) cannot be decoded: {type(err).__name__}: {err}"]
+    return []
+
+
+def _check_image(img: Any, name: str) -> list[str]:
+    try:
+        img.compute()
+    except Exception as err:
+        return [f"{name}: {err}"]
+    return []
+
+
+def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
+    """Delayed checks (each returns a list of problems) and how many units they cover."""
+    import dask
+    import numpy as np
+    import zarr
+
+    from .paths import PathKind, path_kind
+    from .segment import inspect_layers, open_segment
+
+    kind = path_kind(path)
+    if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
+        layers = inspect_layers(path).layers
+        return [dask.delayed(_check_layer)(lay.path, lay.page) for lay in layers], len(layers)
+    if kind == PathKind.SEGMENT:
+        seg = open_segment(path)
+        tasks, n = _check_tasks(seg.record.label.split(" (level")[0], level)
+        for name in ("mask", "labels", "ir"):
+            img = getattr(seg, name)
+            if img is not None:
+                tasks.append(dask.delayed(_check_image)(img, f"{path} {name}"))
+                n += 1
+        return tasks, n
+    _open_zarr_path(path, level)  # validates the path and the level
+    node = zarr.open(path, mode="r")
+    arrays = [(path, node)] if isinstance(node, zarr.Array) else [
+        (f"{path} (level {i})", node[p]) for i, p in enumerate(_multiscale_paths(node.attrs.asdict()) or [])
+        if level is None or i == level]
+    tasks, n = [], 0
+    for label, arr in arrays:
+        starts = [tuple(int(i) * c for i, c in zip(idx, arr.chunks))
+                  for idx in np.ndindex(*[-(-s // c) for s, c in zip(arr.shape, arr.chunks)])]
+        n += len(starts)
+        for i in range(0, len(starts), 64):
+            tasks.append(dask.delayed(_check_chunks)(arr, label, starts[i:i + 64]))
+    return tasks, n
+
+
+def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = True) -> tuple[int, list[str]]:
+    """Read and decode every stored chunk (or TIFF layer, or segment image) of a volume.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A Zarr array, an OME-Zarr group (every level, or ``level``), a TIFF stack or
+        a segment folder.
+    level : int, optional
+        Only this level of a multiscale group.
+    quiet : bool
+        No progress bar (dask's).
+
+    Returns
+    -------
+    (int, list of str)
+        How many chunks (layers, images) were checked, and one line per bad one,
+        naming the store, the chunk index and its key.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+
+    tasks, n = _check_tasks(os.fspath(path), level)
+    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vesuvius-dask-check")
+    try:
+        if quiet:
+            results = dask.compute(*tasks, scheduler="threads", pool=pool)
+        else:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(dt=0.5):
+                results = dask.compute(*tasks, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return n, [line for r in results for line in r]

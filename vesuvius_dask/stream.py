@@ -630,6 +630,8 @@ class DaskVesuviusStream(IterableDataset):
         self._client_pid = os.getpid()
         self.scheduler_address: str | None = None
         self.retries = int(retries)
+        #: Batches of each epoch before this one are skipped (``predict`` resumes with it).
+        self.start_batch = 0
         self._scattered: dict[Any, Any] = {}
         if client is not None:
             if isinstance(client, str):
@@ -725,7 +727,9 @@ class DaskVesuviusStream(IterableDataset):
     def _batches(self, epoch: int, worker: int, num_workers: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         plan = self._plan(epoch)
-        selected = plan.batches(self.read_batch, select=lambda b: b % num_workers == worker)
+        skip = self.start_batch
+        selected = plan.batches(
+            self.read_batch, select=lambda b: b >= skip and (b - skip) % num_workers == worker)
         # Starts are computed for several batches at once: the permutations are
         # vectorised, so fewer, larger calls cost less per block.
         group = max(1, _STARTS_GROUP // self.read_batch)

@@ -15,30 +15,29 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["read_layers", "is_volume_path", "sample_boxes", "add_samples", "show"]
+__all__ = ["read_layers", "is_volume_path", "sample_boxes", "sample_outlines", "add_samples", "show",
+           "require_napari"]
 
 #: One colour per volume for sample boxes (cycled).
 COLORS = ("#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2", "#ff9f0a", "#64d2ff")
 
 
-def _napari() -> Any:
-    try:
-        import napari
-    except ImportError as err:
-        raise ImportError(
-            "the viewer needs napari: pip install 'vesuvius-dask[viewer]'") from err
-    return napari
+def require_napari() -> Any:
+    """Import napari, or raise :class:`~vesuvius_dask.errors.MissingExtraError` with the install command."""
+    from ..extras import require
+
+    return require("napari", "viewer")
 
 
 def is_volume_path(path: Any) -> bool:
     """True for a Zarr array, an OME-Zarr multiscale group, a TIFF layer folder or a segment folder."""
-    from ..inference import _is_segment_folder
-    from ..volumes import _non_zarr_kind, is_zarr_node
+    from ..paths import PathKind, path_kind
 
     p = Path(os.fspath(path))
-    if not p.is_dir():
-        return False
-    if is_zarr_node(p):
+    kind = path_kind(p)
+    if kind in (PathKind.SEGMENT, PathKind.TIFF_FOLDER):
+        return True
+    if kind == PathKind.ZARR:
         import zarr
 
         node = zarr.open(str(p), mode="r")
@@ -47,7 +46,7 @@ def is_volume_path(path: Any) -> bool:
         from ..volumes import _multiscale_paths
 
         return _multiscale_paths(node.attrs.asdict()) is not None
-    return _is_segment_folder(p) or _non_zarr_kind(p) == "tiff"
+    return False
 
 
 def _contrast(arr: Any, n_chunks: int = 3) -> tuple[float, float]:
@@ -137,14 +136,65 @@ def sample_boxes(stream: Any, n: int | None = 100, epoch: int | None = None
     return out
 
 
+def _outline_slice(block: np.ndarray, starts: np.ndarray, size: tuple[int, int, int],
+                   thickness: int, block_info: Any = None) -> np.ndarray:
+    """One z slice of the outlines of every block spanning it (1 on an outline, else 0).
+
+    Each block's outline is its footprint minus the footprint shrunk by
+    ``thickness`` on every side, counted with 2-D difference arrays and prefix
+    sums: O(blocks + pixels), whatever the number of blocks.
+    """
+    z = block_info[0]["array-location"][0][0]
+    _, ny, nx = block.shape
+    bz, by, bx = size
+    sel = starts[(starts[:, 0] <= z) & (z < starts[:, 0] + bz)]
+    diff = np.zeros((ny + 1, nx + 1), dtype=np.int64)
+    t = min(thickness, by // 2, bx // 2)
+    for sign, inset in ((1, 0), (-1, t)):
+        y0, x0 = sel[:, 1] + inset, sel[:, 2] + inset
+        y1, x1 = sel[:, 1] + by - inset, sel[:, 2] + bx - inset
+        keep = (y1 > y0) & (x1 > x0)
+        for ys, xs, w in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+            np.add.at(diff, (ys[keep], xs[keep]), sign * w)
+    count = diff.cumsum(axis=0).cumsum(axis=1)[:ny, :nx]
+    return (count > 0).astype(np.uint8)[None]
+
+
+def sample_outlines(stream: Any, n: int | None = 100, epoch: int | None = None
+                    ) -> dict[int, Any]:
+    """Outlines of the stream's next ``n`` blocks, one lazy ``uint8`` volume per volume index.
+
+    Each z slice is drawn only when napari shows it, in time linear in the blocks
+    that span it (a million blocks draw in about a second), with outlines
+    ``max(1, size / 600)`` pixels thick so they stay visible when zoomed out.
+    """
+    import dask.array as da
+
+    coords = stream.epoch_coords(epoch)
+    if n is not None:
+        coords = coords[:n]
+    out = {}
+    for v in np.unique(coords[:, 0]).tolist():
+        starts = np.ascontiguousarray(coords[coords[:, 0] == v, 1:])
+        shape = tuple(stream.volumes[v].shape)
+        thickness = max(1, round(max(shape[1:]) / 600))
+        base = da.zeros(shape, dtype=np.uint8, chunks=(1,) + shape[1:])
+        out[v] = base.map_blocks(_outline_slice, starts, tuple(stream.block), thickness,
+                                 dtype=np.uint8)
+    return out
+
+
 def add_samples(viewer: Any, stream: Any, n: int | None = 100, epoch: int | None = None) -> list:
-    """Add one Shapes layer per volume with the stream's next ``n`` block outlines."""
+    """Add one outline layer per volume with the stream's next ``n`` blocks (see :func:`sample_outlines`)."""
+    from napari.utils.colormaps import Colormap
+
     layers = []
-    for v, rects in sorted(sample_boxes(stream, n, epoch).items()):
-        color = COLORS[v % len(COLORS)]
-        layers.append(viewer.add_shapes(
-            rects, shape_type="rectangle", edge_color=color, face_color="transparent",
-            edge_width=2, name=f"samples: volume {v}"))
+    for v, outline in sorted(sample_outlines(stream, n, epoch).items()):
+        rgb = [int(COLORS[v % len(COLORS)][i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        cmap = Colormap([[0, 0, 0, 0], rgb + [1]], name=f"vesuvius-samples-{v}")
+        layers.append(viewer.add_image(outline, name=f"samples: volume {v}", colormap=cmap,
+                                       contrast_limits=(0, 1), blending="additive",
+                                       interpolation2d="nearest"))
     return layers
 
 
@@ -171,7 +221,7 @@ def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | Non
     -------
     napari.Viewer
     """
-    napari = _napari()
+    napari = require_napari()
     from ..volumes import open_volume
 
     if viewer is None:
