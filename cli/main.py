@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 #: Python modules of the optional extras, and the extra that installs each.
@@ -96,13 +99,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    from vesuvius_dask.errors import SamplingError
+    from vesuvius_dask.extras import require
+
+    require("torch", "torch")
     from vesuvius_dask.throughput import stream_throughput
 
-    report = stream_throughput(
-        args.paths, block=(args.z_size, args.y_size, args.x_size), batch_size=args.batch_size,
-        batches=args.batches, num_workers=args.num_workers, seed=args.seed,
-        sampling_method=args.sampling_method, scheduler=args.scheduler,
-    )
+    try:
+        report = stream_throughput(
+            args.paths, block=(args.z_size, args.y_size, args.x_size), batch_size=args.batch_size,
+            batches=args.batches, num_workers=args.num_workers, seed=args.seed,
+            sampling_method=args.sampling_method, scheduler=args.scheduler,
+        )
+    except SamplingError as err:
+        err.cli.setdefault("samples_per_epoch=", "--batches x --batch-size = ")
+        raise
     print(report)
     return 0
 
@@ -147,13 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    """The error's message in one line (a DataLoader worker's traceback reduced to its last line)."""
+def _one_line(err: BaseException, flags: Sequence[str] = ()) -> str:
+    """The error's message in one line (a DataLoader worker's traceback reduced to its last line).
+
+    Python's ``name=value`` for each of the command's options becomes ``--name value``.
+    """
+    from vesuvius_dask.errors import VesuviusDaskError
+
     text = err.cli_message() if hasattr(err, "cli_message") else str(err)
+    for dest in flags:
+        text = re.sub(rf"\b{dest}=", f"--{dest.replace('_', '-')} ", text)
     if "Original Traceback" in text:  # re-raised from a DataLoader worker
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
-    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+    if isinstance(err, OSError) and err.filename and not isinstance(err, VesuviusDaskError):
         text = f"{err.filename}: {err.strerror or text}"
     return " ".join(text.split())
 
@@ -166,16 +184,43 @@ def _missing_extra(err: ImportError) -> str | None:
     return f"this needs the '{extra}' extra ({name} is not installed): pip install \"vesuvius-dask[{extra}]\""
 
 
+def _quiet_exit(signum: int, frame: object) -> None:
+    """Before any command runs (nothing written yet): one line and the conventional status."""
+    sys.stderr.write(f"vesuvius-dask: interrupted by {signal.Signals(signum).name}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    early = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                early[sig] = signal.signal(sig, _quiet_exit)
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in early.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(format=f"vesuvius-dask {args.command}: %(message)s", level=logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"vesuvius-dask {args.command}: %(message)s"))
+    log = logging.getLogger("vesuvius_dask")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     from vesuvius_dask.errors import Interrupted, VesuviusDaskError
+    from vesuvius_dask.outputs import interruptible
 
     where = f"vesuvius-dask {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with interruptible():  # SIGTERM too ends in one line (exit 143), after cleanup
+            return int(args.func(args) or 0)
     except Interrupted as err:
         print(f"{where}: {err}; stopped cleanly", file=sys.stderr)
         return 128 + err.signum
@@ -189,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{where}: error: {message or _one_line(err)}", file=sys.stderr)
         return 2
     except (VesuviusDaskError, OSError) as err:
-        print(f"{where}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{where}: error: {_one_line(err, [k for k in vars(args) if k != 'func'])}",
+              file=sys.stderr)
         return 2
     except Exception as err:  # a bug or an unforeseen failure: still one line
         if os.environ.get("VESUVIUS_DASK_DEBUG"):

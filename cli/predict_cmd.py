@@ -8,6 +8,9 @@ from .main import non_negative, positive, positive_triple, triple
 
 
 def run(args: argparse.Namespace) -> int:
+    from vesuvius_dask.extras import require
+
+    require("torch", "torch")
     from vesuvius_dask.inference import predict
 
     out = predict(

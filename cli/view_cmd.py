@@ -34,10 +34,15 @@ def run(args: argparse.Namespace) -> int:
         require("torch", "torch")
         from vesuvius_dask.stream import DaskVesuviusStream
 
-        stream = DaskVesuviusStream(
-            args.paths, args.z_size, args.y_size, args.x_size,
-            samples_per_epoch=args.samples_per_epoch or args.samples,
-            sampling_method=args.sampling_method, seed=args.seed)
+        try:
+            stream = DaskVesuviusStream(
+                args.paths, args.z_size, args.y_size, args.x_size,
+                samples_per_epoch=args.samples_per_epoch or args.samples,
+                sampling_method=args.sampling_method, seed=args.seed)
+        except SamplingError as err:
+            err.cli.setdefault("samples_per_epoch=", "--samples-per-epoch " if args.samples_per_epoch
+                               else "--samples ")
+            raise
         if args.epoch is not None:
             stream.set_epoch(args.epoch)
     viewer = show(args.paths, stream, samples=args.samples or None)

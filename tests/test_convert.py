@@ -74,10 +74,15 @@ def test_ome_pyramid(stack, stack_data, tmp_path, zarr_format):
     np.testing.assert_array_equal(open_volume(tmp_path / "p.ome.zarr").compute(), stack_data)
     lvl1 = open_volume(tmp_path / "p.ome.zarr", level=1)
     assert lvl1.shape == (6, 35, 45)
-    expected = stack_data[:, :70, :90].astype(np.float64)
-    expected = np.pad(expected, [(0, 0), (0, 0), (0, 0)])
+    expected = stack_data.astype(np.float64)
     blocks = expected.reshape(6, 2, 35, 2, 45, 2).mean(axis=(1, 3, 5))
     np.testing.assert_allclose(lvl1.compute(), np.round(blocks), atol=1)
+    # level 2 halves odd sizes (35 -> 18, 45 -> 23): the last row and column repeat the edge
+    lvl2 = open_volume(tmp_path / "p.ome.zarr", level=2).compute()
+    edge = np.pad(lvl1.compute().astype(np.float64), [(0, 0), (0, 1), (0, 1)], mode="edge")
+    expected2 = edge.reshape(3, 2, 18, 2, 23, 2).mean(axis=(1, 3, 5))
+    assert lvl2.shape == (3, 18, 23)
+    np.testing.assert_allclose(lvl2, np.round(expected2), atol=1)
     group = zarr.open_group(tmp_path / "p.ome.zarr", mode="r")
     attrs = group.attrs.asdict()
     ms = attrs["multiscales"] if zarr_format == 2 else attrs["ome"]["multiscales"]
@@ -86,6 +91,25 @@ def test_ome_pyramid(stack, stack_data, tmp_path, zarr_format):
     last = open_volume(tmp_path / "p.ome.zarr", level=len(levels) - 1)
     assert last.shape[1] <= 16 and last.shape[2] <= 16
     assert levels[1]["coordinateTransformations"][0]["scale"] == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("zarr_format,version", [(2, "v04"), (3, "v05")])
+def test_ome_output_passes_an_independent_validator(stack, tmp_path, zarr_format, version):
+    """ome-zarr-models validates NGFF 0.4 (Zarr v2) and 0.5 (Zarr v3, dimension names) output."""
+    models = pytest.importorskip(f"ome_zarr_models.{version}")
+    kw = dict(shards=(8, 64, 64)) if zarr_format == 3 else {}
+    convert_tiffs(stack, tmp_path / "v.ome.zarr", chunks=(4, 16, 16), ome=True, zarr_format=zarr_format,
+                  **kw)
+    image = models.Image.from_zarr(zarr.open_group(tmp_path / "v.ome.zarr", mode="r"))
+    assert len(image.attributes.multiscales if zarr_format == 2 else image.attributes.ome.multiscales) == 1
+
+
+@pytest.mark.parametrize("shards", [(4, 1024, 1024), (12, 64, 1024), (16, 96, 96)])
+def test_shards_beyond_the_volume_convert_exactly(stack, stack_data, tmp_path, shards):
+    out = convert_tiffs(stack, tmp_path / "s.zarr", chunks=(4, 32, 32), shards=shards)
+    np.testing.assert_array_equal(out.compute(), stack_data)
+    arr = zarr.open(tmp_path / "s.zarr", mode="r")
+    assert all(s % c == 0 for s, c in zip(arr.shards, arr.chunks))
 
 
 def test_multipage_and_glob(tmp_path, stack_data):

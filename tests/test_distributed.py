@@ -116,3 +116,22 @@ def test_stream_command_on_cluster(cluster, capsys):
                  "--scheduler", cluster.scheduler_address]) == 0
     out = capsys.readouterr().out
     assert "48 blocks" in out and f"scheduler {cluster.scheduler_address}" in out
+
+
+def test_convert_with_scheduler_and_its_progress_bar(cluster, tmp_path, rng_volume, capsys):
+    """--scheduler without --quiet: distributed's progress bar, exact data, shards beyond the volume."""
+    import tifffile
+    import zarr
+    from vesuvius_dask.cli.main import main
+
+    data = rng_volume[:6, :100, :120]
+    (tmp_path / "tifs").mkdir()
+    for i, layer in enumerate(data):
+        tifffile.imwrite(tmp_path / "tifs" / f"{i:02d}.tif", layer)
+    assert main(["convert", str(tmp_path / "tifs"), str(tmp_path / "o.zarr"), "--chunks", "2,64,64",
+                 "--shards", "4,1024,1024", "--scheduler", cluster.scheduler_address]) == 0
+    out = capsys.readouterr().out
+    assert "100%" in out or "Completed" in out or "[####" in out, out
+    arr = zarr.open(tmp_path / "o.zarr", mode="r")
+    assert arr.shards == (4, 128, 128) and arr.chunks == (2, 64, 64)
+    np.testing.assert_array_equal(arr[:], data)

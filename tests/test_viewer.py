@@ -101,7 +101,8 @@ def test_viewer_shows_volume_and_boxes(real_crop_or_example):
         assert len(outlines) == 1
         drawn = np.asarray(outlines[0].data)
         starts = stream.epoch_coords()[:30, 1:]
-        np.testing.assert_array_equal(drawn, _naive_outlines(drawn.shape, starts, (4, 64, 64), 2))
+        thickness = -(-max(drawn.shape[1:]) // 400)
+        np.testing.assert_array_equal(drawn, _naive_outlines(drawn.shape, starts, (4, 64, 64), thickness))
         shot = viewer.screenshot(canvas_only=True)
         assert shot.ndim == 3 and shot[..., :3].std() > 5  # not a blank canvas
     finally:

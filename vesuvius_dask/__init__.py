@@ -1,7 +1,8 @@
 """vesuvius-dask: Herculaneum scroll volumes as lazy dask arrays, streamed into PyTorch.
 
-``import vesuvius_dask`` is light: it imports numpy, dask and zarr lazily where it can
-and never imports torch, napari or dask.distributed. ``DaskVesuviusStream`` (which
+``import vesuvius_dask`` is light: numpy, dask and zarr load on first use of
+:func:`open_volume` and friends, and torch, napari or dask.distributed never load
+with it. ``DaskVesuviusStream`` (which
 needs torch) is loaded on first access.
 """
 
@@ -12,19 +13,25 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import (
     ConversionError,
+    CorruptChunkError,
+    Interrupted,
     InvalidTypeError,
+    MissingExtraError,
+    OutputError,
+    OutputExistsError,
+    ResumeError,
     SamplingError,
     VesuviusDaskError,
     VolumeError,
     VolumeNotFoundError,
 )
-from .volumes import open_volume
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import convert_tiffs
     from .inference import PredictionWriter, predict
     from .segment import Segment, open_segment
     from .stream import DaskVesuviusStream
+    from .volumes import open_volume
 
 __all__ = [
     "__version__",
@@ -41,9 +48,16 @@ __all__ = [
     "SamplingError",
     "InvalidTypeError",
     "ConversionError",
+    "CorruptChunkError",
+    "OutputError",
+    "OutputExistsError",
+    "ResumeError",
+    "MissingExtraError",
+    "Interrupted",
 ]
 
 _LAZY = {
+    "open_volume": ("volumes", "open_volume"),
     "DaskVesuviusStream": ("stream", "DaskVesuviusStream"),
     "convert_tiffs": ("convert", "convert_tiffs"),
     "open_segment": ("segment", "open_segment"),

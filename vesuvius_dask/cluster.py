@@ -31,12 +31,9 @@ def get_client(scheduler: Any, timeout: float | None = None) -> Any:
     VesuviusDaskError
         distributed is not installed, or the scheduler cannot be reached in time.
     """
-    try:
-        from distributed import Client
-    except ImportError as err:
-        raise VesuviusDaskError(
-            "a dask.distributed scheduler was given but distributed is not installed: "
-            "pip install 'vesuvius-dask[distributed]'") from err
+    from .extras import require
+
+    Client = require("distributed", "distributed").Client
     if isinstance(scheduler, Client):
         return scheduler
     if timeout is None:

@@ -303,7 +303,8 @@ def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str) -> None
             from distributed import progress
 
             print(what, flush=True)
-            progress(futures, notebook=False)
+            with client.as_current():  # the bar finds its scheduler through the current client
+                progress(futures, notebook=False)
             print()
         client.gather(futures)
     except BaseException:
@@ -479,9 +480,9 @@ def convert_tiffs(
         "shards": list(shards) if shards else None, "compressor": compressor,
         "zarr_format": zarr_format, "ome": bool(ome), "dtype": info.dtype.str,
     }
-    inputs = sorted({layer.path for layer in info.layers}) + [src_text]
+    inputs = [src_text] + sorted({layer.path for layer in info.layers})
     with interruptible():
-        job = OutputJob(dst_path, inputs, identity, overwrite=overwrite, resume=resume, what="convert")
+        job = OutputJob(dst, inputs, identity, overwrite=overwrite, resume=resume, what="convert")
         try:
             write_chunks = shards or chunks
             stack = lazy_stack(info, roi, band=write_chunks[1])

@@ -374,6 +374,21 @@ def _file_digest(path: str | os.PathLike) -> str:
     return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def _model_identity(model: Any) -> str:
+    """What a resumed run must match: the file, the module's weights, or the callable's name."""
+    if isinstance(model, (str, os.PathLike)):
+        return _file_digest(model)
+    if hasattr(model, "state_dict"):
+        import hashlib
+
+        h = hashlib.sha256(type(model).__qualname__.encode())
+        for name, tensor in model.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    return f"{getattr(model, '__module__', '')}.{getattr(model, '__qualname__', type(model).__qualname__)}"
+
+
 def _load_model(model: Any) -> Any:
     import torch
 
@@ -474,6 +489,8 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     from .paths import PathKind, path_kind
     from .segment import open_segment
 
+    if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
+        raise VesuviusDaskError(f"{os.fspath(model)}: no such model file")
     segment_mask = isinstance(mask, str) and mask == "segment"
     inputs = [p for p in (source, model, None if segment_mask else mask)
               if isinstance(p, (str, os.PathLike))]
@@ -489,7 +506,7 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
                 "mask": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else repr(type(mask)),
                 "mask_coverage": float(mask_coverage),
                 "checkpoint_blocks": int(checkpoint_blocks),
-                "model": _file_digest(model) if isinstance(model, (str, os.PathLike)) else repr(model)}
+                "model": _model_identity(model)}
     with interruptible():
         return _predict(_load_model(model), source, out, block, overlap, batch_size, _masks(mask, source),
                         mask_coverage, blend, png, overwrite, resume, num_workers, client, quiet,

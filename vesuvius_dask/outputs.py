@@ -42,8 +42,15 @@ logger = logging.getLogger("vesuvius_dask")
 _JOB_FILE = "job.json"
 _DONE_FILE = "done.log"
 _LOCK_FILE = "lock"
-#: Seconds between flushes of the done-log (each flush first syncs written data).
+#: Seconds between flushes of the done-log (each flush first syncs written data); dask
+#: config ``vesuvius-dask.journal-interval`` (env ``DASK_VESUVIUS_DASK__JOURNAL_INTERVAL``).
 JOURNAL_INTERVAL = 2.0
+
+
+def _journal_interval() -> float:
+    import dask
+
+    return float(dask.config.get("vesuvius-dask.journal-interval", JOURNAL_INTERVAL))
 
 
 # ---------------------------------------------------------------------- inputs are sacred
@@ -128,7 +135,8 @@ def interruptible() -> Iterator[None]:
     if outer:
         _SignalState.pending, _SignalState.fired = [], False
         for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, _handler)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup and background jobs keep ignoring
+                old[sig] = signal.signal(sig, _handler)
     _SignalState.depth += 1
     try:
         yield
@@ -141,17 +149,23 @@ def interruptible() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def critical() -> Iterator[None]:
+def critical(finishing: bool = False) -> Iterator[None]:
     """Hold SIGINT/SIGTERM back while inside (renames that must not stop half-way).
 
     A signal that arrived meanwhile is raised on exit, unless one was already
-    being handled.
+    being handled. With ``finishing`` (the last step of a job, after which there is
+    nothing left to stop) it is dropped instead, with a logged note.
     """
     _SignalState.critical += 1
     try:
         yield
     finally:
         _SignalState.critical -= 1
+        if finishing and not _SignalState.critical and _SignalState.pending and not _SignalState.fired:
+            name = signal.Signals(_SignalState.pending[0]).name
+            _SignalState.pending = []
+            logger.warning("%s arrived while the finished output was being moved into place; "
+                           "the job completed", name)
         if not _SignalState.critical and _SignalState.pending and not _SignalState.fired \
                 and _SignalState.depth:
             signum = _SignalState.pending.pop(0)
@@ -215,9 +229,9 @@ class _Journal:
     Thread-safe and shareable with worker processes (each appends with ``O_APPEND``).
     """
 
-    def __init__(self, path: Path, interval: float = JOURNAL_INTERVAL) -> None:
+    def __init__(self, path: Path, interval: float | None = None) -> None:
         self.path = path
-        self.interval = interval
+        self.interval = _journal_interval() if interval is None else interval
         self._buffer: list[str] = []
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -255,6 +269,19 @@ class _Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+#: Names a job writes in its partial folder besides ``data/``.
+_OWN_NAMES = {_JOB_FILE, _JOB_FILE + ".tmp", _DONE_FILE, _LOCK_FILE, "state.json", "state.json.tmp",
+              "acc", "preview.png"}
+
+
+def _only_ours(partial: Path) -> bool:
+    """Whether a partial folder holds nothing but what a job writes there."""
+    try:
+        return all(p.name in _OWN_NAMES for p in partial.iterdir())
+    except OSError:
+        return False
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -315,11 +342,16 @@ class OutputJob:
             logger.warning("%s %s: nothing to resume (no interrupted run's %s); starting a fresh run",
                            what, self.shown, self.partial.name)
         if not self.resumed:
-            self.partial.mkdir()
-            self._lock()
-            write_json_atomic(self.partial / _JOB_FILE, {"identity": self.identity,
-                                                        "pid": os.getpid(), "what": what})
-            self.data.parent.mkdir(exist_ok=True)
+            try:
+                self.partial.mkdir()
+                self._lock()
+                write_json_atomic(self.partial / _JOB_FILE, {"identity": self.identity,
+                                                            "pid": os.getpid(), "what": what})
+            except BaseException:  # a signal (or a full disk) while starting: leave nothing
+                with critical():
+                    self._unlock()
+                    remove_path(self.partial)
+                raise
         self.journal = _Journal(self.partial / _DONE_FILE)
 
     # -- leftovers ------------------------------------------------------------
@@ -332,9 +364,9 @@ class OutputJob:
                            self.shown, old.name)
         elif old.exists():
             remove_path(old)
-        if self.partial.exists() and not (self.partial / _JOB_FILE).exists() \
-                and not self.data.exists():
-            remove_path(self.partial)  # nothing of value: an emptied partial folder
+        if self.partial.is_dir() and not self.data.exists() and self.dst.exists() \
+                and _only_ours(self.partial):
+            remove_path(self.partial)  # a publish that was cut short after the output moved
 
     def _leftovers(self, overwrite: bool, resume: bool) -> None:
         try:
@@ -420,7 +452,7 @@ class OutputJob:
         extra : sequence of (built, destination)
             Side outputs (a PNG preview) built in the partial folder, moved first.
         """
-        with critical():
+        with critical(finishing=True):
             for built, target in extra:
                 replace_path(built, target)
             replace_path(self.data, self.dst)

@@ -624,7 +624,7 @@ class DaskVesuviusStream(IterableDataset):
         self._iterations = 0
         # [epoch, generation] in shared memory: set_epoch in the main process reaches
         # DataLoader workers that already hold a copy (persistent_workers=True).
-        self._epoch_cell = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._epoch_cell = torch.zeros(3, dtype=torch.int64).share_memory_()  # + warned
         self._epoch_generation = 0
         self._client_obj: Any = None
         self._client_pid = os.getpid()
@@ -766,7 +766,9 @@ class DaskVesuviusStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._sync_epoch()
-        if info is not None and not self._epoch_set and self._iterations == 0:
+        if info is not None and info.id == 0 and not self._epoch_set and self._iterations == 0 \
+                and int(self._epoch_cell[2]) == 0:
+            self._epoch_cell[2] = 1  # shared: one warning per stream, not one per worker
             warnings.warn(
                 "DaskVesuviusStream in DataLoader workers: call stream.set_epoch(epoch) before "
                 "each epoch, or use persistent_workers=True; with fresh workers and no "

@@ -166,7 +166,7 @@ def sample_outlines(stream: Any, n: int | None = 100, epoch: int | None = None
 
     Each z slice is drawn only when napari shows it, in time linear in the blocks
     that span it (a million blocks draw in about a second), with outlines
-    ``max(1, size / 600)`` pixels thick so they stay visible when zoomed out.
+    ``ceil(size / 400)`` pixels thick so they stay visible when the whole slice is shown.
     """
     import dask.array as da
 
@@ -177,7 +177,7 @@ def sample_outlines(stream: Any, n: int | None = 100, epoch: int | None = None
     for v in np.unique(coords[:, 0]).tolist():
         starts = np.ascontiguousarray(coords[coords[:, 0] == v, 1:])
         shape = tuple(stream.volumes[v].shape)
-        thickness = max(1, round(max(shape[1:]) / 600))
+        thickness = max(1, -(-max(shape[1:]) // 400))
         base = da.zeros(shape, dtype=np.uint8, chunks=(1,) + shape[1:])
         out[v] = base.map_blocks(_outline_slice, starts, tuple(stream.block), thickness,
                                  dtype=np.uint8)
@@ -193,7 +193,7 @@ def add_samples(viewer: Any, stream: Any, n: int | None = 100, epoch: int | None
         rgb = [int(COLORS[v % len(COLORS)][i:i + 2], 16) / 255 for i in (1, 3, 5)]
         cmap = Colormap([[0, 0, 0, 0], rgb + [1]], name=f"vesuvius-samples-{v}")
         layers.append(viewer.add_image(outline, name=f"samples: volume {v}", colormap=cmap,
-                                       contrast_limits=(0, 1), blending="additive",
+                                       contrast_limits=(0, 1), blending="translucent",
                                        interpolation2d="nearest"))
     return layers
 
