@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # napari tests need a display: use a virtual one when xvfb-run is there (.ci/run installs it)
 XVFB   := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
-.PHONY: demo test lint bench venv clean example
+.PHONY: demo test lint bench venv clean example segment ink
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ bench: $(VENV)/.installed
 ## example: regenerate the synthetic example_zarr/example.zarr
 example: $(VENV)/.installed
 	$(PY) examples/make_example.py example_zarr/example.zarr
+
+## segment: write the synthetic segment folder example_zarr/segment (volume, mask, ink labels)
+segment: $(VENV)/.installed
+	$(PY) examples/make_example.py --segment example_zarr/segment
+
+## ink: train the ink example on it, export the model, predict the whole segment to prediction.png
+ink: segment
+	$(PY) examples/train_ink.py --segment example_zarr/segment --save inknet.pth
+	$(PY) examples/export_model.py inknet.pth inknet.pt
+	$(VENV)/bin/vesuvius-dask predict inknet.pt example_zarr/segment prediction.zarr --block 8,32,32 \
+		--overlap 0,8,8 --mask --png prediction.png --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

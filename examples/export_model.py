@@ -1,8 +1,9 @@
 r"""Export the tiny ink model of train_ink.py to TorchScript, for `vesuvius-dask predict`.
 
-    python examples/train_ink.py --save inknet.pth
+    make segment                                   # example_zarr/segment (synthetic)
+    python examples/train_ink.py --segment example_zarr/segment --save inknet.pth
     python examples/export_model.py inknet.pth inknet.pt
-    vesuvius-dask predict inknet.pt SEGMENT_FOLDER prediction.zarr --block 8,32,32 \\
+    vesuvius-dask predict inknet.pt example_zarr/segment prediction.zarr --block 8,32,32 \\
         --overlap 0,8,8 --mask --png prediction.png
 
 `predict` feeds the model (B, 1, z, y, x) float32 blocks with integer volumes scaled
@@ -13,6 +14,7 @@ probability per pixel, (B, y, x).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -35,11 +37,22 @@ class InkProbability(torch.nn.Module):
 
 
 def main() -> None:
-    weights = sys.argv[1] if len(sys.argv) > 1 else None
-    out = sys.argv[2] if len(sys.argv) > 2 else "inknet.pt"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("weights", nargs="?", default=None,
+                        help="state_dict saved by train_ink.py --save (default: untrained weights)")
+    parser.add_argument("out", nargs="?", default="inknet.pt", help="TorchScript file to write")
+    args = parser.parse_args()
+    weights, out = args.weights, args.out
+    if Path(out).exists() and weights and Path(out).resolve() == Path(weights).resolve():
+        parser.error(f"{out} is the weights file; choose another output")
     net = InkNet()
     if weights:
-        net.load_state_dict(torch.load(weights, map_location="cpu"))
+        try:
+            net.load_state_dict(torch.load(weights, map_location="cpu"))
+        except (OSError, RuntimeError) as err:
+            parser.error(f"{weights}: cannot load the weights ({err})".splitlines()[0])
     scripted = torch.jit.script(InkProbability(net).eval())
     scripted.save(out)
     print(f"saved TorchScript model to {out}")

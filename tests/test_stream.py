@@ -541,3 +541,21 @@ def test_locality_with_a_mask(tmp_path):
                               **{**kw, "samples_per_epoch": local.starts_per_volume[0]})
     coords = full.epoch_coords(0)
     assert len({tuple(r) for r in coords.tolist()}) == local.starts_per_volume[0]
+
+
+def test_set_epoch_warning_once_per_stream(zarr_v3):
+    """Fresh workers without set_epoch warn once, not once per worker and epoch."""
+    code = (
+        "import warnings\n"
+        "from torch.utils.data import DataLoader\n"
+        "from vesuvius_dask import DaskVesuviusStream\n"
+        f"s = DaskVesuviusStream([{str(zarr_v3)!r}], 4, 16, 16, samples_per_epoch=64, batch_size=8)\n"
+        "for epoch in range(2):\n"
+        "    for _ in DataLoader(s, batch_size=None, num_workers=2, timeout=120):\n"
+        "        pass\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("call stream.set_epoch(epoch)") == 1, proc.stderr

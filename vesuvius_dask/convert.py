@@ -26,7 +26,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import ConversionError
-from .volumes import LAYER_DIRS, TIFF_SUFFIXES
+from .paths import LAYER_DIRS, TIFF_SUFFIXES
 
 __all__ = ["convert_tiffs", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR", "DEFAULT_CHUNKS"]
 

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .volumes import _multiscale_paths, _non_zarr_kind, _open_zarr_path
+from .paths import PathKind, path_kind
+from .volumes import _multiscale_paths, _open_zarr_path
 
 __all__ = ["describe", "stored_bytes", "check"]
 
@@ -107,10 +108,10 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     import zarr
 
     label = os.fspath(path)
-    kind = _non_zarr_kind(path)
-    if kind == "tiff":
+    kind = path_kind(path)
+    if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
         return "\n".join([label] + _tiff_lines(Path(label)))
-    if kind == "segment":
+    if kind == PathKind.SEGMENT:
         return "\n".join([label] + _segment_lines(Path(label)))
     arr, _ = _open_zarr_path(path, level)  # validates the path and the level
     node = zarr.open(label, mode="r")
@@ -171,7 +172,6 @@ def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
     import numpy as np
     import zarr
 
-    from .paths import PathKind, path_kind
     from .segment import inspect_layers, open_segment
 
     kind = path_kind(path)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from .errors import VolumeError, VolumeNotFoundError
-from .volumes import LAYER_DIRS, TIFF_SUFFIXES, Volume, resolve_volume
+from .paths import TIFF_SUFFIXES, segment_volume_dirs
+from .volumes import Volume, resolve_volume
 
 __all__ = ["Segment", "TiffStack", "open_segment", "read_image", "MAX_IMAGE_PIXELS"]
 
@@ -320,12 +321,11 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
     root = Path(folder)
     if not root.is_dir():
         raise VolumeNotFoundError(f"{root}: no such segment folder")
-    zarrs = sorted(p for p in root.glob("*.zarr") if p.is_dir())
-    layer_dirs = [root / d for d in LAYER_DIRS if (root / d).is_dir()]
-    if zarrs:
-        record = resolve_volume(zarrs[0], level=level)
-    elif layer_dirs:
-        record = _tiff_volume(layer_dirs[0])
+    found = segment_volume_dirs(root)
+    if found and found[0].suffix == ".zarr":
+        record = resolve_volume(found[0], level=level)
+    elif found:
+        record = _tiff_volume(found[0])
     else:
         raise VolumeNotFoundError(
             f"{root}: no volume found (expected a surface_volume/ or layers/ folder of TIFF "

@@ -24,6 +24,7 @@ import numpy as np
 from dask.base import tokenize
 
 from .errors import CorruptChunkError, InvalidTypeError, VolumeError, VolumeNotFoundError
+from .paths import PathKind, path_kind
 
 __all__ = ["open_volume", "Volume", "resolve_volume", "read_stored", "chunk_key", "DEFAULT_RAM_CHUNKS"]
 
@@ -155,40 +156,6 @@ def _wrap_numpy(arr: np.ndarray, chunks: Any, token: str | None = None) -> da.Ar
 
 def _is_pathlike(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike))
-
-
-#: Files that make a folder a Zarr node (v3, v2 array, v2 group).
-ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
-TIFF_SUFFIXES = (".tif", ".tiff")
-#: Folders of TIFF layers in a segment, in order of preference: fragments (Kaggle
-#: ink-detection layout) use surface_volume/, scroll segments (volpkg paths/<id>/) layers/.
-LAYER_DIRS = ("surface_volume", "layers")
-
-
-def is_zarr_node(p: Path) -> bool:
-    """True for a local folder that is a Zarr array or group."""
-    return any((p / m).exists() for m in ZARR_MARKERS)
-
-
-def _non_zarr_kind(source: str | os.PathLike) -> str | None:
-    """What a non-Zarr path holds: ``"tiff"``, ``"segment"`` or None.
-
-    ``"tiff"``: a TIFF file or a folder of TIFF layers; ``"segment"``: a segment folder;
-    None: anything else (Zarr, URLs, missing paths).
-    """
-    p = Path(os.fspath(source))
-    if "://" in os.fspath(source):
-        return None
-    if p.is_file():
-        return "tiff" if p.suffix.lower() in TIFF_SUFFIXES else None
-    if not p.is_dir() or is_zarr_node(p):
-        return None
-    if any(f.suffix.lower() in TIFF_SUFFIXES and not f.name.startswith(".")
-           for f in p.iterdir() if f.is_file()):
-        return "tiff"
-    if any((p / d).is_dir() for d in LAYER_DIRS):
-        return "segment"
-    return None
 
 
 def _multiscale_paths(attrs: dict[str, Any]) -> list[str] | None:
@@ -342,12 +309,12 @@ def resolve_volume(
     if hook is not None:  # e.g. a Segment
         return hook()
     if _is_pathlike(source):
-        kind = _non_zarr_kind(source)
-        if kind == "segment":
+        kind = path_kind(source)
+        if kind == PathKind.SEGMENT:
             from .segment import open_segment
 
             return open_segment(source, level=level).record
-        if kind == "tiff":
+        if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
             from .segment import _tiff_volume
 
             if level not in (None, 0):

@@ -78,13 +78,15 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
     """
     import zarr
 
-    from ..volumes import _multiscale_paths, _non_zarr_kind, is_zarr_node, open_volume
+    from ..paths import PathKind, path_kind
+    from ..volumes import _multiscale_paths, open_volume
 
     if isinstance(path, (list, tuple)):
         path = path[0]
     text = os.fspath(path)
     name = text.rstrip("/").rsplit("/", 1)[-1]
-    if "://" in text or is_zarr_node(Path(text)):  # local or remote (fsspec URL) Zarr
+    kind = path_kind(text)
+    if kind in (PathKind.URL, PathKind.ZARR):  # local or remote (fsspec URL) Zarr
         node = zarr.open(text, mode="r")
         if isinstance(node, zarr.Array):
             vol = open_volume(text)
@@ -94,7 +96,7 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
         return [(levels, {"name": name, "multiscale": True,
                           "contrast_limits": _contrast(levels[-1])}, "image")]
     p = Path(text)
-    if _non_zarr_kind(p) == "tiff":
+    if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
         vol = open_volume(p)
         return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
     from ..segment import open_segment
