@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SamplingError
 from .volumes import Volume, read_stored
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
@@ -368,7 +369,7 @@ class BatchEngine:
         if out is None:
             out = self._output(shape)
         elif out.shape != shape or out.dtype != self.dtype:
-            raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; "
+            raise SamplingError(f"out has shape {out.shape} and dtype {out.dtype}; "
                              f"expected {shape} and {self.dtype}")
         tag = next(_batch_counter)
         graph: dict = {}

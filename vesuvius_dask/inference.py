@@ -530,6 +530,7 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
         [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
         batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,
         mask_coverage=mask_coverage, client=client)
+    stream.set_epoch(0)  # a grid has one order: no epoch to advance, no warning in workers
     vol_dtype = stream.volumes[0].dtype
     scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0
     every = max(1, int(checkpoint_blocks) // int(batch_size))

@@ -378,7 +378,7 @@ class OutputJob:
                 f"{self.shown}: {self.partial} is in the way and is not an interrupted run of "
                 f"vesuvius-dask that can be resumed; remove it and run again") from None
         self._lock()
-        done = len(_Journal(self.partial / _DONE_FILE).read())
+        done = self._progress_text()
         if resume:
             diffs = _differences(old_identity, self.identity)
             if diffs:
@@ -388,20 +388,28 @@ class OutputJob:
                     f"inputs or options differ ({'; '.join(diffs)}); pass overwrite=True to "
                     "start again", cli={"overwrite=True": "--overwrite"})
             self.resumed = True
-            logger.info("%s %s: resuming an interrupted run (%d units already written)",
-                        self.what, self.shown, done)
+            logger.info("%s %s: resuming an interrupted run (%s)", self.what, self.shown, done)
             return
         if overwrite:
-            logger.warning("%s %s: discarding an interrupted run's leftovers %s (%d units written)",
+            logger.warning("%s %s: discarding an interrupted run's leftovers %s (%s)",
                            self.what, self.shown, self.partial.name, done)
             self._unlock()
             remove_path(self.partial)
             return
         self._unlock()
         raise OutputExistsError(
-            f"{self.shown}: an interrupted run left {self.partial} ({done} units written); "
+            f"{self.shown}: an interrupted run left {self.partial} ({done}); "
             "pass resume=True to continue it, or overwrite=True to start again",
             cli={"resume=True": "--resume", "overwrite=True": "--overwrite"})
+
+    def _progress_text(self) -> str:
+        """How far the interrupted run got, in words."""
+        state = self.load_state("state.json")
+        if isinstance(state, dict) and isinstance(state.get("progress"), dict):
+            return "checkpoint after " + ", ".join(f"{v} {k}" for k, v in state["progress"].items())
+        if state is not None or (self.partial / "acc").exists():
+            return "no checkpoint yet"
+        return f"{len(_Journal(self.partial / _DONE_FILE).read())} output chunks written"
 
     def _lock(self) -> None:
         try:

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MissingExtraError
+
 try:
     import torch
     from torch.utils.data import IterableDataset, get_worker_info
 except ImportError as err:  # pragma: no cover - exercised only without torch
-    raise ImportError(
-        "DaskVesuviusStream needs PyTorch: pip install 'vesuvius-dask[torch]' "
-        "(or pip install torch)"
-    ) from err
+    raise MissingExtraError(
+        "DaskVesuviusStream needs PyTorch: pip install \"vesuvius-dask[torch]\"") from err
 
 from .engine import DEFAULT_CACHE_BYTES, BatchEngine, read_together
 from .errors import InvalidTypeError, SamplingError
