@@ -7,6 +7,7 @@ import zarr
 from vesuvius_dask.cli.main import main
 
 import vesuvius_dask.convert as convert_mod
+import vesuvius_dask.tiff as tiff_mod
 from vesuvius_dask import ConversionError, convert_tiffs, open_volume
 
 
@@ -203,14 +204,14 @@ def test_refuses_to_overwrite_then_replaces(stack, stack_data, tmp_path):
 
 
 def test_failure_midway_leaves_no_output(stack, tmp_path, monkeypatch):
-    real = convert_mod._read_layer
+    real = tiff_mod.read_layer
 
     def failing(path, *args):
         if path.endswith("10.tif"):
             raise ConversionError(f"{path}: injected read failure")
         return real(path, *args)
 
-    monkeypatch.setattr(convert_mod, "_read_layer", failing)
+    monkeypatch.setattr(tiff_mod, "read_layer", failing)
     with pytest.raises(ConversionError, match="10.tif: injected read failure"):
         convert_tiffs(stack, tmp_path / "bad.zarr", chunks=(4, 32, 32))
     _no_output(tmp_path)
@@ -219,7 +220,7 @@ def test_failure_midway_leaves_no_output(stack, tmp_path, monkeypatch):
 def test_failure_midway_keeps_existing_output(stack, stack_data, tmp_path, monkeypatch):
     dst = tmp_path / "keep.zarr"
     convert_tiffs(stack, dst, chunks=(4, 32, 32))
-    monkeypatch.setattr(convert_mod, "_read_layer", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr(tiff_mod, "read_layer", lambda *a: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError):
         convert_tiffs(stack, dst, chunks=(4, 32, 32), overwrite=True)
     np.testing.assert_array_equal(open_volume(dst).compute(), stack_data)

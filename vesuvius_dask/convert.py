@@ -13,12 +13,8 @@ built in a temporary sibling folder that is renamed into place only on success.
 from __future__ import annotations
 
 import datetime as _dt
-import glob as _glob
 import os
-import re
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +22,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import ConversionError
-from .paths import LAYER_DIRS, TIFF_SUFFIXES
+from .tiff import Layer, find_layers, inspect_stack, lazy_stack
 
 __all__ = ["convert_tiffs", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR", "DEFAULT_CHUNKS"]
 
@@ -34,183 +30,6 @@ DEFAULT_CHUNKS = (4, 512, 512)
 #: See the README ("Choosing the default codec") for the measurements behind it.
 DEFAULT_COMPRESSOR = "blosc-lz4"
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One 2-D layer of the source: a file and a page in it."""
-
-    path: str
-    page: int
-    number: int
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    layers: tuple[Layer, ...]
-    shape: tuple[int, int, int]
-    dtype: np.dtype
-    memmappable: bool
-
-
-def _natural_key(path: str) -> tuple:
-    parts = re.split(r"(\d+)", os.path.basename(path))
-    return tuple(int(p) if p.isdigit() else p.lower() for p in parts)
-
-
-def _layer_number(path: str) -> int:
-    digits = re.findall(r"\d+", Path(path).stem)
-    if not digits:
-        raise ConversionError(f"{path}: the file name has no layer number (expected e.g. 00.tif)")
-    return int(digits[-1])
-
-
-def find_layers(src: str | os.PathLike) -> list[Layer]:
-    """List the layers of a source in z order, checking their numbering.
-
-    Parameters
-    ----------
-    src : str or os.PathLike
-        A folder of 2-D TIFFs, a segment folder (its ``surface_volume/`` or
-        ``layers/``), a glob pattern, or one multi-page TIFF.
-
-    Returns
-    -------
-    list of Layer
-
-    Raises
-    ------
-    ConversionError
-        No TIFF found, a file name without a number, duplicate or missing numbers.
-    """
-    import tifffile
-
-    text = os.fspath(src)
-    if any(ch in text for ch in "*?["):
-        files = [f for f in _glob.glob(text) if f.lower().endswith(TIFF_SUFFIXES)]
-        where = f"glob {text!r}"
-    elif os.path.isdir(text):
-        files = [os.path.join(text, f) for f in os.listdir(text)
-                 if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith(".")]
-        where = text
-        subdirs = [os.path.join(text, d) for d in LAYER_DIRS
-                   if os.path.isdir(os.path.join(text, d))]
-        if not files and subdirs:  # a segment folder: its layers
-            return find_layers(subdirs[0])
-    elif os.path.isfile(text):
-        try:
-            with tifffile.TiffFile(text) as tif:
-                n_pages = len(tif.pages)
-        except Exception as err:
-            raise ConversionError(f"{text}: not a readable TIFF ({err})") from err
-        return [Layer(text, i, i) for i in range(n_pages)]
-    else:
-        raise ConversionError(f"{text}: no such file, folder or matching glob")
-    if not files:
-        raise ConversionError(f"{where}: contains no .tif/.tiff layers")
-    numbered = sorted(((_layer_number(f), f) for f in files), key=lambda t: (t[0], _natural_key(t[1])))
-    numbers = [n for n, _ in numbered]
-    dupes = sorted(n for n, k in Counter(numbers).items() if k > 1)
-    if dupes:
-        names = [os.path.basename(f) for n, f in numbered if n == dupes[0]]
-        raise ConversionError(f"{where}: layer number {dupes[0]} appears more than once ({', '.join(names)})")
-    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ConversionError(
-            f"{where}: layers {numbers[0]}..{numbers[-1]} have gaps; missing layer number(s) {shown}"
-        )
-    return [Layer(f, 0, n) for n, f in numbered]
-
-
-def inspect_stack(layers: Sequence[Layer]) -> StackInfo:
-    """Read every layer's header; check shape, dtype and that the data is all there."""
-    import tifffile
-
-    shape = dtype = None
-    memmappable = True
-    first = None
-    handles: dict[str, Any] = {}
-    try:
-        for layer in layers:
-            try:
-                tif = handles.get(layer.path)
-                if tif is None:
-                    if handles:  # multi-page files keep one handle; folders close as they go
-                        for h in handles.values():
-                            h.close()
-                        handles.clear()
-                    tif = handles[layer.path] = tifffile.TiffFile(layer.path)
-                page = tif.pages[layer.page]
-                size = os.path.getsize(layer.path)
-                ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts)]
-                if not ends or max(ends) > size:
-                    raise ConversionError(
-                        f"{layer.path}: truncated TIFF (image data ends at byte "
-                        f"{max(ends) if ends else '?'}, file has {size} bytes)")
-                pshape, pdtype = tuple(page.shape), np.dtype(page.dtype)
-                memmappable = memmappable and bool(page.is_memmappable)
-            except ConversionError:
-                raise
-            except Exception as err:
-                raise ConversionError(f"{layer.path}: unreadable TIFF ({err})") from err
-            if len(pshape) != 2:
-                raise ConversionError(f"{layer.path}: expected a 2-D grayscale layer, got shape {pshape}")
-            if shape is None:
-                shape, dtype, first = pshape, pdtype, layer.path
-            elif pshape != shape or pdtype != dtype:
-                raise ConversionError(
-                    f"{layer.path}: layer is {pshape[0]}x{pshape[1]} {pdtype}, but {first} is "
-                    f"{shape[0]}x{shape[1]} {dtype}; all layers must match")
-    finally:
-        for h in handles.values():
-            h.close()
-    assert shape is not None and dtype is not None
-    return StackInfo(tuple(layers), (len(layers),) + shape, dtype, memmappable)  # type: ignore[arg-type]
-
-
-def _read_layer(path: str, page: int, ys: tuple[int, int], xs: tuple[int, int],
-                memmap: bool) -> np.ndarray:
-    """Read rows ``ys`` and columns ``xs`` of one layer (only those, when memory-mappable)."""
-    import tifffile
-
-    try:
-        if memmap:
-            mm = tifffile.memmap(path, page=page, mode="r")
-            return np.array(mm[ys[0]:ys[1], xs[0]:xs[1]])
-        data = tifffile.imread(path, key=page)
-        return np.ascontiguousarray(data[ys[0]:ys[1], xs[0]:xs[1]])
-    except Exception as err:
-        raise ConversionError(f"{path}: reading layer failed ({err})") from err
-
-
-def lazy_stack(info: StackInfo, roi: tuple[slice, slice, slice], band: int) -> Any:
-    """The region of interest of a TIFF stack as a lazy dask array.
-
-    One delayed read per layer, or per band of ``band`` rows when the TIFF can be
-    memory-mapped (then only the region of interest is read).
-    """
-    import dask
-    import dask.array as da
-
-    zs, ys, xs = roi
-    height, width = ys.stop - ys.start, xs.stop - xs.start
-    read = dask.delayed(_read_layer, pure=True)
-    layers = []
-    for layer in info.layers[zs]:
-        if info.memmappable:
-            bands = [
-                da.from_delayed(
-                    read(layer.path, layer.page, (y, min(y + band, ys.stop)), (xs.start, xs.stop), True),
-                    shape=(min(y + band, ys.stop) - y, width), dtype=info.dtype)
-                for y in range(ys.start, ys.stop, band)
-            ]
-            layers.append(da.concatenate(bands, axis=0))
-        else:
-            layers.append(da.from_delayed(
-                read(layer.path, layer.page, (ys.start, ys.stop), (xs.start, xs.stop), False),
-                shape=(height, width), dtype=info.dtype))
-    return da.stack(layers, axis=0)
 
 
 def _codec(name: str, zarr_format: int) -> Any:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SamplingError
-from .volumes import Volume, read_stored
+from .volume import Volume, read_stored
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
            "remote_read", "DEFAULT_CACHE_BYTES"]

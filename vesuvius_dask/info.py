@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import PathKind, path_kind
-from .volumes import _multiscale_paths, _open_zarr_path
+from .volume import multiscale_paths, open_zarr_path
 
 __all__ = ["describe", "stored_bytes", "check"]
 
@@ -50,12 +50,12 @@ def _array_lines(arr: Any, indent: str = "  ") -> list[str]:
 def _tiff_lines(path: Path, indent: str = "  ") -> list[str]:
     import numpy as np
 
-    from .segment import inspect_layers
+    from .tiff import inspect_layers
 
     info = inspect_layers(path)
     files = sorted({layer.path for layer in info.layers})
     first, last = info.layers[0], info.layers[-1]
-    if any(layer.page for layer in info.layers):  # as _tiff_volume decides
+    if any(layer.page for layer in info.layers):  # as tiff_volume decides
         how = "whole pages decoded per read (multi-page TIFF: convert it for random blocks)"
     elif info.memmappable:
         how = "memory-mapped in place (uncompressed)"
@@ -113,13 +113,13 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
         return "\n".join([label] + _tiff_lines(Path(label)))
     if kind == PathKind.SEGMENT:
         return "\n".join([label] + _segment_lines(Path(label)))
-    arr, _ = _open_zarr_path(path, level)  # validates the path and the level
+    arr, _ = open_zarr_path(path, level)  # validates the path and the level
     node = zarr.open(label, mode="r")
     lines = [label]
     if isinstance(node, zarr.Array):
         lines += _array_lines(node)
     else:
-        paths = _multiscale_paths(node.attrs.asdict()) or []
+        paths = multiscale_paths(node.attrs.asdict()) or []
         lines.append(f"  OME-Zarr multiscale image, {len(paths)} levels")
         for i, p in enumerate(paths):
             if level is not None and i != level:
@@ -136,7 +136,7 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
 
 
 def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]]) -> list[str]:
-    from .volumes import read_stored
+    from .volume import read_stored
 
     bad = []
     for start in starts:
@@ -172,7 +172,8 @@ def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
     import numpy as np
     import zarr
 
-    from .segment import inspect_layers, open_segment
+    from .segment import open_segment
+    from .tiff import inspect_layers
 
     kind = path_kind(path)
     if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
@@ -187,10 +188,10 @@ def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
                 tasks.append(dask.delayed(_check_image)(img, f"{path} {name}"))
                 n += 1
         return tasks, n
-    _open_zarr_path(path, level)  # validates the path and the level
+    open_zarr_path(path, level)  # validates the path and the level
     node = zarr.open(path, mode="r")
     arrays = [(path, node)] if isinstance(node, zarr.Array) else [
-        (f"{path} (level {i})", node[p]) for i, p in enumerate(_multiscale_paths(node.attrs.asdict()) or [])
+        (f"{path} (level {i})", node[p]) for i, p in enumerate(multiscale_paths(node.attrs.asdict()) or [])
         if level is None or i == level]
     tasks, n = [], 0
     for label, arr in arrays:

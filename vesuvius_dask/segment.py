@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ import numpy as np
 
 from .errors import VolumeError, VolumeNotFoundError
 from .paths import TIFF_SUFFIXES, segment_volume_dirs
-from .volumes import Volume, resolve_volume
+from .tiff import TiffStack, tiff_volume
+from .volume import Volume, zarr_volume
 
 __all__ = ["Segment", "TiffStack", "open_segment", "read_image", "MAX_IMAGE_PIXELS"]
 
@@ -40,140 +40,6 @@ _PIL_LOCK = threading.Lock()
 _MASK_NAMES = ("mask.png", "mask.tif", "mask.tiff")
 _LABEL_NAMES = ("inklabels.png", "inklabels.tif", "inklabels.tiff")
 _IR_NAMES = ("ir.png", "ir.tif", "ir.tiff")
-
-
-class TiffStack:
-    """A read-only 3-D array-like over 2-D TIFF layers, read in place.
-
-    Slicing ``stack[z0:z1, y0:y1, x0:x1]`` reads just those rows and columns of
-    those layers: uncompressed layers are memory-mapped; compressed (or tiled)
-    ones are opened through tifffile's Zarr interface, which decodes only the
-    strips or tiles the region touches. It pickles as its list of files (each
-    process opens them anew). At most :attr:`max_open` layers stay open (least
-    recently used out): each holds a file descriptor, and a whole scroll has
-    thousands of layers.
-
-    Parameters
-    ----------
-    paths : sequence of str
-        The layers, in z order; all of one shape and dtype.
-    shape : tuple of int
-        ``(Z, Y, X)``.
-    dtype : numpy dtype
-        Pixel type.
-    memmap : bool
-        Whether every layer can be memory-mapped (uncompressed, contiguous).
-    """
-
-    ndim = 3
-    #: Layers kept memory-mapped at once, per process.
-    max_open = 128
-
-    def __init__(self, paths: list[str], shape: tuple[int, int, int], dtype: Any,
-                 memmap: bool = True) -> None:
-        self.paths = list(paths)
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
-        self.memmap = bool(memmap)
-        self._maps: OrderedDict[int, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-
-    def __getstate__(self) -> dict:
-        return {"paths": self.paths, "shape": self.shape, "dtype": self.dtype.str,
-                "memmap": self.memmap}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["paths"], state["shape"], state["dtype"],  # type: ignore[misc]
-                      state.get("memmap", True))
-
-    def _layer(self, z: int) -> Any:
-        if self._pid != os.getpid():
-            self._maps, self._lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
-        with self._lock:
-            mm = self._maps.get(z)
-            if mm is not None:
-                self._maps.move_to_end(z)
-                return mm
-        import tifffile
-
-        if self.memmap:
-            mm = tifffile.memmap(self.paths[z], mode="r")
-        else:
-            import zarr
-
-            try:
-                mm = zarr.open_array(tifffile.imread(self.paths[z], aszarr=True), mode="r")
-            except Exception as err:
-                raise VolumeError(f"{self.paths[z]}: cannot read the TIFF layer ({err})") from err
-        with self._lock:
-            self._maps[z] = mm
-            while len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)  # unmapped once no slice refers to it
-        return mm
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        zs, ys, xs = key
-        if isinstance(zs, (int, np.integer)):
-            return np.array(self._layer(int(zs))[ys, xs])
-        z_idx = range(*zs.indices(self.shape[0]))
-        layers = [self._layer(z)[ys, xs] for z in z_idx]
-        if not layers:
-            return np.empty((0,) + np.empty(self.shape[1:])[ys, xs].shape, self.dtype)
-        return np.stack(layers)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        how = "memory-mapped" if self.memmap else "compressed"
-        return f"TiffStack({len(self.paths)} {how} layers, shape={self.shape}, dtype={self.dtype})"
-
-
-def inspect_layers(path: str | os.PathLike) -> Any:
-    """Find and check the TIFF layers at ``path`` (see :func:`~vesuvius_dask.convert.find_layers`).
-
-    Returns the :class:`~vesuvius_dask.convert.StackInfo`; a stack error (numbering,
-    shapes, unreadable files, naming the file) is raised as :class:`VolumeError`.
-    """
-    from .convert import find_layers, inspect_stack
-    from .errors import ConversionError
-
-    try:
-        return inspect_stack(find_layers(path))
-    except ConversionError as err:
-        raise VolumeError(str(err)) from err
-
-
-def _tiff_volume(folder: Path, chunks: Any = None) -> Volume:
-    """A TIFF layer folder (or multi-page TIFF) as a Volume, read in place.
-
-    One file per layer: a :class:`TiffStack` (memory-mapped when uncompressed, else
-    region reads of the strips or tiles needed). A multi-page TIFF: a lazy dask
-    stack of whole pages. Stack errors (numbering, shapes, unreadable files) name
-    the file.
-    """
-    from dask.base import tokenize
-
-    from .convert import lazy_stack
-    from .volumes import _ORIGIN_ATTR, _wrap_numpy
-
-    info = inspect_layers(folder)
-    label = str(folder)
-    if all(layer.page == 0 for layer in info.layers):
-        stack = TiffStack([layer.path for layer in info.layers], info.shape, info.dtype,
-                          memmap=info.memmappable)
-        token = "volume-tiff-" + tokenize(stack.paths, [os.path.getmtime(p) for p in stack.paths])
-        arr = _wrap_numpy(stack, chunks, token)  # type: ignore[arg-type]
-        setattr(arr, _ORIGIN_ATTR, ("numpy", stack))
-        return Volume(arr, label, data=stack)  # type: ignore[arg-type]
-    full = tuple(slice(0, s) for s in info.shape)
-    default = tuple(min(c, s) for c, s in zip((4, 512, 512), info.shape))
-    arr = lazy_stack(info, full, band=512).rechunk(chunks or default)  # type: ignore[arg-type]
-    return Volume(arr, label)
 
 
 def _open_image(path: Path) -> Any:
@@ -323,9 +189,9 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
         raise VolumeNotFoundError(f"{root}: no such segment folder")
     found = segment_volume_dirs(root)
     if found and found[0].suffix == ".zarr":
-        record = resolve_volume(found[0], level=level)
+        record = zarr_volume(found[0], level=level)
     elif found:
-        record = _tiff_volume(found[0])
+        record = tiff_volume(found[0])
     else:
         raise VolumeNotFoundError(
             f"{root}: no volume found (expected a surface_volume/ or layers/ folder of TIFF "

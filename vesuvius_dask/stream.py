@@ -83,12 +83,12 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
 
 def _needs_scatter(vol: Volume) -> bool:
     """In-RAM numpy data cannot be re-opened by workers by name: it must be sent."""
-    from .volumes import _memmap_ref
+    from .volume import memmap_ref
 
     data = vol.data
     if data is None or not isinstance(data, np.ndarray):
         return False
-    return not (isinstance(data, np.memmap) and _memmap_ref(data, vol.array.chunks) is not None)
+    return not (isinstance(data, np.memmap) and memmap_ref(data, vol.array.chunks) is not None)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

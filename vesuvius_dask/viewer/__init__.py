@@ -43,9 +43,9 @@ def is_volume_path(path: Any) -> bool:
         node = zarr.open(str(p), mode="r")
         if isinstance(node, zarr.Array):
             return node.ndim == 3
-        from ..volumes import _multiscale_paths
+        from ..volume import multiscale_paths
 
-        return _multiscale_paths(node.attrs.asdict()) is not None
+        return multiscale_paths(node.attrs.asdict()) is not None
     return False
 
 
@@ -79,7 +79,8 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
     import zarr
 
     from ..paths import PathKind, path_kind
-    from ..volumes import _multiscale_paths, open_volume
+    from ..volume import multiscale_paths
+    from ..volumes import open_volume
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -91,7 +92,7 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
         if isinstance(node, zarr.Array):
             vol = open_volume(text)
             return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
-        n_levels = len(_multiscale_paths(node.attrs.asdict()) or [])
+        n_levels = len(multiscale_paths(node.attrs.asdict()) or [])
         levels = [open_volume(text, level=k) for k in range(n_levels)]
         return [(levels, {"name": name, "multiscale": True,
                           "contrast_limits": _contrast(levels[-1])}, "image")]
