@@ -92,9 +92,9 @@ def test_in_ram_numpy_is_scattered_once(client, rng_volume):
         for b, lb, (_, z, y, x) in zip(blocks, labels, coords.tolist()):
             np.testing.assert_array_equal(b.numpy(), rng_volume[z:z + 4, y:y + 8, x:x + 8])
             np.testing.assert_array_equal(lb.numpy(), lab[y:y + 8, x:x + 8])
-    assert len(stream._scattered) == 1  # scattered once per client, then reused
+    assert len(stream.reader._scattered) == 1  # scattered once per client, then reused
     list(stream)
-    assert len(stream._scattered) == 1
+    assert len(stream.reader._scattered) == 1
 
 
 def test_unreachable_scheduler_errors_within_timeout(zarr_v3):

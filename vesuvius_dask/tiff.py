@@ -60,6 +60,35 @@ def _layer_number(path: str) -> int:
     return int(digits[-1])
 
 
+def _multipage(path: str) -> list[Layer]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            n_pages = len(tif.pages)
+    except Exception as err:
+        raise ConversionError(f"{path}: not a readable TIFF ({err})") from err
+    return [Layer(path, i, i) for i in range(n_pages)]
+
+
+def _numbered(files: list[str], where: str) -> list[Layer]:
+    """Layers ordered by the number in their names; gaps and duplicates are errors."""
+    if not files:
+        raise ConversionError(f"{where}: contains no .tif/.tiff layers")
+    numbered = sorted(((_layer_number(f), f) for f in files), key=lambda t: (t[0], _natural_key(t[1])))
+    numbers = [n for n, _ in numbered]
+    dupes = sorted(n for n, k in Counter(numbers).items() if k > 1)
+    if dupes:
+        names = [os.path.basename(f) for n, f in numbered if n == dupes[0]]
+        raise ConversionError(f"{where}: layer number {dupes[0]} appears more than once ({', '.join(names)})")
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ConversionError(
+            f"{where}: layers {numbers[0]}..{numbers[-1]} have gaps; missing layer number(s) {shown}")
+    return [Layer(f, 0, n) for n, f in numbered]
+
+
 def find_layers(src: str | os.PathLike) -> list[Layer]:
     """List the layers of a source in z order, checking their numbering.
 
@@ -78,44 +107,20 @@ def find_layers(src: str | os.PathLike) -> list[Layer]:
     ConversionError
         No TIFF found, a file name without a number, duplicate or missing numbers.
     """
-    import tifffile
-
     text = os.fspath(src)
     if any(ch in text for ch in "*?["):
         files = [f for f in _glob.glob(text) if f.lower().endswith(TIFF_SUFFIXES)]
-        where = f"glob {text!r}"
-    elif os.path.isdir(text):
-        files = [os.path.join(text, f) for f in os.listdir(text)
-                 if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith(".")]
-        where = text
-        subdirs = [os.path.join(text, d) for d in LAYER_DIRS
-                   if os.path.isdir(os.path.join(text, d))]
-        if not files and subdirs:  # a segment folder: its layers
-            return find_layers(subdirs[0])
-    elif os.path.isfile(text):
-        try:
-            with tifffile.TiffFile(text) as tif:
-                n_pages = len(tif.pages)
-        except Exception as err:
-            raise ConversionError(f"{text}: not a readable TIFF ({err})") from err
-        return [Layer(text, i, i) for i in range(n_pages)]
-    else:
+        return _numbered(files, f"glob {text!r}")
+    if os.path.isfile(text):
+        return _multipage(text)
+    if not os.path.isdir(text):
         raise ConversionError(f"{text}: no such file, folder or matching glob")
-    if not files:
-        raise ConversionError(f"{where}: contains no .tif/.tiff layers")
-    numbered = sorted(((_layer_number(f), f) for f in files), key=lambda t: (t[0], _natural_key(t[1])))
-    numbers = [n for n, _ in numbered]
-    dupes = sorted(n for n, k in Counter(numbers).items() if k > 1)
-    if dupes:
-        names = [os.path.basename(f) for n, f in numbered if n == dupes[0]]
-        raise ConversionError(f"{where}: layer number {dupes[0]} appears more than once ({', '.join(names)})")
-    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ConversionError(
-            f"{where}: layers {numbers[0]}..{numbers[-1]} have gaps; missing layer number(s) {shown}"
-        )
-    return [Layer(f, 0, n) for n, f in numbered]
+    files = [os.path.join(text, f) for f in os.listdir(text)
+             if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith(".")]
+    subdirs = [os.path.join(text, d) for d in LAYER_DIRS if os.path.isdir(os.path.join(text, d))]
+    if not files and subdirs:  # a segment folder: its layers
+        return find_layers(subdirs[0])
+    return _numbered(files, text)
 
 
 def inspect_stack(layers: Sequence[Layer]) -> StackInfo:

@@ -168,14 +168,16 @@ def multiscale_paths(attrs: dict[str, Any]) -> list[str] | None:
     return [str(p) for p in paths if p is not None] or None
 
 
-def open_zarr_path(source: str | os.PathLike, level: int | None) -> tuple[Any, str]:
+def open_zarr_path(source: str | os.PathLike, level: int | None,
+                   storage_options: dict | None = None) -> tuple[Any, str]:
     import zarr
 
     label = os.fspath(source)
     if "://" not in label and not Path(label).exists():
         raise VolumeNotFoundError(f"{label}: no such file or directory")
     try:
-        node = zarr.open(label, mode="r")
+        extra = {"storage_options": storage_options} if storage_options and "://" in label else {}
+        node = zarr.open(label, mode="r", **extra)
     except Exception as err:  # zarr raises several types for "not a zarr node"
         also = ("" if "://" in label else
                 "; nor is it a folder of TIFF layers, a TIFF file or a segment folder")
@@ -274,8 +276,9 @@ def wrap_zarr(arr: Any, label: str, chunks: Any) -> da.Array:
     return out
 
 
-def zarr_volume(source: str | os.PathLike, *, level: int | None = None, chunks: Any = None) -> Volume:
+def zarr_volume(source: str | os.PathLike, *, level: int | None = None, chunks: Any = None,
+                storage_options: dict | None = None) -> Volume:
     """A Zarr array or OME-Zarr group path (local or URL) as a :class:`Volume`."""
-    arr, lbl = open_zarr_path(source, level)
+    arr, lbl = open_zarr_path(source, level, storage_options)
     check_array(arr.shape, arr.dtype, lbl)
     return Volume(wrap_zarr(arr, lbl, chunks), lbl, zarr=arr)

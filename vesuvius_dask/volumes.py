@@ -43,6 +43,7 @@ def resolve_volume(
     level: int | None = None,
     chunks: Any = None,
     label: str | None = None,
+    storage_options: dict | None = None,
 ) -> Volume:
     """Open ``source`` and return the :class:`Volume` record behind :func:`open_volume`.
 
@@ -57,6 +58,8 @@ def resolve_volume(
         for Zarr input, a multiple of the stored chunks (default: the stored chunks).
     label : str, optional
         Name used in error messages when ``source`` is not a path.
+    storage_options : dict, optional
+        fsspec options for URLs (credentials, ``anon``, caching).
 
     Returns
     -------
@@ -78,7 +81,7 @@ def resolve_volume(
                 raise VolumeError(f"{os.fspath(source)}: level={level} applies to OME-Zarr "
                                   "multiscale groups; this is a TIFF stack")
             return tiff_volume(Path(os.fspath(source)), chunks=chunks)
-        return zarr_volume(source, level=level, chunks=chunks)
+        return zarr_volume(source, level=level, chunks=chunks, storage_options=storage_options)
     if isinstance(source, zarr.Array):
         lbl = label or f"zarr array {source.store_path}"
         check_array(source.shape, source.dtype, lbl)
@@ -113,6 +116,7 @@ def open_volume(
     *,
     level: int | None = None,
     chunks: Any = None,
+    storage_options: dict | None = None,
 ) -> da.Array:
     """Open a volume as a lazy, chunk-aligned 3-D dask array.
 
@@ -134,6 +138,8 @@ def open_volume(
         shape. For Zarr input the default is the stored chunking (one dask chunk per
         stored chunk); a chunking that is not a multiple of it warns. For dask input
         the array is rechunked.
+    storage_options : dict, optional
+        fsspec options for a URL, e.g. ``{"anon": True}`` for public S3 buckets.
 
     Returns
     -------
@@ -156,4 +162,4 @@ def open_volume(
     >>> vol[0:4, 0:64, 0:64].compute().shape  # doctest: +SKIP
     (4, 64, 64)
     """
-    return resolve_volume(source, level=level, chunks=chunks).array
+    return resolve_volume(source, level=level, chunks=chunks, storage_options=storage_options).array

@@ -1,0 +1,48 @@
+"""Argument checks shared by the Python API and the command line: one parser per shape of value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidTypeError, SamplingError
+
+__all__ = ["positive_int", "non_negative_int", "positive_triple"]
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int > 0; ``name`` is how the error calls it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidTypeError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise SamplingError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidTypeError(f"{name} must be a non-negative integer, got {value!r}")
+    if value < 0:
+        raise SamplingError(f"{name} must be 0 or more, got {value}")
+    return int(value)
+
+
+def positive_triple(name: str, value: Any, *, broadcast: bool = True) -> tuple[int, int, int]:
+    """``(z, y, x)`` of positive ints; a single int stands for all three when ``broadcast``.
+
+    A string ``"Z,Y,X"`` (the command line's form) is accepted too.
+    """
+    if isinstance(value, str):
+        parts = value.split(",")
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise InvalidTypeError(f"{name} must be Z,Y,X (three integers), got {value!r}") from None
+    if broadcast and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,) * 3
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise InvalidTypeError(f"{name} must be three positive integers (z, y, x), got {value!r}")
+    return tuple(positive_int(f"{name}[{axis}]", v) for axis, v in zip("zyx", value))  # type: ignore[return-value]

@@ -1,0 +1,203 @@
+"""Which blocks an epoch draws from a set of volumes, and how the draws are split (torch-free).
+
+:class:`BlockPlan` holds one start grid per volume (regular, strided, masked, or an
+inference grid) and turns ``(seed, epoch)`` into batches of ``(volume, start)``:
+the :class:`~vesuvius_dask.sampling.EpochPlan` picks the volume and the draw rank of
+each sample, a per-volume permutation (Feistel, or locality runs) turns ranks into
+starts. Batches are split among consumers by index, so any split yields the same
+set. The stream, the viewer and ``predict`` all plan through it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .checks import positive_int, positive_triple
+from .errors import SamplingError
+from .sampling import (
+    SAMPLING_METHODS,
+    EpochPlan,
+    FeistelPermutation,
+    GridStarts,
+    LocalityPermutation,
+    MaskedStartGrid,
+    StartGrid,
+)
+from .volume import Volume
+
+__all__ = ["BlockPlan", "Starts", "STARTS_GROUP"]
+
+#: Block starts computed per vectorised call (rounded to whole batches).
+STARTS_GROUP = 4096
+
+
+class Starts(Protocol):
+    """What a start grid offers: how many valid starts, and the start of each rank."""
+
+    n: int
+
+    def unravel(self, index: np.ndarray) -> np.ndarray:
+        """``(k, 3)`` starts of the ranks ``index``."""
+
+
+def _check_method(method: str, samples: Any, stride: Any, overlap: Any) -> None:
+    if method not in SAMPLING_METHODS:
+        raise SamplingError(f"unknown sampling_method {method!r}; expected one of {SAMPLING_METHODS}")
+    grid_mode = method == "grid"
+    if grid_mode and stride is not None:
+        raise SamplingError("stride does not apply to sampling_method='grid'; use overlap")
+    if overlap is not None and not grid_mode:
+        raise SamplingError("overlap applies to sampling_method='grid' only")
+    if samples is None and not grid_mode:
+        raise SamplingError("samples_per_epoch is needed unless sampling_method='grid' "
+                            "(where None means every grid position)")
+
+
+def _coverage(value: Any) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise SamplingError(f"mask_coverage must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _seed(seed: Any) -> int:
+    """The seed, or a fresh one (drawn once, so pickled copies agree)."""
+    value = int(np.random.SeedSequence().entropy) if seed is None else int(seed)
+    if value < 0:
+        raise SamplingError(f"seed must be non-negative, got {seed}")
+    return value
+
+
+class BlockPlan:
+    """The epoch plans of a set of volumes.
+
+    Parameters
+    ----------
+    volumes : list of Volume
+        The volumes.
+    block : (int, int, int)
+        Block shape.
+    samples_per_epoch : int, optional
+        Blocks per epoch; ``None`` only with ``sampling_method="grid"`` (every position).
+    sampling_method, shuffle, seed, stride, overlap, mask_coverage, locality, locality_mix
+        As for :class:`~vesuvius_dask.DaskVesuviusStream`.
+    masks : list, optional
+        One 2-D numpy mask (or None) per volume, already checked against the volume.
+    read_batch : int
+        Samples per batch.
+    """
+
+    def __init__(self, volumes: Sequence[Volume], block: Sequence[int], samples_per_epoch: int | None, *,
+                 sampling_method: str = "uniform", shuffle: bool = True, seed: int | None = None,
+                 stride: Any = None, overlap: Any = None, masks: Sequence[Any] | None = None,
+                 mask_coverage: float = 1.0, locality: int | None = None, locality_mix: int = 8,
+                 read_batch: int = 128) -> None:
+        _check_method(sampling_method, samples_per_epoch, stride, overlap)
+        grid_mode = sampling_method == "grid"
+        self.volumes = list(volumes)
+        self.block = tuple(int(b) for b in block)
+        self.sampling_method = sampling_method
+        self.shuffle = bool(shuffle) and not grid_mode  # the grid is visited in order
+        self.stride = (1, 1, 1) if stride is None else positive_triple("stride", stride)
+        self.overlap = (0, 0, 0) if overlap is None else tuple(
+            int(o) for o in ((overlap,) * 3 if isinstance(overlap, (int, np.integer)) else overlap))
+        self.read_batch = positive_int("read_batch", read_batch)
+        self.locality = None if locality is None else positive_int("locality", locality)
+        self.locality_mix = positive_int("locality_mix", locality_mix)
+        if self.locality is not None and not self.shuffle:
+            raise SamplingError("locality needs shuffle=True (it reorders starts randomly by chunk)")
+        self.mask_coverage = _coverage(mask_coverage)
+        self.seed = _seed(seed)
+        self.grids: list[Any] = [self._grid(i, v, grid_mode) for i, v in enumerate(self.volumes)]
+        for i, mask in enumerate(masks or []):
+            if mask is not None:
+                self.grids[i] = MaskedStartGrid(self.grids[i], mask, self.mask_coverage)
+        self.masked = any(isinstance(g, MaskedStartGrid) for g in self.grids)
+        total = sum(g.n for g in self.grids)
+        self.samples_per_epoch = total if samples_per_epoch is None else positive_int(
+            "samples_per_epoch", samples_per_epoch)
+        if self.samples_per_epoch > total:
+            raise SamplingError(
+                f"samples_per_epoch={self.samples_per_epoch} is more than the {total} block "
+                f"starts available for block {self.block} and stride {self.stride} "
+                f"(per volume: {', '.join(str(g.n) for g in self.grids)})")
+        self._perms: dict[tuple[int, int], Any] = {}
+
+    def _grid(self, i: int, vol: Volume, grid_mode: bool) -> Any:
+        label = f"files[{i}] ({vol.label})"
+        if grid_mode:
+            return GridStarts(vol.shape, self.block, self.overlap, label=label)
+        return StartGrid(vol.shape, self.block, self.stride, label=label)
+
+    @property
+    def starts_per_volume(self) -> list[int]:
+        """Number of valid block starts in each volume."""
+        return [g.n for g in self.grids]
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """Volume and draw rank of every sample of ``epoch``."""
+        return EpochPlan(self.starts_per_volume, self.samples_per_epoch, self.sampling_method,
+                         self.seed, epoch)
+
+    def starts(self, labels: np.ndarray, ranks: np.ndarray, epoch: int) -> np.ndarray:
+        """``(k, 3)`` starts of the samples ``(labels[i], ranks[i])`` of ``epoch``."""
+        starts = np.empty((labels.size, 3), dtype=np.int64)
+        for v in np.unique(labels).tolist():
+            sel = labels == v
+            local = ranks[sel]
+            if self.shuffle:
+                local = self.permutation(epoch, v)(local)
+            starts[sel] = self.grids[v].unravel(local)
+        return starts
+
+    def permutation(self, epoch: int, v: int) -> Any:
+        """The order in which ``epoch`` draws volume ``v``'s starts (memoised)."""
+        perm = self._perms.get((epoch, v))
+        if perm is None:
+            grid, key = self.grids[v], [self.seed, epoch, 3, v]
+            if self.locality is None:
+                perm = FeistelPermutation(grid.n, key)
+            else:
+                perm = LocalityPermutation(grid, self.volumes[v].bounds, self.locality,
+                                           self.locality_mix, key)
+            if len(self._perms) > 4 * len(self.grids):
+                self._perms.clear()
+            self._perms[(epoch, v)] = perm
+        return perm
+
+    def batches(self, epoch: int, part: int = 0, parts: int = 1, start_batch: int = 0
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(volume_index, starts)`` of the batches of ``epoch`` that belong to ``part``.
+
+        Batch ``b >= start_batch`` belongs to part ``(b - start_batch) % parts``: the
+        parts together yield the epoch exactly once, in order when read round-robin.
+        """
+        plan = self.epoch_plan(epoch)
+        selected = plan.batches(
+            self.read_batch, select=lambda b: b >= start_batch and (b - start_batch) % parts == part)
+        # Starts are computed for several batches at once: the permutations are
+        # vectorised, so fewer, larger calls cost less per block.
+        group = max(1, STARTS_GROUP // self.read_batch)
+        while True:
+            pending = list(itertools.islice(selected, group))
+            if not pending:
+                return
+            labels = np.concatenate([lab for _, lab, _ in pending])
+            starts = self.starts(labels, np.concatenate([r for _, _, r in pending]), epoch)
+            first = 0
+            for _, lab, _ in pending:
+                yield lab, starts[first:first + lab.size]
+                first += lab.size
+
+    def epoch_coords(self, epoch: int) -> np.ndarray:
+        """All ``(volume, z, y, x)`` starts of one epoch, in plan order, without reading."""
+        parts = [np.column_stack([labels, starts]) for labels, starts in self.batches(epoch)]
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_perms"] = {}  # rebuilt on use
+        return state
