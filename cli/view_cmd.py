@@ -27,25 +27,21 @@ def run(args: argparse.Namespace) -> int:
     if args.z is not None and args.z >= depth:
         raise SamplingError(f"--z {args.z} is outside {args.paths[0]}, which has {depth} slices "
                             f"(--z 0..{depth - 1})")
-    stream = None
-    if args.samples:
-        from vesuvius_dask.extras import require
+    plan = None
+    if args.samples:  # the stream's plan, without torch: the same blocks for the same seed
+        from vesuvius_dask.plan import BlockPlan
+        from vesuvius_dask.volumes import resolve_volume
 
-        require("torch", "torch")
-        from vesuvius_dask.stream import DaskVesuviusStream
-
+        volumes = [resolve_volume(p, label=f"files[{i}]") for i, p in enumerate(args.paths)]
         try:
-            stream = DaskVesuviusStream(
-                args.paths, args.z_size, args.y_size, args.x_size,
-                samples_per_epoch=args.samples_per_epoch or args.samples,
-                sampling_method=args.sampling_method, seed=args.seed)
+            plan = BlockPlan(volumes, (args.z_size, args.y_size, args.x_size),
+                             args.samples_per_epoch or args.samples,
+                             sampling_method=args.sampling_method, seed=args.seed)
         except SamplingError as err:
             err.cli.setdefault("samples_per_epoch=", "--samples-per-epoch " if args.samples_per_epoch
                                else "--samples ")
             raise
-        if args.epoch is not None:
-            stream.set_epoch(args.epoch)
-    viewer = show(args.paths, stream, samples=args.samples or None)
+    viewer = show(args.paths, plan, samples=args.samples or None, epoch=args.epoch)
     if args.screenshot:
         from PIL import Image
 
@@ -68,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "with plain napari, use `napari --plugin vesuvius-dask PATH`.")
     p.add_argument("paths", nargs="+")
     p.add_argument("--samples", type=non_negative, default=0,
-                   help="outline the next N sampled blocks (needs torch)")
+                   help="outline the next N blocks DaskVesuviusStream(seed=--seed) would draw")
     p.add_argument("--samples-per-epoch", type=positive, default=None,
                    help="the stream's epoch size (default: --samples)")
     p.add_argument("--z-size", type=positive, default=4)

@@ -106,7 +106,6 @@ def test_old_converter_flags_still_work(tmp):
 @pytest.mark.parametrize("module,extra,args", [
     ("torch", "torch", ["stream", str(EXAMPLE), "--batches", "1"]),
     ("torch", "torch", ["predict", "m.pt", str(EXAMPLE), "p.zarr"]),
-    ("torch", "torch", ["view", str(EXAMPLE), "--samples", "3"]),
     ("napari", "viewer", ["view", str(EXAMPLE)]),
     ("distributed", "distributed", ["convert", "x", "y", "--scheduler", "tcp://127.0.0.1:1"]),
 ])

@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SamplingError
+from .lru import LRU
 from .volume import Volume, read_stored
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
@@ -45,9 +45,18 @@ DEFAULT_CACHE_BYTES = 512 * 2**20
 _batch_counter = itertools.count()
 #: Released batch arrays kept for reuse per engine.
 _OUTPUT_POOL = 4
+#: Whether batch arrays are reused once released. Release is seen through CPython's
+#: reference counts (``sys.getrefcount``), whose exact values are an implementation
+#: detail (3.14 changed them for numpy's own similar check): reuse is on only for the
+#: CPython versions this project is tested on.
+REUSE_OUTPUTS = sys.implementation.name == "cpython" and (3, 10) <= sys.version_info[:2] <= (3, 13)
 
 
-class ChunkCache:
+def _nbytes(arr: np.ndarray) -> int:
+    return int(arr.nbytes)
+
+
+class ChunkCache(LRU):
     """A thread-safe LRU cache of decoded chunks with a byte budget.
 
     Parameters
@@ -57,29 +66,15 @@ class ChunkCache:
     """
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self.nbytes = 0
-        self._data: OrderedDict[Any, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(max_bytes, size=_nbytes)
 
-    def get(self, key: Any) -> np.ndarray | None:
-        with self._lock:
-            arr = self._data.get(key)
-            if arr is not None:
-                self._data.move_to_end(key)
-            return arr
+    @property
+    def max_bytes(self) -> int:
+        return self.budget
 
-    def put(self, key: Any, arr: np.ndarray) -> None:
-        if arr.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._data:
-                return
-            self._data[key] = arr
-            self.nbytes += arr.nbytes
-            while self.nbytes > self.max_bytes:
-                _, old = self._data.popitem(last=False)
-                self.nbytes -= old.nbytes
+    @property
+    def nbytes(self) -> int:
+        return self.total
 
     # A cache travels empty (to spawned workers, to a cluster): contents are per process.
     def __getstate__(self) -> dict:
@@ -87,14 +82,6 @@ class ChunkCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_bytes"])  # type: ignore[misc]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def __repr__(self) -> str:
         return f"ChunkCache({len(self)} chunks, {self.nbytes}/{self.max_bytes} bytes)"
@@ -294,7 +281,7 @@ class BatchEngine:
         import pickle
 
         self._lock = threading.Lock()
-        self.cache._lock = threading.Lock()
+        self.cache.after_fork()
         for vol in self.volumes:
             if vol.zarr is not None and type(vol.zarr.store).__name__ == "FsspecStore":
                 vol.zarr = pickle.loads(pickle.dumps(vol.zarr))
@@ -308,9 +295,13 @@ class BatchEngine:
         large part of the copy time here. An array is reused only when the pool's own
         references are the only ones left (CPython reference counts: a tensor made
         by ``torch.from_numpy`` and any view keep the array referenced).
+
+        That count is a CPython detail: reuse is on only for the CPython versions the
+        project tests (:data:`REUSE_OUTPUTS`); elsewhere every batch is a new array,
+        which is always correct, just slower.
         """
         with self._lock:
-            for arr in self._outputs:
+            for arr in self._outputs if REUSE_OUTPUTS else ():
                 # references: the pool list, the loop variable, getrefcount's argument
                 if arr.shape == shape and sys.getrefcount(arr) <= 3:
                     return arr
@@ -514,8 +505,8 @@ def read_together(requests: Sequence[tuple[BatchEngine, np.ndarray, np.ndarray, 
 # engine (a few KB: volumes travel as zarr store paths, memory-map and TIFF file
 # names), and the first copy to arrive is kept, with its decoded-chunk cache.
 # At most _WORKER_ENGINES_MAX engines (and their caches) are kept, least recent out.
-_WORKER_ENGINES: OrderedDict[str, BatchEngine] = OrderedDict()
 _WORKER_ENGINES_MAX = 4
+_WORKER_ENGINES = LRU(_WORKER_ENGINES_MAX)
 
 
 def remote_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
@@ -538,9 +529,6 @@ def remote_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
     """
     local = []
     for e in engines:
-        kept = _WORKER_ENGINES.setdefault(e.uid, e)
-        _WORKER_ENGINES.move_to_end(e.uid)
-        local.append(kept)
-    while len(_WORKER_ENGINES) > _WORKER_ENGINES_MAX:
-        _WORKER_ENGINES.popitem(last=False)
+        _WORKER_ENGINES.put(e.uid, e)  # the first copy to arrive stays, with its cache
+        local.append(_WORKER_ENGINES.get(e.uid, e))
     return read_together([(e, vol_index, st, None) for e, st in zip(local, starts)])

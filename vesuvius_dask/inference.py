@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SamplingError, VesuviusDaskError
+from .lru import LRU
 
 __all__ = ["PredictionWriter", "predict", "BLENDS"]
 
@@ -121,14 +121,16 @@ class PredictionWriter:
                              what="predict")
         self._acc_dir = self.job.partial / "acc"
         self._acc_dir.mkdir(exist_ok=True)
-        self._buffers: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._chunk_bytes = 2 * 4 * int(np.prod(self.chunks))
+        # in-memory accumulators, flushed to disk when the budget pushes them out
+        self._buffers = LRU(self.memory_bytes, size=self._buffer_bytes, on_evict=self._flush,
+                            keep_newest=True)
         self._latest: dict[tuple[int, ...], int] = {}     # chunk -> generation on disk
         self._committed: dict[tuple[int, ...], int] = {}  # as of the last checkpoint
         self._next_gen = 0
         self.progress: Any = None
         if self.job.resumed:
             self._restore()
-        self._chunk_bytes = 2 * 4 * int(np.prod(self.chunks))
         self._lock = threading.Lock()
         self.items = 0
         self.flushes = 0
@@ -198,16 +200,16 @@ class PredictionWriter:
     def _region(self, cid: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(c * k, min(c * (k + 1), n)) for c, k, n in zip(self.chunks, cid, self.shape))
 
+    def _buffer_bytes(self, buf: Any) -> int:
+        return self._chunk_bytes  # every buffer counts as a whole chunk, as the budget says
+
     def _buffer(self, cid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         buf = self._buffers.get(cid)
         if buf is not None:
-            self._buffers.move_to_end(cid)
             return buf
-        while self._buffers and (len(self._buffers) + 1) * self._chunk_bytes > self.memory_bytes:
-            self._flush(*self._buffers.popitem(last=False))
         shape = tuple(r.stop - r.start for r in self._region(cid))
         buf = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
-        self._buffers[cid] = buf
+        self._buffers.put(cid, buf)  # may flush the least recently used others
         return buf
 
     def _flush(self, cid: tuple[int, ...], buf: tuple[np.ndarray, np.ndarray]) -> None:
@@ -237,7 +239,7 @@ class PredictionWriter:
 
         with self._lock:
             while self._buffers:
-                self._flush(*self._buffers.popitem(last=False))
+                self._flush(*self._buffers.pop_oldest())
             os.sync()  # the generation files reach the disk before the state naming them
             with critical():
                 self.job.save_state("state.json", {

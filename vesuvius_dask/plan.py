@@ -18,6 +18,7 @@ import numpy as np
 
 from .checks import positive_int, positive_triple
 from .errors import SamplingError
+from .lru import LRU
 from .sampling import (
     SAMPLING_METHODS,
     EpochPlan,
@@ -124,7 +125,7 @@ class BlockPlan:
                 f"samples_per_epoch={self.samples_per_epoch} is more than the {total} block "
                 f"starts available for block {self.block} and stride {self.stride} "
                 f"(per volume: {', '.join(str(g.n) for g in self.grids)})")
-        self._perms: dict[tuple[int, int], Any] = {}
+        self._perms = LRU(4 * len(self.grids))
 
     def _grid(self, i: int, vol: Volume, grid_mode: bool) -> Any:
         label = f"files[{i}] ({vol.label})"
@@ -163,9 +164,7 @@ class BlockPlan:
             else:
                 perm = LocalityPermutation(grid, self.volumes[v].bounds, self.locality,
                                            self.locality_mix, key)
-            if len(self._perms) > 4 * len(self.grids):
-                self._perms.clear()
-            self._perms[(epoch, v)] = perm
+            self._perms.put((epoch, v), perm)
         return perm
 
     def batches(self, epoch: int, part: int = 0, parts: int = 1, start_batch: int = 0
@@ -192,12 +191,8 @@ class BlockPlan:
                 yield lab, starts[first:first + lab.size]
                 first += lab.size
 
-    def epoch_coords(self, epoch: int) -> np.ndarray:
+    def epoch_coords(self, epoch: int | None = None) -> np.ndarray:
         """All ``(volume, z, y, x)`` starts of one epoch, in plan order, without reading."""
-        parts = [np.column_stack([labels, starts]) for labels, starts in self.batches(epoch)]
+        parts = [np.column_stack([labels, starts]) for labels, starts in self.batches(epoch or 0)]
         return np.concatenate(parts).astype(np.int64)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_perms"] = {}  # rebuilt on use
-        return state

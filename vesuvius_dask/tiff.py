@@ -14,8 +14,7 @@ from __future__ import annotations
 import glob as _glob
 import os
 import re
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError, VolumeError
+from .lru import LRU
 from .paths import LAYER_DIRS, TIFF_SUFFIXES
 from .volume import ORIGIN_ATTR, Volume, wrap_numpy
 
@@ -247,8 +247,7 @@ class TiffStack:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.memmap = bool(memmap)
-        self._maps: OrderedDict[int, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._maps = LRU(self.max_open)  # unmapped once out and no slice refers to it
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -261,12 +260,10 @@ class TiffStack:
 
     def _layer(self, z: int) -> Any:
         if self._pid != os.getpid():
-            self._maps, self._lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
-        with self._lock:
-            mm = self._maps.get(z)
-            if mm is not None:
-                self._maps.move_to_end(z)
-                return mm
+            self._maps, self._pid = LRU(self.max_open), os.getpid()
+        mm = self._maps.get(z)
+        if mm is not None:
+            return mm
         import tifffile
 
         if self.memmap:
@@ -278,10 +275,7 @@ class TiffStack:
                 mm = zarr.open_array(tifffile.imread(self.paths[z], aszarr=True), mode="r")
             except Exception as err:
                 raise VolumeError(f"{self.paths[z]}: cannot read the TIFF layer ({err})") from err
-        with self._lock:
-            self._maps[z] = mm
-            while len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)  # unmapped once no slice refers to it
+        self._maps.put(z, mm)
         return mm
 
     def __getitem__(self, key: Any) -> np.ndarray:

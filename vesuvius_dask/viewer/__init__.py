@@ -209,8 +209,9 @@ def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | Non
     ----------
     volumes : path, array or sequence of them
         Zarr / OME-Zarr / segment paths, or arrays (numpy, dask, zarr).
-    stream : DaskVesuviusStream, optional
-        Draw where it will sample its next ``samples`` blocks.
+    stream : DaskVesuviusStream or BlockPlan, optional
+        Draw where it will sample its next ``samples`` blocks (a
+        :class:`~vesuvius_dask.plan.BlockPlan` needs no torch).
     samples : int, optional
         How many blocks to outline (None: the whole epoch).
     epoch : int, optional
