@@ -13,7 +13,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 #: Python modules of the optional extras, and the extra that installs each.
 EXTRAS = {"torch": "torch", "napari": "viewer", "distributed": "distributed", "fsspec": "remote",
@@ -41,45 +42,37 @@ def _old_flag_hint(message: str) -> str:
     return ""
 
 
-def triple(text: str) -> tuple[int, int, int]:
-    """Parse ``Z,Y,X`` (three integers)."""
-    parts = text.split(",")
+def _argument(check: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse type from a library check (one parser per kind of value, in checks.py)."""
+    def parse(text: str) -> Any:
+        from vesuvius_dask.errors import VesuviusDaskError
+
+        try:
+            return check(text)
+        except VesuviusDaskError as err:
+            text = re.sub(rf"^{name}\[(\w)\] ", r"\1 ", str(err))  # value[z] must -> z must
+            raise argparse.ArgumentTypeError(text.replace(f"{name} ", "", 1)) from None
+    parse.__name__ = name
+    return parse
+
+
+def _as_int(text: str) -> Any:
     try:
-        if len(parts) == 3:
-            return tuple(int(p) for p in parts)  # type: ignore[return-value]
+        return int(text)
     except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected Z,Y,X (three integers), got {text!r}")
+        return text  # the check names it as not an integer
 
 
-def positive_triple(text: str) -> tuple[int, int, int]:
-    """Parse ``Z,Y,X`` of positive integers."""
-    value = triple(text)
-    if min(value) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive integers Z,Y,X, got {text!r}")
-    return value
+def _checks() -> Any:
+    from vesuvius_dask import checks
+
+    return checks
 
 
-def positive(text: str) -> int:
-    """A positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    """A non-negative integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+triple = _argument(lambda t: _checks().int_triple("value", t, minimum=0, broadcast=False), "value")
+positive_triple = _argument(lambda t: _checks().int_triple("value", t, broadcast=False), "value")
+positive = _argument(lambda t: _checks().positive_int("value", _as_int(t)), "value")
+non_negative = _argument(lambda t: _checks().non_negative_int("value", _as_int(t)), "value")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -109,7 +102,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         report = stream_throughput(
             args.paths, block=(args.z_size, args.y_size, args.x_size), batch_size=args.batch_size,
             batches=args.batches, num_workers=args.num_workers, seed=args.seed,
-            sampling_method=args.sampling_method, scheduler=args.scheduler,
+            sampling_method=args.sampling_method, client=args.scheduler,
         )
     except SamplingError as err:
         err.cli.setdefault("samples_per_epoch=", "--batches x --batch-size = ")

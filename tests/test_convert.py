@@ -174,7 +174,7 @@ def test_truncated_and_unreadable(stack, tmp_path):
     (dict(z=(0, 13)), r"region of interest z 0..13 is outside the stack's z range 0..12"),
     (dict(y=(50, 40)), r"region of interest y 50..40"),
     (dict(x=(-1, 5)), r"region of interest x -1..5"),
-    (dict(chunks=(0, 32, 32)), "chunks must be three positive integers"),
+    (dict(chunks=(0, 32, 32)), r"chunks\[z\] must be a positive integer, got 0"),
     (dict(shards=(6, 32, 32), chunks=(4, 32, 32)), "must be multiples of chunks"),
     (dict(compressor="lzma"), "unknown compressor 'lzma'"),
     (dict(zarr_format=2, shards=(8, 64, 64)), "shards need zarr_format=3"),

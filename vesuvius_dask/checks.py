@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import InvalidTypeError, SamplingError
 
-__all__ = ["positive_int", "non_negative_int", "positive_triple"]
+__all__ = ["positive_int", "non_negative_int", "positive_triple", "int_triple"]
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -30,19 +30,28 @@ def non_negative_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def positive_triple(name: str, value: Any, *, broadcast: bool = True) -> tuple[int, int, int]:
-    """``(z, y, x)`` of positive ints; a single int stands for all three when ``broadcast``.
+def int_triple(name: str, value: Any, *, minimum: int = 1, broadcast: bool = True) -> tuple[int, int, int]:
+    """``(z, y, x)`` of ints >= ``minimum``; one int stands for all three when ``broadcast``.
 
-    A string ``"Z,Y,X"`` (the command line's form) is accepted too.
+    A string ``"Z,Y,X"`` (the command line's form) is accepted too, so the CLI and
+    the Python API parse triples in one place.
     """
+    what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
     if isinstance(value, str):
-        parts = value.split(",")
         try:
-            value = [int(p) for p in parts]
+            value = [int(p) for p in value.split(",")]
         except ValueError:
-            raise InvalidTypeError(f"{name} must be Z,Y,X (three integers), got {value!r}") from None
+            raise InvalidTypeError(f"{name} must be Z,Y,X (three {what}), got {value!r}") from None
     if broadcast and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = (value,) * 3
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise InvalidTypeError(f"{name} must be three positive integers (z, y, x), got {value!r}")
-    return tuple(positive_int(f"{name}[{axis}]", v) for axis, v in zip("zyx", value))  # type: ignore[return-value]
+        raise InvalidTypeError(f"{name} must be Z,Y,X (three {what}), got {value!r}")
+    check = positive_int if minimum == 1 else non_negative_int
+    if minimum not in (0, 1):
+        raise ValueError("minimum must be 0 or 1")
+    return tuple(check(f"{name}[{axis}]", v) for axis, v in zip("zyx", value))  # type: ignore[return-value]
+
+
+def positive_triple(name: str, value: Any, *, broadcast: bool = True) -> tuple[int, int, int]:
+    """``(z, y, x)`` of positive ints (see :func:`int_triple`)."""
+    return int_triple(name, value, minimum=1, broadcast=broadcast)

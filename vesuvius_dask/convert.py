@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .errors import ConversionError
+from .checks import positive_triple
+from .errors import ConversionError, InvalidTypeError, SamplingError
 from .tiff import Layer, find_layers, inspect_stack, lazy_stack
 
 __all__ = ["convert_tiffs", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR", "DEFAULT_CHUNKS"]
@@ -62,15 +63,6 @@ def _roi(shape: tuple[int, int, int], bounds: Sequence[tuple[int | None, int | N
                 f"range 0..{size} (end-exclusive), stack shape {shape}")
         out.append(slice(lo, hi))
     return tuple(out)  # type: ignore[return-value]
-
-
-def _positive_triple(name: str, value: Sequence[int] | None) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    value = tuple(int(v) for v in value)
-    if len(value) != 3 or any(v <= 0 for v in value):
-        raise ConversionError(f"{name} must be three positive integers Z,Y,X, got {value}")
-    return value  # type: ignore[return-value]
 
 
 def _downsample(arr: Any) -> Any:
@@ -177,6 +169,26 @@ def _fit_shards(shards: Sequence[int], chunks: Sequence[int], shape: Sequence[in
     return tuple(min(s, -(-n // c) * c) for s, c, n in zip(shards, chunks, shape))
 
 
+def _check_options(zarr_format: int, chunks: Any, shards: Any, compressor: str
+                   ) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
+    """Validated chunks and shards (before anything is read or written)."""
+    if zarr_format not in (2, 3):
+        raise ConversionError(f"zarr_format must be 2 or 3, got {zarr_format}")
+    try:
+        chunks = positive_triple("chunks", chunks, broadcast=False)
+        shards = None if shards is None else positive_triple("shards", shards, broadcast=False)
+    except (SamplingError, InvalidTypeError) as err:
+        raise ConversionError(str(err)) from err
+    if shards is not None:
+        if zarr_format != 3:
+            raise ConversionError("shards need zarr_format=3", cli={"zarr_format=3": "--zarr-format 3"})
+        bad = [a for a, s, c in zip("zyx", shards, chunks) if s % c]
+        if bad:
+            raise ConversionError(f"shards {shards} must be multiples of chunks {chunks} (axis {bad[0]})")
+    _codec(compressor, zarr_format)
+    return chunks, shards
+
+
 def _fingerprint(layers: Sequence[Layer]) -> str:
     """A digest of the layers' names, sizes and modification times."""
     import hashlib
@@ -274,17 +286,7 @@ def convert_tiffs(
     client = client if client is not None else scheduler
     src_text = os.fspath(src)
     dst_path = Path(dst)
-    if zarr_format not in (2, 3):
-        raise ConversionError(f"zarr_format must be 2 or 3, got {zarr_format}")
-    chunks = _positive_triple("chunks", chunks)
-    shards = _positive_triple("shards", shards)
-    if shards is not None:
-        if zarr_format != 3:
-            raise ConversionError("shards need zarr_format=3", cli={"zarr_format=3": "--zarr-format 3"})
-        bad = [a for a, s, c in zip("zyx", shards, chunks) if s % c]
-        if bad:
-            raise ConversionError(f"shards {shards} must be multiples of chunks {chunks} (axis {bad[0]})")
-    _codec(compressor, zarr_format)
+    chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
 
     layers = find_layers(src_text)
     info = inspect_stack(layers)

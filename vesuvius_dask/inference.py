@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -326,41 +325,6 @@ class PredictionWriter:
                 f"chunks={self.chunks}, blend={self.blend!r}, items={self.items})")
 
 
-class _Progress:
-    """Progress as ``done/total`` blocks on stderr.
-
-    On a terminal the line is redrawn in place (twice a second at most); otherwise a
-    plain line is printed every 10%, so logs stay short.
-    """
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total = what, max(int(total), 1)
-        self.t0 = self.t_shown = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.tenth = -1
-
-    def _text(self, done: int) -> str:
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        return (f"{self.what}: {done}/{self.total} blocks ({100 * done / self.total:.0f}%), "
-                f"{rate:,.0f} blocks/s")
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.tty:
-            if now - self.t_shown >= 0.5:
-                self.t_shown = now
-                print("\r" + self._text(done), end="", file=sys.stderr, flush=True)
-        elif 10 * done // self.total > self.tenth:
-            self.tenth = 10 * done // self.total
-            print(self._text(done), file=sys.stderr, flush=True)
-
-    def close(self, done: int) -> None:
-        if self.tty:
-            print("\r" + self._text(done), file=sys.stderr, flush=True)
-        elif self.tenth < 10:
-            print(self._text(done), file=sys.stderr, flush=True)
-
-
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -538,7 +502,11 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
     every = max(1, int(checkpoint_blocks) // int(batch_size))
     writer: PredictionWriter | None = None
     total = stream.samples_per_epoch
-    progress = _Progress("predict", total)
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()  # in a log, a line every 30 s rather than a redrawn bar
+    bar = tqdm(total=total, unit="blocks", desc="predict", disable=quiet, file=sys.stderr,
+               mininterval=0.5 if tty else 30.0, dynamic_ncols=tty)
     batch = 0
     try:
         with torch.no_grad():
@@ -561,16 +529,15 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
                     batch += 1
                     if batch % every == 0:
                         writer.checkpoint({"batches": batch})
-                    if not quiet:
-                        progress.update(min(batch * batch_size, total))
+                    bar.update(min(batch * batch_size, total) - bar.n)
                 if not restart:
                     break
-        if not quiet:
-            progress.close(min(batch * batch_size, total))
+        bar.close()
         if writer is None:
             raise SamplingError("no block to predict (is the mask empty?)")
         return writer.finalize(png=png)
     except BaseException:
+        bar.close()
         if writer is not None:
             writer.abort()
         raise

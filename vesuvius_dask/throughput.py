@@ -18,7 +18,7 @@ def stream_throughput(
     num_workers: int = 0,
     seed: int = 0,
     sampling_method: str = "uniform",
-    scheduler: str | None = None,
+    client: str | None = None,
 ) -> str:
     """Stream ``batches`` batches and return a one-paragraph throughput report.
 
@@ -38,7 +38,7 @@ def stream_throughput(
         Stream seed.
     sampling_method : str
         ``"uniform"`` or ``"proportional"``.
-    scheduler : str, optional
+    client : str, optional
         A dask.distributed scheduler address: the reads run on that cluster.
 
     Returns
@@ -51,7 +51,7 @@ def stream_throughput(
 
     stream = DaskVesuviusStream(
         list(paths), *block, samples_per_epoch=batch_size * batches, batch_size=batch_size,
-        seed=seed, sampling_method=sampling_method, client=scheduler,
+        seed=seed, sampling_method=sampling_method, client=client,
     )
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                         multiprocessing_context="spawn" if num_workers else None)
@@ -66,5 +66,5 @@ def stream_throughput(
         f"{n} blocks of {block} ({stream.dtype}) in {dt:.3f} s: "
         f"{n / dt:,.0f} blocks/s, {nbytes / dt / 1e6:,.1f} MB/s "
         f"(batch {batch_size}, workers {num_workers}, {len(stream.volumes)} volume(s), "
-        f"{'scheduler ' + scheduler if scheduler else 'local threads'})"
+        f"{'scheduler ' + client if client else 'local threads'})"
     )
