@@ -10,10 +10,12 @@ from .conftest import EXAMPLE
 BIN = Path(sys.executable).parent / "vesuvius-dask"
 
 
-def test_cli_is_namespaced():
-    import vesuvius_dask.cli
+def test_console_script_entry_point_resolves_to_main():
+    """pyproject's [project.scripts] names an importable function: the CLI's main."""
+    from importlib.metadata import entry_points
 
-    assert vesuvius_dask.cli.__name__ == "vesuvius_dask.cli"
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "vesuvius-dask"]
+    assert script.load() is main
 
 
 def test_console_script_info(zarr_v2):

@@ -1,7 +1,6 @@
 """napari reader and viewer. Needs the viewer extra and a display (CI runs under xvfb-run)."""
 
 import os
-import time
 
 import dask.array as da
 import numpy as np
@@ -175,27 +174,24 @@ def test_big_pyramid_reads_few_chunks(tmp_path, monkeypatch):
         return await original(self, key, *args, **kwargs)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
-    t0 = time.perf_counter()
     viewer = show([str(path)])
     try:
         shot = viewer.screenshot(canvas_only=True)
-        elapsed = time.perf_counter() - t0
     finally:
         viewer.close()
     level0 = [k for k in reads if k.startswith("0/")]
-    print(f"chunk reads: {len(reads)} ({len(level0)} at level 0), first frame {elapsed:.2f} s")
     assert shot[..., :3].std() > 5
     # napari itself probes two level-0 chunks when a multiscale layer is added; the
     # rest of the 2 GB level is never read
     assert len(level0) <= 2, level0
     assert len(reads) <= 24, reads  # a few chunks: contrast sample + a coarse level's plane
-    assert elapsed < 30            # first frame; measured ~1-2 s here, CI machines are noisy
 
 
-def test_write_ome_helper_used(tmp_path):
-    # keep the conftest helper covered for OME fixtures used above
+def test_reader_accepts_ome_and_declines_plain_groups(tmp_path):
     write_ome(tmp_path / "o.zarr", np.zeros((4, 8, 8), np.uint16), chunks=(2, 4, 4), levels=2)
     assert is_volume_path(tmp_path / "o.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")  # a group without multiscales metadata
+    assert not is_volume_path(tmp_path / "plain.zarr")
 
 
 @needs_display
