@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # napari tests need a display: use a virtual one when xvfb-run is there (.ci/run installs it)
 XVFB   := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
-.PHONY: demo test lint bench venv clean example segment ink
+.PHONY: demo test lint docs bench venv clean example segment ink
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: lint
 ## lint: ruff, with the rules in pyproject.toml
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+## docs: the API reference from the docstrings (mkdocs + mkdocstrings), warnings are errors
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict --quiet
+	@echo "API reference: build/site/index.html"
 
 ## bench: the speed and memory benchmarks (prints numbers and ratios)
 bench: $(VENV)/.installed
