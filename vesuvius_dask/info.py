@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .paths import PathKind, path_kind
+from .paths import PathKind, path_kind, segment_volume_dirs
 from .volume import multiscale_paths, open_zarr_path
 
 __all__ = ["describe", "stored_bytes", "check"]
@@ -77,7 +77,7 @@ def _segment_lines(path: Path) -> list[str]:
     from .segment import open_segment
 
     seg = open_segment(path)
-    src = seg.record.label
+    src = segment_volume_dirs(path)[0]  # the volume open_segment chose
     lines = [f"  segment, volume from {src}"]
     if seg.record.zarr is not None:
         lines += describe(src).splitlines()[1:]
@@ -158,9 +158,16 @@ def _check_layer(path: str, page: int) -> list[str]:
     return []
 
 
-def _check_image(img: Any, name: str) -> list[str]:
+class _Lazy:
+    """Holds a dask array so that dask.delayed passes it on instead of computing it first."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+
+def _check_image(img: _Lazy, name: str) -> list[str]:
     try:
-        img.compute()
+        img.array.compute(scheduler="sync")
     except Exception as err:
         return [f"{name}: {err}"]
     return []
@@ -181,11 +188,11 @@ def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
         return [dask.delayed(_check_layer)(lay.path, lay.page) for lay in layers], len(layers)
     if kind == PathKind.SEGMENT:
         seg = open_segment(path)
-        tasks, n = _check_tasks(seg.record.label.split(" (level")[0], level)
+        tasks, n = _check_tasks(os.fspath(segment_volume_dirs(path)[0]), level)
         for name in ("mask", "labels", "ir"):
             img = getattr(seg, name)
             if img is not None:
-                tasks.append(dask.delayed(_check_image)(img, f"{path} {name}"))
+                tasks.append(dask.delayed(_check_image)(_Lazy(img), f"{path} {name}"))
                 n += 1
         return tasks, n
     open_zarr_path(path, level)  # validates the path and the level
