@@ -4,8 +4,11 @@ What it teaches:
 
 * a segment folder (surface_volume/ or layers/, mask.png, inklabels.png) streams
   blocks and their ink-label windows, only where the papyrus mask covers the block;
-* ink is rare (a few percent of the papyrus), so a plain loss learns "no ink": the
-  loss here weighs ink pixels by the background/ink ratio of the training area;
+* ink is rare (a few percent of the papyrus), so uniformly drawn blocks are almost
+  all blank and a plain loss learns "no ink". By default the stream draws
+  label-balanced blocks: exactly half of them hold ink (``positive_fraction=0.5``).
+  ``--uniform`` draws uniformly instead and weighs ink pixels by the background/ink
+  ratio of the training area, for comparison;
 * score on papyrus the model never saw: the right quarter of the segment is held
   out (masked away during training, with a margin of one block), then predicted
   block by block on a grid and compared with the labels. The all-background
@@ -110,6 +113,12 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--held-out", type=float, default=0.25,
                         help="right fraction of the segment kept for evaluation")
+    parser.add_argument("--positive-fraction", type=float, default=0.5,
+                        help="share of blocks that hold ink (label-balanced sampling)")
+    parser.add_argument("--positive-coverage", type=float, default=0.2,
+                        help="share of a block's footprint that must be ink for it to count as ink")
+    parser.add_argument("--uniform", action="store_true",
+                        help="uniform blocks and a class-weighted loss instead of balanced blocks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="save the trained weights (state_dict)")
     args = parser.parse_args()
@@ -133,15 +142,23 @@ def main() -> None:
             [segment], z, y, x, samples_per_epoch=args.steps * args.batch_size,
             batch_size=args.batch_size, seed=args.seed, labels="segment", masks=[train_mask],
             mask_coverage=0.5, transform=prepare,
+            positive_fraction=None if args.uniform else args.positive_fraction,
+            positive_coverage=args.positive_coverage,
         )
+        how = "uniform blocks, class-weighted loss" if args.uniform else \
+            f"{100 * args.positive_fraction:.0f}% of blocks hold ink"
         print(stream, f"({stream.starts_per_volume[0]:,} starts in the training area; "
-                      f"ink is {100 * ink:.1f}% of its papyrus)")
+                      f"ink is {100 * ink:.1f}% of its papyrus; {how})")
         loader = DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                             persistent_workers=args.num_workers > 0)
         model = InkNet()
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        # ink pixels weigh background/ink: both classes count equally in the loss
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - ink) / max(ink, 1e-6)))
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            # ink pixels weigh background/ink, so both classes count equally: the training
+            # area's ratio for uniform blocks, the batch's own for balanced ones
+            share = ink if args.uniform else float(target.mean().clamp(1e-3, 0.999))
+            weight = torch.tensor((1 - share) / max(share, 1e-6))
+            return nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
         stream.set_epoch(0)
         t0 = time.perf_counter()
         losses, n = [], 0

@@ -39,6 +39,7 @@ def test_train_ink_example_beats_the_baselines():
         r"ink F1 ([\d.]+) \(all-background ([\d.]+), all-ink ([\d.]+)\)", line).groups())
     balanced = float(re.search(r"balanced accuracy ([\d.]+)", line).group(1))
     assert bg_f1 == 0 and f1 > ink_f1 + 0.1 and balanced > 0.7, line
+    assert "50% of blocks hold ink" in proc.stdout  # label-balanced sampling by default
 
 
 @pytest.mark.parametrize("script", ["make_example.py", "export_model.py", "train_ink.py", "train.py"])

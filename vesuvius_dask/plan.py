@@ -21,12 +21,14 @@ from .errors import SamplingError
 from .lru import LRU
 from .sampling import (
     SAMPLING_METHODS,
+    BalancedEpochPlan,
     EpochPlan,
     FeistelPermutation,
     GridStarts,
     LocalityPermutation,
     MaskedStartGrid,
     StartGrid,
+    footprint_valid,
 )
 from .volume import Volume
 
@@ -58,9 +60,9 @@ def _check_method(method: str, samples: Any, stride: Any, overlap: Any) -> None:
                             "(where None means every grid position)")
 
 
-def _coverage(value: Any) -> float:
+def _coverage(value: Any, name: str = "mask_coverage") -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise SamplingError(f"mask_coverage must be in (0, 1], got {value!r}")
+        raise SamplingError(f"{name} must be in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -89,13 +91,22 @@ class BlockPlan:
         One 2-D numpy mask (or None) per volume, already checked against the volume.
     read_batch : int
         Samples per batch.
+    labels_2d : list, optional
+        One 2-D numpy label image per volume, for ``positive_fraction``.
+    positive_fraction : float, optional
+        Exactly ``round(positive_fraction * samples_per_epoch)`` blocks of each epoch
+        have at least ``positive_coverage`` of their label footprint positive
+        (non-zero); the rest have less. Each class is drawn without replacement.
+    positive_coverage : float
+        Fraction of the footprint that makes a start positive (default: any voxel).
     """
 
     def __init__(self, volumes: Sequence[Volume], block: Sequence[int], samples_per_epoch: int | None, *,
                  sampling_method: str = "uniform", shuffle: bool = True, seed: int | None = None,
                  stride: Any = None, overlap: Any = None, masks: Sequence[Any] | None = None,
                  mask_coverage: float = 1.0, locality: int | None = None, locality_mix: int = 8,
-                 read_batch: int = 128) -> None:
+                 read_batch: int = 128, labels_2d: Sequence[Any] | None = None,
+                 positive_fraction: float | None = None, positive_coverage: float = 1e-9) -> None:
         _check_method(sampling_method, samples_per_epoch, stride, overlap)
         grid_mode = sampling_method == "grid"
         self.volumes = list(volumes)
@@ -125,7 +136,37 @@ class BlockPlan:
                 f"samples_per_epoch={self.samples_per_epoch} is more than the {total} block "
                 f"starts available for block {self.block} and stride {self.stride} "
                 f"(per volume: {', '.join(str(g.n) for g in self.grids)})")
-        self._perms = LRU(4 * len(self.grids))
+        self.positive_fraction = positive_fraction
+        self.class_grids = None if positive_fraction is None else self._class_grids(
+            masks, labels_2d, positive_fraction, positive_coverage)
+        self._perms = LRU(8 * len(self.grids))
+
+    def _class_grids(self, masks: Any, labels_2d: Any, fraction: float, coverage: float) -> list[Any]:
+        """Positive then negative start grids of every volume (label-balanced sampling)."""
+        if self.sampling_method == "grid":
+            raise SamplingError("positive_fraction does not apply to sampling_method='grid'")
+        if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1):
+            raise SamplingError(f"positive_fraction must be in [0, 1], got {fraction!r}")
+        if labels_2d is None or any(lab is None for lab in labels_2d):
+            raise SamplingError("positive_fraction needs 2-D labels (labels=...) for every volume")
+        coverage = _coverage(coverage, "positive_coverage")
+        pos, neg = [], []
+        for i, grid in enumerate(self.grids):
+            base = grid.grid if isinstance(grid, MaskedStartGrid) else grid
+            inside = grid.valid if isinstance(grid, MaskedStartGrid) else True
+            ink = footprint_valid(base, labels_2d[i], coverage)
+            pos.append(MaskedStartGrid(base, None, valid=ink & inside))
+            neg.append(MaskedStartGrid(base, None, valid=~ink & inside))
+        self.positives = int(round(fraction * self.samples_per_epoch))
+        n_pos, n_neg = sum(g.n for g in pos), sum(g.n for g in neg)
+        if self.positives > n_pos or self.samples_per_epoch - self.positives > n_neg:
+            raise SamplingError(
+                f"positive_fraction={fraction} asks for {self.positives} positive and "
+                f"{self.samples_per_epoch - self.positives} negative blocks, but there are "
+                f"{n_pos} positive and {n_neg} negative starts (per volume: "
+                f"{', '.join(f'{p.n}+{q.n}' for p, q in zip(pos, neg))}; positive_coverage="
+                f"{coverage:g}); lower samples_per_epoch or change positive_fraction")
+        return pos + neg
 
     def _grid(self, i: int, vol: Volume, grid_mode: bool) -> Any:
         label = f"files[{i}] ({vol.label})"
@@ -134,12 +175,21 @@ class BlockPlan:
         return StartGrid(vol.shape, self.block, self.stride, label=label)
 
     @property
+    def _draw_grids(self) -> list[Any]:
+        return self.grids if self.class_grids is None else self.class_grids
+
+    @property
     def starts_per_volume(self) -> list[int]:
         """Number of valid block starts in each volume."""
         return [g.n for g in self.grids]
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
-        """Volume and draw rank of every sample of ``epoch``."""
+        """Volume (class grid, when balanced) and draw rank of every sample of ``epoch``."""
+        if self.class_grids is not None:
+            v = len(self.grids)
+            return BalancedEpochPlan([g.n for g in self.class_grids[:v]], [g.n for g in self.class_grids[v:]],
+                                     self.samples_per_epoch, self.positives, self.sampling_method,
+                                     self.seed, epoch)
         return EpochPlan(self.starts_per_volume, self.samples_per_epoch, self.sampling_method,
                          self.seed, epoch)
 
@@ -151,19 +201,19 @@ class BlockPlan:
             local = ranks[sel]
             if self.shuffle:
                 local = self.permutation(epoch, v)(local)
-            starts[sel] = self.grids[v].unravel(local)
+            starts[sel] = self._draw_grids[v].unravel(local)
         return starts
 
     def permutation(self, epoch: int, v: int) -> Any:
         """The order in which ``epoch`` draws volume ``v``'s starts (memoised)."""
         perm = self._perms.get((epoch, v))
         if perm is None:
-            grid, key = self.grids[v], [self.seed, epoch, 3, v]
+            grid, key = self._draw_grids[v], [self.seed, epoch, 3, v]
             if self.locality is None:
                 perm = FeistelPermutation(grid.n, key)
             else:
-                perm = LocalityPermutation(grid, self.volumes[v].bounds, self.locality,
-                                           self.locality_mix, key)
+                perm = LocalityPermutation(grid, self.volumes[v % len(self.volumes)].bounds,
+                                           self.locality, self.locality_mix, key)
             self._perms.put((epoch, v), perm)
         return perm
 
@@ -187,8 +237,9 @@ class BlockPlan:
             labels = np.concatenate([lab for _, lab, _ in pending])
             starts = self.starts(labels, np.concatenate([r for _, _, r in pending]), epoch)
             first = 0
-            for _, lab, _ in pending:
-                yield lab, starts[first:first + lab.size]
+            volumes = len(self.volumes)
+            for _, lab, _ in pending:  # class grids map back to their volume
+                yield lab % volumes, starts[first:first + lab.size]
                 first += lab.size
 
     def epoch_coords(self, epoch: int | None = None) -> np.ndarray:

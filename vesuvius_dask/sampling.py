@@ -21,8 +21,9 @@ import numpy as np
 
 from .errors import SamplingError
 
-__all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "FeistelPermutation", "LocalityPermutation",
-           "EpochPlan", "SAMPLING_METHODS"]
+__all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "footprint_valid", "FeistelPermutation",
+           "LocalityPermutation",
+           "EpochPlan", "BalancedEpochPlan", "SAMPLING_METHODS"]
 
 SAMPLING_METHODS = ("uniform", "proportional", "grid")
 
@@ -525,6 +526,60 @@ def _window_sum(a: np.ndarray, width: int, axis: int) -> np.ndarray:
     return result
 
 
+def _at_starts(a: np.ndarray, starts: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` at ``starts`` along ``axis``: a strided view when they are evenly spaced."""
+    step = int(starts[1] - starts[0]) if starts.size > 1 else 1
+    if step > 0 and np.array_equal(starts, starts[0] + step * np.arange(starts.size)):
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(int(starts[0]), int(starts[-1]) + 1, step)
+        return a[tuple(index)]
+    return np.take(a, starts, axis=axis)
+
+
+def _window_any(a: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """Whether any of every run of ``width`` consecutive booleans along ``axis`` is set."""
+    n_out = a.shape[axis] - width + 1
+
+    def take(x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(start, stop)
+        return x[tuple(index)]
+
+    # cover [i, i + width) with two windows of the largest power of two <= width
+    span, doubled = 1, a
+    while span * 2 <= width:
+        length = doubled.shape[axis]
+        doubled = take(doubled, 0, length - span) | take(doubled, span, length)
+        span *= 2
+    return take(doubled, 0, n_out) | take(doubled, width - span, width - span + n_out)
+
+
+def footprint_valid(grid: StartGrid, mask: np.ndarray, coverage: float) -> np.ndarray:
+    """``(ny, nx)`` booleans: whether ``coverage`` of each grid start's footprint is non-zero.
+
+    Window sums of the footprint on the stride grid: along y, keep the grid rows, then
+    along x, keep the grid columns (whole-array adds, no prefix sums). Any coverage > 0
+    needs at least one voxel. "Any voxel" and "every voxel" are boolean windows (OR of
+    two overlapping power-of-two runs), half the memory traffic of counting.
+    """
+    _, by, bx = grid.block
+    need = max(1, int(np.ceil(coverage * by * bx - 1e-9)))
+    ys, xs = grid.axis_starts(1), grid.axis_starts(2)
+    if need in (1, by * bx):
+        m = np.asarray(mask) != 0
+        if need > 1:
+            m = ~m  # every voxel set <=> no voxel unset
+        vert = np.ascontiguousarray(_at_starts(_window_any(m, by, axis=0), ys, 0))
+        del m
+        hit = np.ascontiguousarray(_at_starts(_window_any(vert, bx, axis=1), xs, 1))
+        return ~hit if need > 1 else hit
+    acc = np.uint16 if by * bx < 2**16 else np.uint32
+    m = (np.asarray(mask) != 0).astype(acc)
+    vert = np.ascontiguousarray(_at_starts(_window_sum(m, by, axis=0), ys, 0))
+    del m
+    return np.ascontiguousarray(_at_starts(_window_sum(vert, bx, axis=1), xs, 1) >= need)
+
+
 class MaskedStartGrid:
     """The starts of a :class:`StartGrid` whose footprint a 2-D mask covers.
 
@@ -546,23 +601,17 @@ class MaskedStartGrid:
         ``(Y, X)`` array, same height and width as the volume.
     coverage : float
         Fraction of the footprint that must be non-zero, in ``(0, 1]``.
+    valid : numpy.ndarray, optional
+        The ``(ny, nx)`` valid grid positions, given directly (``mask`` is then
+        ignored): how label-balanced sampling splits a grid into classes.
     """
 
-    def __init__(self, grid: StartGrid, mask: np.ndarray, coverage: float) -> None:
+    def __init__(self, grid: StartGrid, mask: np.ndarray | None, coverage: float = 1.0, *,
+                 valid: np.ndarray | None = None) -> None:
         self.grid = grid
         self.shape, self.block, self.stride = grid.shape, grid.block, grid.stride
-        _, by, bx = grid.block
-        _, sy, sx = grid.stride
-        nz, ny, nx = grid.counts
-        need = max(1, int(np.ceil(coverage * by * bx - 1e-9)))
-        acc = np.uint16 if by * bx < 2**16 else np.uint32
-        m = (np.asarray(mask) != 0).astype(acc)
-        # Window sums of the footprint on the stride grid: along y, keep the grid rows,
-        # then along x, keep the grid columns (whole-array adds, no prefix sums).
-        vert = _window_sum(m, by, axis=0)[grid.axis_starts(1)]
-        del m
-        self.valid = _window_sum(vert, bx, axis=1)[:, grid.axis_starts(2)] >= need
-        del vert
+        nz = grid.counts[0]
+        self.valid = footprint_valid(grid, mask, coverage) if valid is None else np.asarray(valid, bool)
         flat = np.zeros(-(-self.valid.size // 64) * 64, dtype=bool)
         flat[: self.valid.size] = self.valid.ravel()
         self._words = flat.reshape(-1, 64)
@@ -594,3 +643,72 @@ class MaskedStartGrid:
 
     def __repr__(self) -> str:
         return f"MaskedStartGrid({self.grid!r}, valid={self.n})"
+
+
+class BalancedEpochPlan(EpochPlan):
+    """An epoch with exactly ``positives`` samples of one class and the rest of the other.
+
+    The draw is over ``2V`` class grids: ``0..V-1`` hold each volume's positive
+    starts, ``V..2V-1`` its negative starts. Each class is drawn without replacement
+    by its own :class:`EpochPlan` (same ``method`` across volumes), and a seeded
+    permutation of the epoch's slots decides which slots are positive: slot ``i`` is
+    positive when ``perm(i) < positives``. So the count is exact, the classes are
+    interleaved at random, and the plan stays a pure function of ``(seed, epoch)``.
+
+    Parameters
+    ----------
+    pos_starts, neg_starts : Sequence[int]
+        Valid positive and negative starts of each volume.
+    samples : int
+        Samples in the epoch.
+    positives : int
+        How many of them are positive.
+    method : {"uniform", "proportional"}
+        Volume selection rule within each class.
+    seed, epoch : int
+        As for :class:`EpochPlan`.
+    """
+
+    def __init__(self, pos_starts: Sequence[int], neg_starts: Sequence[int], samples: int,
+                 positives: int, method: str, seed: int, epoch: int) -> None:
+        super().__init__(list(pos_starts) + list(neg_starts), samples, method, seed, epoch)
+        self.volumes = len(pos_starts)
+        self.positives = int(positives)
+        self.pos = EpochPlan(pos_starts, self.positives, method, seed, 2 * epoch)
+        self.neg = EpochPlan(neg_starts, self.samples - self.positives, method, seed, 2 * epoch + 1)
+
+    @staticmethod
+    def _stream(plan: EpochPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _, labels, ranks in plan.segments():
+            yield labels, ranks
+
+    def segments(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        slots = FeistelPermutation(max(self.samples, 1), [self.seed, self.epoch, 5])
+        takers = [_Taker(self._stream(self.pos)), _Taker(self._stream(self.neg))]
+        for first in range(0, self.samples, _SEGMENT):
+            size = min(_SEGMENT, self.samples - first)
+            positive = slots(np.arange(first, first + size, dtype=np.int64)) < self.positives
+            labels = np.empty(size, dtype=np.int64)
+            ranks = np.empty(size, dtype=np.int64)
+            for taker, where, offset in ((takers[0], positive, 0), (takers[1], ~positive, self.volumes)):
+                lab, rnk = taker.take(int(where.sum()))
+                labels[where], ranks[where] = lab + offset, rnk
+            yield first, labels, ranks
+
+
+class _Taker:
+    """Consume ``(labels, ranks)`` segments in pieces of any size."""
+
+    def __init__(self, source: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.source = source
+        self.labels = np.empty(0, dtype=np.int64)
+        self.ranks = np.empty(0, dtype=np.int64)
+
+    def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        while self.labels.size < k:
+            lab, rnk = next(self.source)
+            self.labels = np.concatenate([self.labels, lab])
+            self.ranks = np.concatenate([self.ranks, rnk])
+        out = self.labels[:k], self.ranks[:k]
+        self.labels, self.ranks = self.labels[k:], self.ranks[k:]
+        return out

@@ -198,6 +198,17 @@ class DaskVesuviusStream(IterableDataset):
         instead, because inference must cover every papyrus voxel.
     storage_options : dict, optional
         fsspec options for remote (URL) volumes, e.g. ``{"anon": True}`` for S3.
+    positive_fraction : float, optional
+        Label-balanced sampling (needs 2-D ``labels``): exactly
+        ``round(positive_fraction * samples_per_epoch)`` blocks of every epoch are
+        *positive* (at least ``positive_coverage`` of their label footprint is
+        non-zero), the rest negative; each class without replacement, both inside
+        the masks. The counts are known at construction (memory O(mask)); too few
+        starts of either class is an error that gives the counts. Composes with
+        ``masks``, ``stride``, ``locality``, workers and ``set_epoch``.
+    positive_coverage : float
+        Fraction of the label footprint that makes a start positive (default: any
+        positive voxel).
 
     Notes
     -----
@@ -248,6 +259,8 @@ class DaskVesuviusStream(IterableDataset):
         client: Any = None,
         retries: int = 2,
         storage_options: dict | None = None,
+        positive_fraction: float | None = None,
+        positive_coverage: float = 1e-9,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -265,12 +278,13 @@ class DaskVesuviusStream(IterableDataset):
             for i, f in enumerate(files)]
         masks_2d = [None if m is None else load_mask(m, f"masks[{i}]", self.volumes[i])
                     for i, m in enumerate(per_volume("masks", masks, files, "mask"))]
+        self.label_volumes, self.label_2d = label_volumes(labels, files, self.volumes)
         self.plan = BlockPlan(
             self.volumes, block, samples_per_epoch, sampling_method=sampling_method, shuffle=shuffle,
             seed=seed, stride=stride, overlap=overlap, masks=masks_2d, mask_coverage=mask_coverage,
-            locality=locality, locality_mix=locality_mix,
-            read_batch=self.batch_size or read_batch)
-        self.label_volumes, self.label_2d = label_volumes(labels, files, self.volumes)
+            locality=locality, locality_mix=locality_mix, read_batch=self.batch_size or read_batch,
+            labels_2d=[lv.data[0] for lv in self.label_volumes] if self.label_2d else None,
+            positive_fraction=positive_fraction, positive_coverage=positive_coverage)
         self.dtype = _output_dtype(self.volumes, dtype)
         self.engine = BatchEngine(self.volumes, block, dtype=self.dtype, cache_bytes=cache_bytes,
                                   num_threads=num_threads)
