@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output .zarr path")
     p.add_argument("--block", type=positive_triple, default=None,
                    help="Z,Y,X (default 16,64,64, clipped to the volume)")
-    p.add_argument("--overlap", type=triple, default=(0, 16, 16), help="Z,Y,X (default 0,16,16)")
+    p.add_argument("--overlap", type=triple, default=None,
+                   help="Z,Y,X (default: 0 and a quarter of the block in y and x, e.g. 0,16,16)")
     p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--mask", nargs="?", const="segment", default=None,
                    help="predict only where the mask is: a mask image path, or no value for "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str) -> None
                 from dask.diagnostics import ProgressBar
 
                 print(what, flush=True)
-                with ProgressBar(dt=0.5):
+                with ProgressBar(dt=0.5, out=sys.stderr):
                     dask.compute(*units, scheduler="threads", pool=pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -396,7 +396,7 @@ def default_block(shape: Sequence[int], block: Sequence[int] | None) -> tuple[in
 
 
 def predict(model: Any, source: Any, out: str | os.PathLike, *,
-            block: Sequence[int] | None = None, overlap: Sequence[int] = (0, 16, 16),
+            block: Sequence[int] | None = None, overlap: Sequence[int] | None = None,
             batch_size: int = 32, mask: Any = None, mask_coverage: float = 1e-9,
             blend: str = "hann", png: str | os.PathLike | None = None, overwrite: bool = False,
             resume: bool = False, num_workers: int = 0, client: Any = None,
@@ -418,8 +418,9 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
         source, its segment folder, the model, the mask).
     block : tuple of int, optional
         Grid block (default 16×64×64, clipped to the volume).
-    overlap : tuple of int
-        Overlap between neighbouring blocks (see :class:`~vesuvius_dask.sampling.GridStarts`).
+    overlap : tuple of int, optional
+        Overlap between neighbouring blocks (see :class:`~vesuvius_dask.sampling.GridStarts`);
+        default a quarter of the block in y and x, none in z (16 for 64-pixel blocks).
     batch_size : int
         Blocks per model call.
     mask : array, path, "segment" or None
@@ -468,7 +469,8 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     if getattr(source, "path", None) is not None:
         inputs.append(source.path)
     identity = {"source": os.path.realpath(source) if isinstance(source, (str, os.PathLike))
-                else repr(source), "overlap": [int(o) for o in overlap], "batch_size": int(batch_size),
+                else repr(source), "overlap": None if overlap is None else [int(o) for o in overlap],
+                "batch_size": int(batch_size),
                 "mask": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else repr(type(mask)),
                 "mask_coverage": float(mask_coverage),
                 "checkpoint_blocks": int(checkpoint_blocks),
@@ -491,7 +493,9 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
 
     vshape = resolve_volume(source).shape
     block = default_block(vshape, block)
-    identity["block"] = list(block)
+    if overlap is None:
+        overlap = (0, block[1] // 4, block[2] // 4)
+    identity["block"], identity["overlap"] = list(block), [int(o) for o in overlap]
     stream = DaskVesuviusStream(
         [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
         batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,

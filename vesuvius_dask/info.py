@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,7 @@ def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = Tr
         else:
             from dask.diagnostics import ProgressBar
 
-            with ProgressBar(dt=0.5):
+            with ProgressBar(dt=0.5, out=sys.stderr):
                 results = dask.compute(*tasks, scheduler="threads", pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
