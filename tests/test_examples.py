@@ -86,3 +86,27 @@ def test_export_then_predict(tmp_path):
 
     pred = zarr.open(tmp_path / "pred.zarr", mode="r")[:]
     assert pred.shape == (64, 80) and 0 <= pred.min() and pred.max() <= 1
+
+
+def test_train_ddp_example_under_torchrun():
+    """torchrun --nproc-per-node 2 on CPU (gloo): every rank runs the same number of steps."""
+    import re
+    import socket
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+         str(ROOT / "examples" / "train_ddp.py"), "--data", str(EXAMPLE), "--samples", "200",
+         "--batch-size", "16", "--epochs", "2", "--num-workers", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epochs = re.findall(r"rank 0: (\d+) steps, (\d+) blocks, rank 1: (\d+) steps, (\d+) blocks", proc.stdout)
+    assert len(epochs) == 2
+    for s0, b0, s1, b1 in epochs:
+        assert s0 == s1 == "7" and b0 == b1 == "100"  # ceil(100 / 16) steps of 200 / 2 blocks each

@@ -27,6 +27,7 @@ from .sampling import (
     GridStarts,
     LocalityPermutation,
     MaskedStartGrid,
+    RankSlice,
     StartGrid,
     footprint_valid,
 )
@@ -217,14 +218,19 @@ class BlockPlan:
             self._perms.put((epoch, v), perm)
         return perm
 
-    def batches(self, epoch: int, part: int = 0, parts: int = 1, start_batch: int = 0
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, epoch: int, part: int = 0, parts: int = 1, start_batch: int = 0,
+                rank: int = 0, world_size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(volume_index, starts)`` of the batches of ``epoch`` that belong to ``part``.
 
-        Batch ``b >= start_batch`` belongs to part ``(b - start_batch) % parts``: the
-        parts together yield the epoch exactly once, in order when read round-robin.
+        With ``world_size > 1`` the epoch is first split among torch.distributed
+        ranks as :class:`~vesuvius_dask.sampling.RankSlice` does (padded to equal
+        counts, except for inference grids). Then, of this rank's batches, batch
+        ``b >= start_batch`` belongs to part ``(b - start_batch) % parts``: the parts
+        together yield the rank's share exactly once, in order when read round-robin.
         """
-        plan = self.epoch_plan(epoch)
+        plan: Any = self.epoch_plan(epoch)
+        if world_size > 1:
+            plan = RankSlice(plan, rank, world_size, pad=self.sampling_method != "grid")
         selected = plan.batches(
             self.read_batch, select=lambda b: b >= start_batch and (b - start_batch) % parts == part)
         # Starts are computed for several batches at once: the permutations are

@@ -23,7 +23,7 @@ from .errors import SamplingError
 
 __all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "footprint_valid", "FeistelPermutation",
            "LocalityPermutation",
-           "EpochPlan", "BalancedEpochPlan", "SAMPLING_METHODS"]
+           "EpochPlan", "BalancedEpochPlan", "RankSlice", "SAMPLING_METHODS"]
 
 SAMPLING_METHODS = ("uniform", "proportional", "grid")
 
@@ -712,3 +712,52 @@ class _Taker:
         out = self.labels[:k], self.ranks[:k]
         self.labels, self.ranks = self.labels[k:], self.ranks[k:]
         return out
+
+
+class RankSlice:
+    """One torch.distributed rank's share of an epoch plan, as ``DistributedSampler`` splits.
+
+    Sample ``i`` of the epoch (in plan order) belongs to rank ``i % world``. With
+    ``pad``, the epoch is first extended by its own first samples to a multiple of
+    ``world``, so every rank gets exactly ``ceil(samples / world)`` samples (fewer
+    than ``world`` of them repeated, overall): DDP needs the same number of batches
+    on every rank. Without ``pad`` (inference grids) every sample is drawn exactly
+    once overall and ranks may differ by one sample.
+
+    Parameters
+    ----------
+    plan : EpochPlan
+        The whole epoch.
+    rank, world : int
+        This rank and the number of ranks.
+    pad : bool
+        Pad to equal counts (see above).
+    """
+
+    def __init__(self, plan: EpochPlan, rank: int, world: int, pad: bool = True) -> None:
+        self.plan, self.rank, self.world = plan, int(rank), int(world)
+        n = plan.samples
+        self.total = -(-n // self.world) * self.world if pad else n
+        self.samples = len(range(self.rank, self.total, self.world))
+
+    def _mine(self, first: int, labels: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = (np.arange(first, first + labels.size) % self.world) == self.rank
+        return labels[keep], ranks[keep]
+
+    def segments(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        out = 0
+        for first, labels, ranks in self.plan.segments():
+            lab, rnk = self._mine(first, labels, ranks)
+            yield out, lab, rnk
+            out += lab.size
+        extra = self.total - self.plan.samples  # positions n.. repeat samples 0..
+        if extra > 0:
+            for first, labels, ranks in self.plan.segments():
+                size = min(labels.size, extra - first)
+                if size <= 0:
+                    break
+                lab, rnk = self._mine(first + self.plan.samples, labels[:size], ranks[:size])
+                yield out, lab, rnk
+                out += lab.size
+
+    batches = EpochPlan.batches

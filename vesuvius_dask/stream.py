@@ -71,6 +71,20 @@ def _as_tensor(array: Any) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
 
 
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: as given, else from an initialised torch.distributed group."""
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        world_size = world_size if world_size is not None else (dist.get_world_size() if ready else 1)
+        rank = rank if rank is not None else (dist.get_rank() if ready else 0)
+    world_size = positive_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+        raise SamplingError(f"rank must be in [0, {world_size}), got {rank!r}")
+    return int(rank), world_size
+
+
 def _check_options(batch_size: Any, transform: Any, prefetch: Any) -> None:
     if batch_size is not None:
         positive_int("batch_size", batch_size)
@@ -209,6 +223,17 @@ class DaskVesuviusStream(IterableDataset):
     positive_coverage : float
         Fraction of the label footprint that makes a start positive (default: any
         positive voxel).
+    rank, world_size : int, optional
+        This process's torch.distributed rank and the number of ranks (default: from
+        an initialised ``torch.distributed`` process group, else 0 and 1). Sample
+        ``i`` of each epoch goes to rank ``i % world_size``, after padding the epoch
+        with its own first samples to a multiple of ``world_size`` (as
+        ``DistributedSampler`` does): every rank yields ``ceil(samples_per_epoch /
+        world_size)`` blocks, so the same number of batches, and fewer than
+        ``world_size`` blocks are repeated overall. Grids are not padded: inference
+        on several GPUs visits every position exactly once overall. Each rank's share
+        is then split among its DataLoader workers by batch; ``set_epoch`` as with
+        ``DistributedSampler``.
 
     Notes
     -----
@@ -261,6 +286,8 @@ class DaskVesuviusStream(IterableDataset):
         storage_options: dict | None = None,
         positive_fraction: float | None = None,
         positive_coverage: float = 1e-9,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -296,6 +323,7 @@ class DaskVesuviusStream(IterableDataset):
                                   retries=retries, shared=self.batch_size is not None)
         #: Batches of each epoch before this one are skipped (``predict`` resumes with it).
         self.start_batch = 0
+        self.rank, self.world_size = _distributed(rank, world_size)
         self._epoch, self._epoch_set, self._iterations, self._epoch_generation = 0, False, 0, 0
         # [epoch, generation, warned] in shared memory: set_epoch in the main process
         # reaches DataLoader workers that already hold a copy (persistent_workers=True).
@@ -333,9 +361,12 @@ class DaskVesuviusStream(IterableDataset):
         return self.plan.epoch_coords(self.epoch if epoch is None else int(epoch))
 
     def __len__(self) -> int:
-        if self.batch_size is None:
-            return self.samples_per_epoch
-        return math.ceil(self.samples_per_epoch / self.batch_size)
+        """Blocks (or batches) this rank yields per epoch."""
+        n = self.samples_per_epoch
+        if self.world_size > 1:
+            n = -(-n // self.world_size) if self.sampling_method != "grid" else \
+                len(range(self.rank, n, self.world_size))
+        return n if self.batch_size is None else math.ceil(n / self.batch_size)
 
     def __repr__(self) -> str:
         return (
@@ -389,7 +420,8 @@ class DaskVesuviusStream(IterableDataset):
         count_worker_iteration()
         epoch = self.epoch
         self._iterations += 1
-        batches = self.plan.batches(epoch, worker, num_workers, self.start_batch)
+        batches = self.plan.batches(epoch, worker, num_workers, self.start_batch, self.rank,
+                                    self.world_size)
         return self._emit(self.reader.run(batches))
 
     def _emit(self, results: Iterator[tuple[Any, Any, np.ndarray, np.ndarray]]) -> Iterator[Any]:
