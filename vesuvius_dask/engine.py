@@ -98,6 +98,7 @@ class EngineStats:
     blocks: int = 0
     chunks_read: int = 0
     cache_hits: int = 0
+    shared_hits: int = 0  # chunks another process of this machine had decoded
     bytes_decoded: int = 0
     bytes_delivered: int = 0
 
@@ -253,6 +254,11 @@ class BatchEngine:
         self._outputs: list[np.ndarray] = []
         self._proc_pid = os.getpid()
         self.uid = uuid.uuid4().hex  # identifies this engine's copies on cluster workers
+        #: Decoded chunks shared by the DataLoader workers of a machine (see
+        #: :class:`~vesuvius_dask.shared_cache.SharedChunkCache`); used while
+        #: ``shared_active`` is set (by the stream, inside DataLoader workers).
+        self.shared: Any = None
+        self.shared_active = False
 
     # -- pickling: caches, pools and counters are per process -------------------
     def __getstate__(self) -> dict:
@@ -334,8 +340,18 @@ class BatchEngine:
 
     def _read_chunk(self, vol: Volume, chunk_id: tuple[int, int, int],
                     region: tuple[slice, ...]) -> np.ndarray:
+        key = (vol.token,) + tuple(chunk_id)
+        if self.shared is not None and self.shared_active:
+            chunk, decoded = self.shared.get_or_load(key, lambda: read_stored(vol.zarr, region, vol.label))
+            if decoded:
+                self._account_read(key, chunk)
+            else:
+                with self._lock:
+                    self.stats.shared_hits += 1
+                self.cache.put(key, chunk)
+            return chunk
         chunk = read_stored(vol.zarr, region, vol.label)
-        self._account_read((vol.token,) + tuple(chunk_id), chunk)
+        self._account_read(key, chunk)
         return chunk
 
     # -- graphs ----------------------------------------------------------------

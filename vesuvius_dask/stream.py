@@ -85,6 +85,15 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(rank), world_size
 
 
+def _shared_cache(cache_bytes: int) -> Any:
+    """The machine-wide decoded-chunk cache for DataLoader workers, where /dev/shm exists."""
+    from .shared_cache import SharedChunkCache, shared_memory_dir
+
+    if cache_bytes <= 0 or shared_memory_dir() is None:
+        return None
+    return SharedChunkCache(cache_bytes)
+
+
 def _check_options(batch_size: Any, transform: Any, prefetch: Any) -> None:
     if batch_size is not None:
         positive_int("batch_size", batch_size)
@@ -223,6 +232,12 @@ class DaskVesuviusStream(IterableDataset):
     positive_coverage : float
         Fraction of the label footprint that makes a start positive (default: any
         positive voxel).
+    shared_cache : bool
+        Inside DataLoader workers, share decoded chunks through ``/dev/shm``: a
+        chunk is decoded once per machine, not once per worker, and ``cache_bytes``
+        bounds the machine (see :class:`~vesuvius_dask.shared_cache.SharedChunkCache`).
+        Default True; off with ``cache_bytes=0``, with ``client``, and where there
+        is no ``/dev/shm``.
     rank, world_size : int, optional
         This process's torch.distributed rank and the number of ranks (default: from
         an initialised ``torch.distributed`` process group, else 0 and 1). Sample
@@ -288,6 +303,7 @@ class DaskVesuviusStream(IterableDataset):
         positive_coverage: float = 1e-9,
         rank: int | None = None,
         world_size: int | None = None,
+        shared_cache: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -318,6 +334,8 @@ class DaskVesuviusStream(IterableDataset):
         self.label_engine = None if self.label_volumes is None else BatchEngine(
             self.label_volumes, (1,) + block[1:] if self.label_2d else block,
             cache_bytes=cache_bytes // 4, num_threads=num_threads)
+        if shared_cache and client is None:
+            self.engine.shared = _shared_cache(cache_bytes)
         self.reader = BatchReader(self.engine, self.label_engine, self.label_2d,
                                   prefetch=None if prefetch is None else int(prefetch), client=client,
                                   retries=retries, shared=self.batch_size is not None)
@@ -418,6 +436,7 @@ class DaskVesuviusStream(IterableDataset):
         if info is not None:
             self._warn_once(info)
         count_worker_iteration()
+        self.engine.shared_active = info is not None  # workers share decoded chunks
         epoch = self.epoch
         self._iterations += 1
         batches = self.plan.batches(epoch, worker, num_workers, self.start_batch, self.rank,
