@@ -342,13 +342,16 @@ class BatchEngine:
                     region: tuple[slice, ...]) -> np.ndarray:
         key = (vol.token,) + tuple(chunk_id)
         if self.shared is not None and self.shared_active:
+            # the local LRU keeps the mapping (shared pages, no copy), so later batches
+            # cut it inline; see DaskVesuviusStream's shared_cache for the memory bound
             chunk, decoded = self.shared.get_or_load(key, lambda: read_stored(vol.zarr, region, vol.label))
-            if decoded:
-                self._account_read(key, chunk)
-            else:
-                with self._lock:
+            with self._lock:
+                if decoded:
+                    self.stats.chunks_read += 1
+                    self.stats.bytes_decoded += chunk.nbytes
+                else:
                     self.stats.shared_hits += 1
-                self.cache.put(key, chunk)
+            self.cache.put(key, chunk)
             return chunk
         chunk = read_stored(vol.zarr, region, vol.label)
         self._account_read(key, chunk)

@@ -88,9 +88,12 @@ class SharedChunkCache:
         return self.path / ("_".join(str(k) for k in key) + ".npy")
 
     def get(self, key: tuple) -> np.ndarray | None:
-        """The chunk, mapped read-only from shared memory, or None."""
+        """The chunk, mapped read-only from shared memory, or None (marked used: LRU by use)."""
+        path = self._file(key)
         try:
-            return np.load(self._file(key), mmap_mode="r")
+            arr = np.load(path, mmap_mode="r")
+            os.utime(path)  # eviction removes the least recently *used* files first
+            return arr
         except (FileNotFoundError, ValueError, OSError):
             return None
 

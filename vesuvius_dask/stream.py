@@ -234,8 +234,12 @@ class DaskVesuviusStream(IterableDataset):
         positive voxel).
     shared_cache : bool
         Inside DataLoader workers, share decoded chunks through ``/dev/shm``: a
-        chunk is decoded once per machine, not once per worker, and ``cache_bytes``
-        bounds the machine (see :class:`~vesuvius_dask.shared_cache.SharedChunkCache`).
+        chunk is decoded once per machine, not once per worker (see
+        :class:`~vesuvius_dask.shared_cache.SharedChunkCache`). ``cache_bytes`` then
+        bounds the shared folder; each of ``k`` workers also keeps mappings of up to
+        ``cache_bytes / k`` of chunks (pages of the same files, not copies; pages of
+        files evicted meanwhile stay until the worker lets go), so the machine holds
+        at most ``2 x cache_bytes``, and ``cache_bytes`` when the volume fits.
         Default True; off with ``cache_bytes=0``, with ``client``, and where there
         is no ``/dev/shm``.
     rank, world_size : int, optional
@@ -436,7 +440,11 @@ class DaskVesuviusStream(IterableDataset):
         if info is not None:
             self._warn_once(info)
         count_worker_iteration()
-        self.engine.shared_active = info is not None  # workers share decoded chunks
+        if info is not None and self.engine.shared is not None and not self.engine.shared_active:
+            # workers share decoded chunks; each keeps mappings of at most its share of
+            # the budget, so the machine holds at most 2 x cache_bytes (see shared_cache)
+            self.engine.shared_active = True
+            self.engine.cache.budget = max(1, self.engine.shared.max_bytes // info.num_workers)
         epoch = self.epoch
         self._iterations += 1
         batches = self.plan.batches(epoch, worker, num_workers, self.start_batch, self.rank,
