@@ -301,8 +301,13 @@ def main() -> None:
     p.add_argument("--only-headline", action="store_true", help="only the headline workload")
     p.add_argument("--big-shape", default="128,4096,4096")
     p.add_argument("--cache-mb", type=int, default=512)
+    p.add_argument("--only-workers", action="store_true",
+                   help="only the decode-bound DataLoader rows (1, 2, 4 workers, shared chunk cache)")
     args = p.parse_args()
     print(f"benchmarks/stream.py  (reps={args.reps}, medians)")
+    if args.only_workers:
+        _worker_rows(args.reps)
+        return
     if not args.only_big:
         compare(headline_volume(), (4, 64, 64), 1024, 128, args.reps, "headline")
         if args.only_headline:
@@ -313,6 +318,16 @@ def main() -> None:
         masked(headline_volume(), args.reps)
     if not args.skip_big:
         big(tuple(int(v) for v in args.big_shape.split(",")), args.reps, args.cache_mb)
+    if not (args.only_big or args.only_headline):
+        _worker_rows(args.reps)  # last: it counts chunk reads by patching the store
+
+
+def _worker_rows(reps: int) -> None:
+    """Decode-bound DataLoader rows for 1, 2 and 4 workers (benchmarks/workers.py)."""
+    import workers
+
+    sys.argv = [sys.argv[0], "--reps", str(min(reps, 3))]
+    workers.main()
 
 
 if __name__ == "__main__":
