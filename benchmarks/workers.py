@@ -41,6 +41,17 @@ def _count_reads() -> None:
         return await original(self, key, *args, **kwargs)
 
     zarr.storage.LocalStore.get = get
+    from vesuvius_dask import chunkio
+
+    original_file = chunkio.read_file
+
+    def read_file(path):  # the fast chunk path reads files itself
+        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, b"x\n")
+        os.close(fd)
+        return original_file(path)
+
+    chunkio.read_file = read_file
 
 
 def _peak(path_of: callable, stop: threading.Event, out: list) -> None:

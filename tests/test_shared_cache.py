@@ -8,7 +8,7 @@ import pytest
 import zarr
 from torch.utils.data import DataLoader
 
-from vesuvius_dask import DaskVesuviusStream
+from vesuvius_dask import DaskVesuviusStream, chunkio
 from vesuvius_dask.shared_cache import SharedChunkCache, shared_memory_dir
 
 pytestmark = pytest.mark.skipif(shared_memory_dir() is None, reason="no /dev/shm here")
@@ -19,15 +19,24 @@ def counted(tmp_path, monkeypatch):
     """Every stored-chunk read of any process (forked workers inherit the patch) is a line in a file."""
     log = tmp_path / "reads.log"
     original = zarr.storage.LocalStore.get
+    original_file = chunkio.read_file
+
+    def note(key):
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, (str(key) + "\n").encode())
+        os.close(fd)
 
     async def get(self, key, *args, **kwargs):
         if key.startswith("c/"):
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            os.write(fd, (key + "\n").encode())
-            os.close(fd)
+            note(key)
         return await original(self, key, *args, **kwargs)
 
+    def read_file(path):  # the fast chunk path reads the file itself
+        note(path)
+        return original_file(path)
+
     monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
+    monkeypatch.setattr(chunkio, "read_file", read_file)
 
     def reads() -> int:
         n = len(log.read_text().split()) if log.exists() else 0

@@ -1,6 +1,7 @@
 """napari reader and viewer. Needs the viewer extra and a display (CI runs under xvfb-run)."""
 
 import os
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -174,6 +175,17 @@ def test_big_pyramid_reads_few_chunks(tmp_path, monkeypatch):
         return await original(self, key, *args, **kwargs)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    from vesuvius_dask import chunkio
+
+    original_file = chunkio.read_file
+
+    def counting_file(file):  # the fast chunk path reads chunk files itself
+        rel = str(Path(file).relative_to(path))
+        if "/c/" in rel:
+            reads.append(rel)
+        return original_file(file)
+
+    monkeypatch.setattr(chunkio, "read_file", counting_file)
     viewer = show([str(path)])
     try:
         shot = viewer.screenshot(canvas_only=True)
@@ -184,7 +196,7 @@ def test_big_pyramid_reads_few_chunks(tmp_path, monkeypatch):
     # napari itself probes two level-0 chunks when a multiscale layer is added; the
     # rest of the 2 GB level is never read
     assert len(level0) <= 2, level0
-    assert len(reads) <= 24, reads  # a few chunks: contrast sample + a coarse level's plane
+    assert 0 < len(reads) <= 24, reads  # a few chunks: contrast sample + a coarse level's plane
 
 
 def test_reader_accepts_ome_and_declines_plain_groups(tmp_path):

@@ -229,18 +229,48 @@ def chunk_key(arr: Any, region: tuple[slice, ...]) -> tuple[tuple[int, ...], str
 def read_stored(arr: Any, region: tuple[slice, ...], label: str) -> np.ndarray:
     """``arr[region]`` as numpy; a chunk that fails to read names the store, index and key.
 
+    A region that is one stored chunk of a local Zarr the fast path understands is
+    read by :mod:`vesuvius_dask.chunkio` (the file and the codecs, without
+    zarr-python's per-call machinery); anything else goes through zarr.
+
     Raises
     ------
     CorruptChunkError
         The bytes could not be read or decoded.
     """
     try:
+        fast = _fast(arr)
+        if fast is not None and _one_chunk(arr, region):
+            return fast(region)
         return np.asarray(arr[region])
     except Exception as err:
         index, key = chunk_key(arr, region)
         raise CorruptChunkError(
             f"{label}: chunk {index} (key {key!r} in store {arr.store_path}) cannot be read: "
             f"{type(err).__name__}: {err}") from err
+
+
+_FAST: dict[int, Any] = {}
+
+
+def _fast(arr: Any) -> Any:
+    """The array's fast chunk reader (or None), made once per array object."""
+    key = id(arr)
+    entry = _FAST.get(key)
+    if entry is None or entry[0] is not arr:
+        from .chunkio import fast_reader
+
+        entry = _FAST[key] = (arr, fast_reader(arr))
+        if len(_FAST) > 256:
+            _FAST.clear()
+            _FAST[key] = entry
+    return entry[1]
+
+
+def _one_chunk(arr: Any, region: tuple[slice, ...]) -> bool:
+    return all(isinstance(s, slice) and s.step in (None, 1) and (s.start or 0) % c == 0
+               and s.stop == min((s.start or 0) + c, n)
+               for s, c, n in zip(region, arr.chunks, arr.shape)) and len(region) == len(arr.shape)
 
 
 class _NamedRead:
