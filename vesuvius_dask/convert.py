@@ -194,10 +194,11 @@ def _fingerprint(layers: Sequence[Layer]) -> str:
     """A digest of the layers' names, sizes and modification times."""
     import hashlib
 
+    from .outputs import file_stamp
+
     h = hashlib.sha256()
     for layer in layers:
-        st = os.stat(layer.path)
-        h.update(f"{os.path.abspath(layer.path)}|{layer.page}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{file_stamp(layer.path)}|{layer.page}\n".encode())
     return h.hexdigest()
 
 

@@ -332,10 +332,13 @@ class BatchEngine:
         return g
 
     # -- chunk reads ---------------------------------------------------------
-    def _account_read(self, key: Any, chunk: np.ndarray) -> None:
+    def _count_read(self, chunk: np.ndarray) -> None:
         with self._lock:
             self.stats.chunks_read += 1
             self.stats.bytes_decoded += chunk.nbytes
+
+    def _account_read(self, key: Any, chunk: np.ndarray) -> None:
+        self._count_read(chunk)
         self.cache.put(key, chunk)
 
     def _read_chunk(self, vol: Volume, chunk_id: tuple[int, int, int],
@@ -345,11 +348,10 @@ class BatchEngine:
             # the local LRU keeps the mapping (shared pages, no copy), so later batches
             # cut it inline; see DaskVesuviusStream's shared_cache for the memory bound
             chunk, decoded = self.shared.get_or_load(key, lambda: read_stored(vol.zarr, region, vol.label))
-            with self._lock:
-                if decoded:
-                    self.stats.chunks_read += 1
-                    self.stats.bytes_decoded += chunk.nbytes
-                else:
+            if decoded:
+                self._count_read(chunk)
+            else:
+                with self._lock:
                     self.stats.shared_hits += 1
             self.cache.put(key, chunk)
             return chunk

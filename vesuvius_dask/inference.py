@@ -335,15 +335,12 @@ def _numpy(x: Any) -> np.ndarray:
 CHECKPOINT_BLOCKS = 4096
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    st = os.stat(path)
-    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-
-
 def _model_identity(model: Any) -> str:
     """What a resumed run must match: the file, the module's weights, or the callable's name."""
     if isinstance(model, (str, os.PathLike)):
-        return _file_digest(model)
+        from .outputs import file_stamp
+
+        return file_stamp(model)
     if hasattr(model, "state_dict"):
         import hashlib
 

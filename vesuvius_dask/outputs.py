@@ -35,7 +35,8 @@ from typing import Any
 from .errors import Interrupted, OutputError, OutputExistsError, ResumeError
 from .paths import protected_roots
 
-__all__ = ["check_output", "interruptible", "critical", "OutputJob", "replace_path", "remove_path"]
+__all__ = ["check_output", "interruptible", "critical", "OutputJob", "replace_path", "remove_path",
+           "file_stamp"]
 
 logger = logging.getLogger("vesuvius_dask")
 
@@ -54,6 +55,12 @@ def _journal_interval() -> float:
 
 
 # ---------------------------------------------------------------------- inputs are sacred
+def file_stamp(path: str | os.PathLike) -> str:
+    """``realpath|size|mtime_ns`` of an input file: what a resumed run must find unchanged."""
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def _resolved(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
 
@@ -80,10 +87,7 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Any]) -> None:
     """
     target = _resolved(out)
     for source in inputs:
-        if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "path"):
-            continue
-        path = source.path if hasattr(source, "path") and not isinstance(source, (str, os.PathLike)) \
-            else source
+        path = source if isinstance(source, (str, os.PathLike)) else getattr(source, "path", None)
         if not isinstance(path, (str, os.PathLike)):
             continue
         for root in protected_roots(path):

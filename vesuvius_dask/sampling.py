@@ -494,6 +494,13 @@ def _masked_cells(grid: MaskedStartGrid, edges_y: np.ndarray, edges_x: np.ndarra
     return cached
 
 
+def _take_axis(x: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    """``x[start:stop]`` along ``axis`` (a view)."""
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, stop)
+    return x[tuple(index)]
+
+
 def _window_sum(a: np.ndarray, width: int, axis: int) -> np.ndarray:
     """Sums of every run of ``width`` consecutive entries along ``axis``.
 
@@ -502,11 +509,6 @@ def _window_sum(a: np.ndarray, width: int, axis: int) -> np.ndarray:
     """
     n_out = a.shape[axis] - width + 1
 
-    def take(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-        index = [slice(None)] * x.ndim
-        index[axis] = slice(start, stop)
-        return x[tuple(index)]
-
     result = None
     offset = 0
     span = 1
@@ -514,13 +516,13 @@ def _window_sum(a: np.ndarray, width: int, axis: int) -> np.ndarray:
     remaining = width
     while remaining:
         if remaining & 1:
-            part = take(doubled, offset, offset + n_out)
+            part = _take_axis(doubled, axis, offset, offset + n_out)
             result = part.copy() if result is None else np.add(result, part, out=result)
             offset += span
         remaining >>= 1
         if remaining:
             length = doubled.shape[axis]
-            doubled = take(doubled, 0, length - span) + take(doubled, span, length)
+            doubled = _take_axis(doubled, axis, 0, length - span) + _take_axis(doubled, axis, span, length)
             span *= 2
     assert result is not None
     return result
@@ -540,18 +542,13 @@ def _window_any(a: np.ndarray, width: int, axis: int) -> np.ndarray:
     """Whether any of every run of ``width`` consecutive booleans along ``axis`` is set."""
     n_out = a.shape[axis] - width + 1
 
-    def take(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-        index = [slice(None)] * x.ndim
-        index[axis] = slice(start, stop)
-        return x[tuple(index)]
-
     # cover [i, i + width) with two windows of the largest power of two <= width
     span, doubled = 1, a
     while span * 2 <= width:
         length = doubled.shape[axis]
-        doubled = take(doubled, 0, length - span) | take(doubled, span, length)
+        doubled = _take_axis(doubled, axis, 0, length - span) | _take_axis(doubled, axis, span, length)
         span *= 2
-    return take(doubled, 0, n_out) | take(doubled, width - span, width - span + n_out)
+    return _take_axis(doubled, axis, 0, n_out) | _take_axis(doubled, axis, width - span, width - span + n_out)
 
 
 def footprint_valid(grid: StartGrid, mask: np.ndarray, coverage: float) -> np.ndarray:

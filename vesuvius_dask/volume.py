@@ -21,6 +21,7 @@ import numpy as np
 from dask.base import tokenize
 
 from .errors import CorruptChunkError, VolumeError, VolumeNotFoundError
+from .lru import LRU
 
 __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "MemmapRef", "memmap_ref",
            "check_array", "wrap_numpy", "wrap_zarr", "multiscale_paths", "open_zarr_path",
@@ -250,20 +251,20 @@ def read_stored(arr: Any, region: tuple[slice, ...], label: str) -> np.ndarray:
             f"{type(err).__name__}: {err}") from err
 
 
-_FAST: dict[int, Any] = {}
+#: Fast chunk readers by array object (the entry holds the array, so its id stays its own).
+_FAST = LRU(256)
+os.register_at_fork(after_in_child=_FAST.after_fork)  # a parent thread may hold its lock at fork
 
 
 def _fast(arr: Any) -> Any:
     """The array's fast chunk reader (or None), made once per array object."""
-    key = id(arr)
-    entry = _FAST.get(key)
+    entry = _FAST.get(id(arr))
     if entry is None or entry[0] is not arr:
         from .chunkio import fast_reader
 
-        entry = _FAST[key] = (arr, fast_reader(arr))
-        if len(_FAST) > 256:
-            _FAST.clear()
-            _FAST[key] = entry
+        entry = (arr, fast_reader(arr))
+        _FAST.pop(id(arr))
+        _FAST.put(id(arr), entry)
     return entry[1]
 
 
