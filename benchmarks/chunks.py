@@ -71,8 +71,8 @@ def raw_limit(path: Path, coords: np.ndarray, batch: int) -> float:
 def stream_rate(path: Path, fast: bool) -> tuple[float, np.ndarray]:
     volume_mod._FAST.clear()
     if not fast:
-        for_array = volume_mod._fast
-        volume_mod._fast = lambda arr: None
+        for_array = volume_mod._readers
+        volume_mod._readers = lambda arr: (None, None)
     try:
         s = DaskVesuviusStream([str(path)], 4, 64, 64, samples_per_epoch=2048, batch_size=128, seed=0,
                                cache_bytes=0, prefetch=0)
@@ -81,7 +81,7 @@ def stream_rate(path: Path, fast: bool) -> tuple[float, np.ndarray]:
         return n / (time.perf_counter() - t0), s.epoch_coords(0)
     finally:
         if not fast:
-            volume_mod._fast = for_array
+            volume_mod._readers = for_array
 
 
 def main() -> None:

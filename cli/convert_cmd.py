@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import argparse
 
-from .main import positive, positive_triple
+from .main import non_negative, positive, positive_triple
 
 
 def run(args: argparse.Namespace) -> int:
-    from vesuvius_dask.convert import convert_tiffs
+    from vesuvius_dask.convert import convert_tiffs, convert_zarr
+    from vesuvius_dask.errors import ConversionError
     from vesuvius_dask.info import describe
+    from vesuvius_dask.paths import PathKind, path_kind
 
     chunks = list(args.chunks)
     for i, axis in enumerate("zyx"):  # the original converter's --z_chunksize etc.
         old = getattr(args, f"{axis}_chunksize")
         if old is not None:
             chunks[i] = old
-    convert_tiffs(
-        args.src, args.dst,
+    common = dict(
         z=(args.z_start, args.z_end), y=(args.y_start, args.y_end), x=(args.x_start, args.x_end),
         chunks=tuple(chunks), compressor=args.compressor, zarr_format=args.zarr_format,
         shards=args.shards, ome=args.ome, overwrite=args.overwrite, resume=args.resume,
         client=args.scheduler, quiet=args.quiet,
     )
+    if path_kind(args.src) in (PathKind.URL, PathKind.ZARR):  # a crop of a (remote) Zarr
+        convert_zarr(args.src, args.dst, level=args.level, cache_dir=args.cache_dir, **common)
+    elif args.level is not None or args.cache_dir is not None:
+        flag = "--level" if args.level is not None else "--cache-dir"
+        raise ConversionError(f"{args.src}: {flag} applies to a Zarr or URL source; this is a TIFF stack")
+    else:
+        convert_tiffs(args.src, args.dst, **common)
     if not args.quiet:
         print(describe(args.dst))
     return 0
@@ -32,15 +40,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from vesuvius_dask.convert import COMPRESSORS, DEFAULT_COMPRESSOR
 
     p = sub.add_parser(
-        "convert", help="convert a TIFF stack to Zarr / OME-Zarr",
+        "convert", help="convert a TIFF stack, or copy a (remote) Zarr region, to Zarr / OME-Zarr",
         description="Convert a folder of 2-D TIFF layers (00.tif ... in numeric order), a segment "
-                    "folder, a glob or a multi-page TIFF to Zarr. Coordinates are source voxels, "
+                    "folder, a glob or a multi-page TIFF to Zarr; or copy a region of a Zarr or "
+                    "OME-Zarr (a local path or a URL) to a new local Zarr, with its own chunks and "
+                    "codec. Coordinates are source voxels, "
                     "end-exclusive. The output is built in .DST.partial/ beside it and appears "
                     "only once complete; it may never be, contain or lie inside the input. "
                     "Ctrl-C or SIGTERM stop cleanly and leave nothing; a run killed outright "
                     "continues with --resume.")
-    p.add_argument("src", help="folder of TIFF layers, segment folder, glob ('layers/*.tif') or "
-                               "multi-page TIFF")
+    p.add_argument("src", help="folder of TIFF layers, segment folder, glob ('layers/*.tif'), "
+                               "multi-page TIFF, or a Zarr / OME-Zarr path or URL")
     p.add_argument("dst", help="output .zarr path")
     for axis in "zyx":
         p.add_argument(f"--{axis}-start", f"--{axis}_start", type=int, default=None,
@@ -60,6 +70,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace an existing output (once the new one is complete)")
     p.add_argument("--resume", action="store_true",
                    help="continue a run that was killed (same input and options)")
+    p.add_argument("--level", type=non_negative, default=None,
+                   help="level of an OME-Zarr source (default 0)")
+    p.add_argument("--cache-dir", default=None,
+                   help="for a URL source: keep fetched chunks in this folder (a rerun or --resume "
+                        "fetches none again)")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -83,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not args.check:
             print(describe(path, level=args.level))
             continue
-        n, bad = check(path, level=args.level, quiet=args.quiet)
+        n, bad = check(path, level=args.level, quiet=args.quiet, cache_dir=args.cache_dir)
         for line in bad:
             print(line)
         print(f"{path}: {n} chunks checked, {len(bad)} bad")
@@ -102,7 +102,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         report = stream_throughput(
             args.paths, block=(args.z_size, args.y_size, args.x_size), batch_size=args.batch_size,
             batches=args.batches, num_workers=args.num_workers, seed=args.seed,
-            sampling_method=args.sampling_method, client=args.scheduler,
+            sampling_method=args.sampling_method, client=args.scheduler, cache_dir=args.cache_dir,
         )
     except SamplingError as err:
         err.cli.setdefault("samples_per_epoch=", "--batches x --batch-size = ")
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="read and decode every chunk and list the bad ones (exit 1 if any)")
     p.add_argument("--quiet", action="store_true", help="no progress bar with --check")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep chunks fetched from URLs in this folder (shared by workers and later runs)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("stream", help="stream random blocks and print throughput")
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address (default: local threads)")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep chunks fetched from URLs in this folder (shared by workers and later runs)")
     p.set_defaults(func=cmd_stream)
 
     from . import convert_cmd, predict_cmd, view_cmd

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.source, args.out, block=args.block, overlap=args.overlap,
         batch_size=args.batch_size, mask=args.mask, blend=args.blend, png=args.png,
         overwrite=args.overwrite, resume=args.resume, num_workers=args.num_workers,
-        client=args.scheduler, quiet=args.quiet,
+        client=args.scheduler, quiet=args.quiet, cache_dir=args.cache_dir,
     )
     print(f"wrote {args.out}: shape {tuple(out.shape)} {out.dtype}"
           + (f", {args.png}" if args.png else ""))
@@ -52,4 +52,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace an existing output (once the new one is complete)")
     p.add_argument("--resume", action="store_true", help="continue a killed run")
     p.add_argument("--quiet", action="store_true", help="no progress")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep chunks fetched from URLs in this folder (shared by workers and later runs)")
     p.set_defaults(func=run)

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
             err.cli.setdefault("samples_per_epoch=", "--samples-per-epoch " if args.samples_per_epoch
                                else "--samples ")
             raise
-    viewer = show(args.paths, plan, samples=args.samples or None, epoch=args.epoch)
+    viewer = show(args.paths, plan, samples=args.samples or None, epoch=args.epoch,
+                  cache_dir=args.cache_dir)
     if args.screenshot:
         from PIL import Image
 
@@ -75,4 +76,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epoch", type=non_negative, default=None)
     p.add_argument("--screenshot", default=None, help="save a PNG of the canvas and exit")
     p.add_argument("--z", type=non_negative, default=None, help="z slice to show")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep chunks fetched from URLs in this folder (shared with later runs)")
     p.set_defaults(func=run)

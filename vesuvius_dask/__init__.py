@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (
+    ChunkFetchError,
     ConversionError,
     CorruptChunkError,
     Interrupted,
@@ -27,7 +28,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .convert import convert_tiffs
+    from .convert import convert_tiffs, convert_zarr
     from .inference import PredictionWriter, predict
     from .segment import Segment, open_segment
     from .stream import DaskVesuviusStream
@@ -38,6 +39,7 @@ __all__ = [
     "open_volume",
     "DaskVesuviusStream",
     "convert_tiffs",
+    "convert_zarr",
     "open_segment",
     "Segment",
     "PredictionWriter",
@@ -49,6 +51,7 @@ __all__ = [
     "InvalidTypeError",
     "ConversionError",
     "CorruptChunkError",
+    "ChunkFetchError",
     "OutputError",
     "OutputExistsError",
     "ResumeError",
@@ -60,6 +63,7 @@ _LAZY = {
     "open_volume": ("volumes", "open_volume"),
     "DaskVesuviusStream": ("stream", "DaskVesuviusStream"),
     "convert_tiffs": ("convert", "convert_tiffs"),
+    "convert_zarr": ("convert", "convert_zarr"),
     "open_segment": ("segment", "open_segment"),
     "PredictionWriter": ("inference", "PredictionWriter"),
     "predict": ("inference", "predict"),

@@ -11,9 +11,11 @@ with numcodecs directly:
   ``gzip``;
 * fixed-size numeric dtypes; a missing chunk file is the fill value.
 
-Anything else (sharding, ``transpose``, ``crc32c``, remote stores, other dtypes)
-gets ``None``, and the caller reads through zarr: zarr stays the source of truth,
-and the property tests check that both paths give the same bytes.
+:class:`ChunkCodec` is the decoding half, which remote reads share
+(:mod:`~vesuvius_dask.remote` fetches the bytes). Anything else (sharding,
+``transpose``, ``crc32c``, other dtypes) gets ``None``, and the caller reads
+through zarr: zarr stays the source of truth, and the property tests check that
+both paths give the same bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fast_reader", "read_file"]
+__all__ = ["ChunkCodec", "fast_reader", "read_file"]
 
 _V3_CODECS = {"BloscCodec": "Blosc", "ZstdCodec": "Zstd", "GzipCodec": "GZip"}
 
@@ -65,52 +67,86 @@ def read_file(path: Path) -> bytes:
         return f.read()
 
 
+class ChunkCodec:
+    """Decode the stored bytes of one chunk of ``arr`` with the array's own codecs.
+
+    Use :meth:`of`, which says None for arrays this path does not understand
+    (sharding, other codecs or key encodings, non-numeric dtypes).
+    """
+
+    def __init__(self, arr: Any, decoders: list[Any], stored: np.dtype, order: str) -> None:
+        self.dtype = np.dtype(arr.dtype)
+        self.chunks = tuple(int(c) for c in arr.chunks)
+        self.fill = arr.metadata.fill_value
+        self.decoders, self.stored, self.order = decoders, stored, order
+        self._encode = arr.metadata.encode_chunk_key
+
+    @classmethod
+    def of(cls, arr: Any) -> ChunkCodec | None:
+        if getattr(arr, "shards", None):
+            return None
+        meta = arr.metadata
+        dtype = np.dtype(arr.dtype)
+        if dtype.kind not in "biuf" or dtype.hasobject:
+            return None
+        if getattr(meta, "zarr_format", 3) == 2:
+            decoders = _v2_decoders(meta)
+            stored, order = dtype, meta.order
+        else:
+            v3 = _v3_decoders(meta)
+            if v3 is None or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding":
+                return None
+            decoders, byteorder = v3
+            stored, order = dtype.newbyteorder(byteorder), "C"
+        return None if decoders is None else cls(arr, decoders, stored, order)
+
+    def coords(self, region: tuple[slice, ...]) -> tuple[int, ...]:
+        """The chunk index of a region that is one stored chunk."""
+        return tuple(int(s.start or 0) // c for s, c in zip(region, self.chunks))
+
+    def key(self, coords: tuple[int, ...]) -> str:
+        """The chunk's store key, relative to the array (``c/0/1/2``, ``0.1.2``)."""
+        return self._encode(coords)
+
+    def decode(self, data: Any, region: tuple[slice, ...]) -> np.ndarray:
+        """The chunk's values in ``region`` (its stored chunk clipped to the array).
+
+        ``data`` None is an absent chunk (the fill value).
+        """
+        shape = tuple(s.stop - (s.start or 0) for s in region)
+        if data is None:
+            return np.full(shape, self.fill, dtype=self.dtype)
+        for step in self.decoders:
+            data = step.decode(data)
+        full = np.frombuffer(data, dtype=self.stored)
+        n = int(np.prod(self.chunks))
+        if full.size != n:
+            raise ValueError(f"decoded {full.size} values, expected {n} for chunk {self.chunks}")
+        out = full.reshape(self.chunks, order=self.order)[tuple(slice(0, k) for k in shape)]
+        if self.stored != self.dtype:
+            out = out.astype(self.dtype)
+        return np.ascontiguousarray(out)
+
+
 def fast_reader(arr: Any) -> Callable[[tuple[slice, ...]], np.ndarray] | None:
-    """A function ``region -> numpy`` reading one whole stored chunk, or None (use zarr).
+    """A function ``region -> numpy`` reading one stored chunk of a local array, or None (use zarr).
 
     ``region`` must be exactly one stored chunk clipped to the array (what the batch
     engine and ``info --check`` ask for).
     """
     store = getattr(arr, "store", None)
-    if type(store).__name__ != "LocalStore" or getattr(arr, "shards", None):
+    if type(store).__name__ != "LocalStore":
         return None
-    meta = arr.metadata
-    dtype = np.dtype(arr.dtype)
-    if dtype.kind not in "biuf" or dtype.hasobject:
-        return None
-    if getattr(meta, "zarr_format", 3) == 2:
-        decoders = _v2_decoders(meta)
-        stored, order = dtype, meta.order
-    else:
-        v3 = _v3_decoders(meta)
-        if v3 is None or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding":
-            return None
-        decoders, byteorder = v3
-        stored, order = dtype.newbyteorder(byteorder), "C"
-    if decoders is None:
+    codec = ChunkCodec.of(arr)
+    if codec is None:
         return None
     root = Path(str(store.root)) / arr.store_path.path
-    chunks = tuple(int(c) for c in arr.chunks)
-    fill = meta.fill_value
-    encode = meta.encode_chunk_key
 
     def read(region: tuple[slice, ...]) -> np.ndarray:
-        coords = tuple(int(s.start or 0) // c for s, c in zip(region, chunks))
-        shape = tuple(s.stop - (s.start or 0) for s in region)
-        path = root / encode(coords)
         try:
-            data: Any = read_file(path)
+            data: Any = read_file(root / codec.key(codec.coords(region)))
         except FileNotFoundError:
-            return np.full(shape, fill, dtype=dtype)
-        for step in decoders:
-            data = step.decode(data)
-        full = np.frombuffer(data, dtype=stored)
-        if full.size != int(np.prod(chunks)):
-            raise ValueError(f"decoded {full.size} values, expected {int(np.prod(chunks))} for chunk "
-                             f"{chunks}")
-        out = full.reshape(chunks, order=order)[tuple(slice(0, n) for n in shape)]
-        if stored != dtype:
-            out = out.astype(dtype)
-        return np.ascontiguousarray(out)
+            data = None
+        return codec.decode(data, region)
 
     return read if os.path.isdir(root) else None

@@ -15,7 +15,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from .checks import positive_triple
 from .errors import ConversionError, InvalidTypeError, SamplingError
 from .tiff import Layer, find_layers, inspect_stack, lazy_stack
 
-__all__ = ["convert_tiffs", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR", "DEFAULT_CHUNKS"]
+__all__ = ["convert_tiffs", "convert_zarr", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR",
+           "DEFAULT_CHUNKS"]
 
 DEFAULT_CHUNKS = (4, 512, 512)
 #: See the README ("Choosing the default codec") for the measurements behind it.
@@ -53,15 +55,15 @@ def _codec(name: str, zarr_format: int) -> Any:
 
 
 def _roi(shape: tuple[int, int, int], bounds: Sequence[tuple[int | None, int | None]],
-         src: str) -> tuple[slice, slice, slice]:
+         src: str, noun: str = "stack") -> tuple[slice, slice, slice]:
     out = []
     for axis, size, (lo, hi) in zip("zyx", shape, bounds):
         lo = 0 if lo is None else int(lo)
         hi = size if hi is None else int(hi)
         if not 0 <= lo < hi <= size:
             raise ConversionError(
-                f"{src}: region of interest {axis} {lo}..{hi} is outside the stack's {axis} "
-                f"range 0..{size} (end-exclusive), stack shape {shape}")
+                f"{src}: region of interest {axis} {lo}..{hi} is outside the {noun}'s {axis} "
+                f"range 0..{size} (end-exclusive), {noun} shape {shape}")
         out.append(slice(lo, hi))
     return tuple(out)  # type: ignore[return-value]
 
@@ -79,7 +81,8 @@ def _downsample(arr: Any) -> Any:
     return da.coarsen(np.mean, arr, factors)
 
 
-def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str) -> None:
+def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str,
+               threads: int | None = None) -> None:
     """Compute delayed write units with a progress bar, locally or on a cluster.
 
     Locally the threads belong to a pool made here: on an interrupt it is shut down
@@ -93,7 +96,8 @@ def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str) -> None
 
         import dask
 
-        pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vesuvius-dask-convert")
+        pool = ThreadPoolExecutor(threads or os.cpu_count() or 1,
+                                  thread_name_prefix="vesuvius-dask-convert")
         try:
             if quiet:
                 dask.compute(*units, scheduler="threads", pool=pool)
@@ -133,8 +137,7 @@ def _store_block(block: np.ndarray, arr: Any, journal: Any, level: int,
     return np.ones((1, 1, 1), dtype=bool)
 
 
-def _store(stack: Any, arr: Any, job: Any, level: int, scheduler: Any, quiet: bool,
-           what: str) -> None:
+def _store(stack: Any, arr: Any, job: Any, level: int, opts: _Options, what: str) -> None:
     """Store ``stack`` (chunked as the write units) into ``arr``, skipping recorded units."""
     done = job.done()
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in stack.chunks]
@@ -142,7 +145,7 @@ def _store(stack: Any, arr: Any, job: Any, level: int, scheduler: Any, quiet: bo
                                meta=np.empty((0, 0, 0), dtype=bool))
     units = [d for idx, d in zip(np.ndindex(*stack.numblocks), written.to_delayed().ravel())
              if f"{level}:" + ",".join(str(starts[a][i]) for a, i in enumerate(idx)) not in done]
-    _run_units(units, scheduler, quiet, what)
+    _run_units(units, opts.client, opts.quiet, what, opts.threads)
 
 
 def _create(store: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
@@ -282,67 +285,194 @@ def convert_tiffs(
         SIGINT or SIGTERM: writer threads are stopped and the partial output removed
         (kept when this run was itself resuming one).
     """
-    from .outputs import OutputJob, interruptible
-    from .volumes import open_volume
-
     client = client if client is not None else scheduler
     src_text = os.fspath(src)
-    dst_path = Path(dst)
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
 
     layers = find_layers(src_text)
     info = inspect_stack(layers)
     roi = _roi(info.shape, (z, y, x), src_text)
     out_shape = tuple(s.stop - s.start for s in roi)
-    chunks = tuple(min(c, n) for c, n in zip(chunks, out_shape))
-    if shards is not None:
-        shards = _fit_shards(shards, chunks, out_shape)
-    identity = {
-        "source": os.path.realpath(src_text), "layers": _fingerprint(info.layers),
-        "roi": [[s.start, s.stop] for s in roi], "chunks": list(chunks),
-        "shards": list(shards) if shards else None, "compressor": compressor,
-        "zarr_format": zarr_format, "ome": bool(ome), "dtype": info.dtype.str,
-    }
+    options = _Options(*_fitted(chunks, shards, out_shape), compressor, zarr_format, bool(ome), client,
+                       quiet)
+    identity = {"source": os.path.realpath(src_text), "layers": _fingerprint(info.layers),
+                **options.identity(roi, info.dtype)}
     inputs = [src_text] + sorted({layer.path for layer in info.layers})
+    provenance = {
+        "source": os.path.abspath(src_text),
+        "layers": [os.path.basename(layers[roi[0].start].path),
+                   os.path.basename(layers[roi[0].stop - 1].path)],
+        "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
+        "source_shape": list(info.shape),
+    }
+    return _write_volume(lambda write: lazy_stack(info, roi, band=write[1]), out_shape, info.dtype,
+                         dst, inputs, identity, provenance, options, overwrite, resume,
+                         f"converting {src_text} -> {os.fspath(dst)} {out_shape}")
+
+
+
+def convert_zarr(
+    src: Any,
+    dst: str | os.PathLike,
+    *,
+    level: int | None = None,
+    z: tuple[int | None, int | None] = (None, None),
+    y: tuple[int | None, int | None] = (None, None),
+    x: tuple[int | None, int | None] = (None, None),
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+    compressor: str = DEFAULT_COMPRESSOR,
+    zarr_format: int = 3,
+    shards: Sequence[int] | None = None,
+    ome: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    client: Any = None,
+    quiet: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    storage_options: dict | None = None,
+) -> Any:
+    """Copy a region of a Zarr volume — local, or a URL such as the scroll server's — to a new Zarr.
+
+    The way to work on a crop of a scroll that is too large to download: the
+    region's stored chunks are fetched with many requests in flight (see
+    :func:`~vesuvius_dask.open_volume`), re-chunked and re-encoded as asked, and
+    written with the same guarantees as :func:`convert_tiffs` (built in
+    ``.NAME.partial/``, Ctrl-C leaves nothing, ``resume`` continues a killed run).
+
+    Parameters
+    ----------
+    src : str, os.PathLike or zarr.Array
+        A Zarr array, an OME-Zarr group (with ``level``), or a URL of either.
+    dst : str or os.PathLike
+        Output path; it may not be, contain, or lie inside a local ``src``.
+    level : int, optional
+        Level of an OME-Zarr group (default 0).
+    z, y, x : (start, end)
+        Region of interest in the source's voxels (of that level), end-exclusive.
+    chunks, compressor, zarr_format, shards, ome, overwrite, resume, client, quiet
+        As for :func:`convert_tiffs`.
+    cache_dir : str or os.PathLike, optional
+        For a URL: keep the fetched chunks in this folder (a resumed or repeated run
+        fetches none of them again).
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    dask.array.Array
+        The written volume (level 0), opened lazily from ``dst``.
+
+    Raises
+    ------
+    VolumeError
+        ``src`` cannot be opened (missing, not a Zarr, no such level).
+    ConversionError
+        Bad region of interest, chunks, shards or codec.
+    ChunkFetchError
+        A remote chunk could not be fetched, after retries (``dst`` is untouched;
+        with ``cache_dir`` the chunks fetched so far are kept for the next try).
+    OutputError, OutputExistsError, ResumeError, Interrupted
+        As for :func:`convert_tiffs`.
+    """
+    import hashlib
+    import json
+
+    from .paths import is_url
+    from .volume import zarr_region
+    from .volumes import resolve_volume
+
+    chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
+    vol = resolve_volume(src, level=level, storage_options=storage_options, cache_dir=cache_dir)
+    if vol.zarr is None:
+        raise ConversionError(f"{vol.label}: not a Zarr volume; convert TIFF stacks with convert_tiffs")
+    arr = vol.zarr
+    src_text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else vol.label
+    roi = _roi(tuple(arr.shape), (z, y, x), src_text, noun="volume")
+    out_shape = tuple(s.stop - s.start for s in roi)
+    threads = None
+    if vol.remote is not None:  # tasks fetch their chunks concurrently: keep two groups in flight
+        threads = max(os.cpu_count() or 1, 2 * -(-vol.remote.settings.concurrency // 16))
+    options = _Options(*_fitted(chunks, shards, out_shape), compressor, zarr_format, bool(ome), client,
+                       quiet, threads)
+    local = isinstance(src, (str, os.PathLike)) and not is_url(src_text)
+    meta = json.dumps(arr.metadata.to_dict(), sort_keys=True, default=str)
+    identity = {"source": os.path.realpath(src_text) if local else src_text, "level": level,
+                "metadata": hashlib.sha256(meta.encode()).hexdigest(), **options.identity(roi, arr.dtype)}
+    inputs = ([src_text] if local else []) + ([os.fspath(cache_dir)] if cache_dir is not None else [])
+    provenance = {
+        "source": os.path.abspath(src_text) if local else src_text, "level": level,
+        "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
+        "source_shape": list(arr.shape),
+    }
+    stack = zarr_region(arr, roi, vol.label, vol.remote)
+    return _write_volume(lambda write: stack, out_shape, np.dtype(arr.dtype), dst,
+                         inputs, identity, provenance, options, overwrite, resume,
+                         f"copying {src_text} -> {dst} {out_shape}")
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How the output is written (validated): chunks, shards, codec, format, pyramid, where."""
+
+    chunks: tuple[int, int, int]
+    shards: tuple[int, int, int] | None
+    compressor: str
+    zarr_format: int
+    ome: bool
+    client: Any
+    quiet: bool
+    threads: int | None = None  # local writer threads (default: the CPU count)
+
+    def identity(self, roi: tuple[slice, ...], dtype: Any) -> dict:
+        """What a resumed run must share with the run it continues (besides the source)."""
+        return {"roi": [[s.start, s.stop] for s in roi], "chunks": list(self.chunks),
+                "shards": list(self.shards) if self.shards else None, "compressor": self.compressor,
+                "zarr_format": self.zarr_format, "ome": self.ome, "dtype": np.dtype(dtype).str}
+
+
+def _fitted(chunks: tuple[int, int, int], shards: tuple[int, int, int] | None, shape: tuple[int, ...]
+            ) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
+    """Chunks no larger than the output, and shards fitted to them (see :func:`_fit_shards`)."""
+    chunks = tuple(min(c, n) for c, n in zip(chunks, shape))  # type: ignore[assignment]
+    return chunks, None if shards is None else _fit_shards(shards, chunks, shape)  # type: ignore[return-value]
+
+
+def _write_volume(source: Callable[[tuple[int, ...]], Any], out_shape: tuple[int, ...], dtype: np.dtype,
+                  dst: str | os.PathLike, inputs: list, identity: dict, provenance: dict, opts: _Options,
+                  overwrite: bool, resume: bool, what: str) -> Any:
+    """Write ``source(write_chunks)`` (a lazy stack) safely to ``dst``; see :func:`convert_tiffs`."""
+    from .outputs import OutputJob, interruptible
+    from .volumes import open_volume
+
+    provenance = {**provenance, "tool": f"vesuvius-dask {__version__}",
+                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     with interruptible():
         job = OutputJob(dst, inputs, identity, overwrite=overwrite, resume=resume, what="convert")
         try:
-            write_chunks = shards or chunks
-            stack = lazy_stack(info, roi, band=write_chunks[1])
+            write_chunks = opts.shards or opts.chunks
+            stack = source(write_chunks)
             stack = stack.rechunk(tuple(min(c, s) for c, s in zip(write_chunks, out_shape)))
-            provenance = {
-                "source": os.path.abspath(src_text),
-                "layers": [os.path.basename(layers[roi[0].start].path),
-                           os.path.basename(layers[roi[0].stop - 1].path)],
-                "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
-                "source_shape": list(info.shape),
-                "tool": f"vesuvius-dask {__version__}",
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            what = f"converting {src_text} -> {dst_path} {out_shape}"
-            if ome:
-                _write_ome(job, stack, chunks, info.dtype, zarr_format, compressor, shards,
-                           provenance, client, quiet)
+            if opts.ome:
+                _write_ome(job, stack, dtype, provenance, opts)
             else:
-                arr = _create(job.data, out_shape, chunks, info.dtype, zarr_format, compressor,
-                              shards, reopen=job.resumed)
+                arr = _create(job.data, out_shape, opts.chunks, dtype, opts.zarr_format,
+                              opts.compressor, opts.shards, reopen=job.resumed)
                 if "vesuvius_dask" not in arr.attrs:
                     arr.attrs["vesuvius_dask"] = provenance
-                _store(stack, arr, job, 0, client, quiet, what)
+                _store(stack, arr, job, 0, opts, what)
             job.publish()
         except BaseException:
             job.abandon()
             raise
-    return open_volume(dst_path)
+    return open_volume(dst)
 
 
-def _write_ome(job: Any, stack: Any, chunks: tuple[int, int, int], dtype: np.dtype,
-               zarr_format: int, compressor: str, shards: tuple[int, int, int] | None,
-               provenance: dict, scheduler: Any, quiet: bool) -> None:
+def _write_ome(job: Any, stack: Any, dtype: np.dtype, provenance: dict, opts: _Options) -> None:
     import dask.array as da
     import zarr
 
     root = job.data
+    chunks, zarr_format = opts.chunks, opts.zarr_format
     group = zarr.open_group(root, mode="a" if job.resumed else "w", zarr_format=zarr_format)
     datasets = []
     level = stack
@@ -351,11 +481,11 @@ def _write_ome(job: Any, stack: Any, chunks: tuple[int, int, int], dtype: np.dty
     while True:
         shape = level.shape
         lchunks = tuple(min(c, s) for c, s in zip(chunks, shape))
-        lshards = _fit_shards(shards, lchunks, shape) if shards is not None else None
-        arr = _create(root / str(i), shape, lchunks, dtype, zarr_format, compressor, lshards,
+        lshards = _fit_shards(opts.shards, lchunks, shape) if opts.shards is not None else None
+        arr = _create(root / str(i), shape, lchunks, dtype, opts.zarr_format, opts.compressor, lshards,
                       reopen=job.resumed)
         write = tuple(min(c, s) for c, s in zip(lshards or lchunks, shape))
-        _store(level.rechunk(write), arr, job, i, scheduler, quiet, f"level {i} {shape}")
+        _store(level.rechunk(write), arr, job, i, opts, f"level {i} {shape}")
         datasets.append({"path": str(i), "coordinateTransformations": [
             {"type": "scale", "scale": list(scale)}]})
         if (shape[1] <= chunks[1] and shape[2] <= chunks[2]) or i >= 9:

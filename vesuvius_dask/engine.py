@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import SamplingError
 from .lru import LRU
-from .volume import Volume, read_stored
+from .volume import Volume, read_stored, stored_keys
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
            "remote_read", "DEFAULT_CACHE_BYTES"]
@@ -233,7 +233,8 @@ class BatchEngine:
     cache_bytes : int
         Decoded-chunk cache budget per process (0 disables it).
     num_threads : int, optional
-        Threads reading chunks in parallel (default: the number of CPUs).
+        Threads reading chunks in parallel (default: the number of CPUs; with remote
+        volumes, their ``concurrency``, so that many requests are in flight).
     """
 
     def __init__(self, volumes: Sequence[Volume], block: Sequence[int], *,
@@ -244,7 +245,8 @@ class BatchEngine:
         self.dtype = np.dtype(dtype) if dtype is not None else np.result_type(
             *[v.dtype for v in self.volumes])
         self.cache = ChunkCache(cache_bytes)
-        self.num_threads = num_threads or os.cpu_count() or 1
+        remote = [v.remote.settings.concurrency for v in self.volumes if v.remote is not None]
+        self.num_threads = num_threads or max([os.cpu_count() or 1, *remote])
         self.stats = EngineStats()
         self._bounds = [v.bounds for v in self.volumes]
         self._pool: ThreadPoolExecutor | None = None
@@ -347,7 +349,8 @@ class BatchEngine:
         if self.shared is not None and self.shared_active:
             # the local LRU keeps the mapping (shared pages, no copy), so later batches
             # cut it inline; see DaskVesuviusStream's shared_cache for the memory bound
-            chunk, decoded = self.shared.get_or_load(key, lambda: read_stored(vol.zarr, region, vol.label))
+            chunk, decoded = self.shared.get_or_load(
+                key, lambda: read_stored(vol.zarr, region, vol.label, vol.remote))
             if decoded:
                 self._count_read(chunk)
             else:
@@ -355,9 +358,39 @@ class BatchEngine:
                     self.stats.shared_hits += 1
             self.cache.put(key, chunk)
             return chunk
-        chunk = read_stored(vol.zarr, region, vol.label)
+        chunk = read_stored(vol.zarr, region, vol.label, vol.remote)
         self._account_read(key, chunk)
         return chunk
+
+    @property
+    def remote(self) -> bool:
+        """Whether some volume is fetched over the network (see :meth:`prefetch`)."""
+        return any(v.remote is not None for v in self.volumes)
+
+    def prefetch(self, vol_index: np.ndarray, starts: np.ndarray) -> int:
+        """Start fetching the remote chunks this batch will need that no cache holds.
+
+        Returns the fetches under way, over all volumes.
+        """
+        vol_index = np.asarray(vol_index, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
+        pending = 0
+        for v, vol in enumerate(self.volumes):
+            if vol.remote is None:
+                continue
+            rows = np.nonzero(vol_index == v)[0]
+            if rows.size:
+                ids, _ = plan_pieces(self._bounds[v], starts[rows], self.block, rows)
+                wanted = [cid for cid in map(tuple, np.unique(ids, axis=0).tolist())
+                          if (vol.token,) + cid not in self.cache and not (
+                              self.shared_active and self.shared.has((vol.token,) + cid))]
+                vol.remote.prefetch(stored_keys(vol.zarr, wanted))
+            pending += vol.remote.pending()
+        return pending
+
+    def pending_fetches(self) -> int:
+        """Fetches started by :meth:`prefetch` and still under way."""
+        return sum(v.remote.pending() for v in self.volumes if v.remote is not None)
 
     # -- graphs ----------------------------------------------------------------
     def batch_graph(self, vol_index: np.ndarray, starts: np.ndarray,

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidTypeError",
     "ConversionError",
     "CorruptChunkError",
+    "ChunkFetchError",
     "OutputError",
     "OutputExistsError",
     "ResumeError",
@@ -65,6 +66,10 @@ class ConversionError(VesuviusDaskError, ValueError):
 
 class CorruptChunkError(VolumeError):
     """A stored chunk cannot be read or decoded; the message names store, chunk and key."""
+
+
+class ChunkFetchError(VesuviusDaskError, OSError):
+    """A remote chunk could not be fetched (after retries); the message names the chunk and its URL."""
 
 
 class OutputError(VesuviusDaskError, ValueError):

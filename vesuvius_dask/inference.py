@@ -397,7 +397,8 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
             batch_size: int = 32, mask: Any = None, mask_coverage: float = 1e-9,
             blend: str = "hann", png: str | os.PathLike | None = None, overwrite: bool = False,
             resume: bool = False, num_workers: int = 0, client: Any = None,
-            quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS) -> Any:
+            quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS,
+            cache_dir: str | os.PathLike | None = None) -> Any:
     """Run a model over every grid block of a volume and write the blended prediction.
 
     Parameters
@@ -436,6 +437,9 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     checkpoint_blocks : int
         Blocks between checkpoints. Checkpoints fall on fixed batches, so a resumed
         run gives exactly the bytes of an uninterrupted one.
+    cache_dir : str or os.PathLike, optional
+        For a URL source: keep its fetched chunks in this folder (a resumed or
+        repeated run reads them from there; see :func:`~vesuvius_dask.open_volume`).
 
     Returns
     -------
@@ -450,13 +454,13 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
         SIGINT or SIGTERM; nothing is left behind (unless this run was resuming).
     """
     from .outputs import check_output, interruptible
-    from .paths import PathKind, path_kind
+    from .paths import PathKind, is_url, path_kind
     from .segment import open_segment
 
     if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
         raise VesuviusDaskError(f"{os.fspath(model)}: no such model file")
     segment_mask = isinstance(mask, str) and mask == "segment"
-    inputs = [p for p in (source, model, None if segment_mask else mask)
+    inputs = [p for p in (source, model, None if segment_mask else mask, cache_dir)
               if isinstance(p, (str, os.PathLike))]
     check_output(out, inputs)
     if png is not None:
@@ -465,8 +469,9 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
         source = open_segment(source)
     if getattr(source, "path", None) is not None:
         inputs.append(source.path)
-    identity = {"source": os.path.realpath(source) if isinstance(source, (str, os.PathLike))
-                else repr(source), "overlap": None if overlap is None else [int(o) for o in overlap],
+    identity = {"source": (os.fspath(source) if is_url(source) else os.path.realpath(source))
+                if isinstance(source, (str, os.PathLike)) else repr(source),
+                "overlap": None if overlap is None else [int(o) for o in overlap],
                 "batch_size": int(batch_size),
                 "mask": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else repr(type(mask)),
                 "mask_coverage": float(mask_coverage),
@@ -475,19 +480,21 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     with interruptible():
         return _predict(_load_model(model), source, out, block, overlap, batch_size, _masks(mask, source),
                         mask_coverage, blend, png, overwrite, resume, num_workers, client, quiet,
-                        checkpoint_blocks, inputs, identity)
+                        checkpoint_blocks, inputs, identity, cache_dir)
 
 
 def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_size: int,
              masks: Any, mask_coverage: float, blend: str, png: Any, overwrite: bool,
              resume: bool, num_workers: int, client: Any, quiet: bool, checkpoint_blocks: int,
-             inputs: list, identity: dict) -> Any:
+             inputs: list, identity: dict, cache_dir: Any = None) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
     from .stream import DaskVesuviusStream
     from .volumes import resolve_volume
 
+    if isinstance(source, (str, os.PathLike)) and "://" in os.fspath(source):
+        source = resolve_volume(source, cache_dir=cache_dir)  # opened once, fetched concurrently
     vshape = resolve_volume(source).shape
     block = default_block(vshape, block)
     if overlap is None:

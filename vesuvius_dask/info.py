@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import PathKind, path_kind, segment_volume_dirs
-from .volume import multiscale_paths, open_zarr_path
+from .volume import multiscale_paths, open_zarr_path, remote_chunks
 
 __all__ = ["describe", "stored_bytes", "check"]
 
@@ -136,14 +136,18 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]]) -> list[str]:
-    from .volume import read_stored
+def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]], remote: Any = None
+                  ) -> list[str]:
+    from .volume import read_stored, stored_keys
 
     bad = []
+    if remote is not None:  # all of this task's chunks on their way at once
+        remote.prefetch(stored_keys(arr, [tuple(s // c for s, c in zip(start, arr.chunks))
+                                          for start in starts]))
     for start in starts:
         region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, arr.chunks, arr.shape))
         try:
-            read_stored(arr, region, label)
+            read_stored(arr, region, label, remote)
         except Exception as err:  # every failure is reported, not only decode errors
             bad.append(str(err))
     return bad
@@ -174,8 +178,8 @@ def _check_image(img: _Lazy, name: str) -> list[str]:
     return []
 
 
-def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
-    """Delayed checks (each returns a list of problems) and how many units they cover."""
+def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[list[Any], int, int]:
+    """Delayed checks (each returns a list of problems), the units they cover, threads to use."""
     import dask
     import numpy as np
     import zarr
@@ -186,32 +190,37 @@ def _check_tasks(path: str, level: int | None) -> tuple[list[Any], int]:
     kind = path_kind(path)
     if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
         layers = inspect_layers(path).layers
-        return [dask.delayed(_check_layer)(lay.path, lay.page) for lay in layers], len(layers)
+        return ([dask.delayed(_check_layer)(lay.path, lay.page) for lay in layers], len(layers),
+                os.cpu_count() or 1)
     if kind == PathKind.SEGMENT:
         seg = open_segment(path)
-        tasks, n = _check_tasks(os.fspath(segment_volume_dirs(path)[0]), level)
+        tasks, n, threads = _check_tasks(os.fspath(segment_volume_dirs(path)[0]), level)
         for name in ("mask", "labels", "ir"):
             img = getattr(seg, name)
             if img is not None:
                 tasks.append(dask.delayed(_check_image)(_Lazy(img), f"{path} {name}"))
                 n += 1
-        return tasks, n
+        return tasks, n, threads
     open_zarr_path(path, level)  # validates the path and the level
     node = zarr.open(path, mode="r")
     arrays = [(path, node)] if isinstance(node, zarr.Array) else [
         (f"{path} (level {i})", node[p]) for i, p in enumerate(multiscale_paths(node.attrs.asdict()) or [])
         if level is None or i == level]
-    tasks, n = [], 0
+    tasks, n, threads = [], 0, os.cpu_count() or 1
     for label, arr in arrays:
+        remote = remote_chunks(arr, label, None, cache_dir)
         starts = [tuple(int(i) * c for i, c in zip(idx, arr.chunks))
                   for idx in np.ndindex(*[-(-s // c) for s, c in zip(arr.shape, arr.chunks)])]
         n += len(starts)
         for i in range(0, len(starts), 64):
-            tasks.append(dask.delayed(_check_chunks)(arr, label, starts[i:i + 64]))
-    return tasks, n
+            tasks.append(dask.delayed(_check_chunks)(arr, label, starts[i:i + 64], remote))
+        if remote is not None:  # two tasks' chunks in flight: the next group while one decodes
+            threads = max(threads, 2 * -(-remote.settings.concurrency // 64))
+    return tasks, n, threads
 
 
-def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = True) -> tuple[int, list[str]]:
+def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = True,
+          cache_dir: str | os.PathLike | None = None) -> tuple[int, list[str]]:
     """Read and decode every stored chunk (or TIFF layer, or segment image) of a volume.
 
     Parameters
@@ -223,6 +232,9 @@ def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = Tr
         Only this level of a multiscale group.
     quiet : bool
         No progress bar (dask's).
+    cache_dir : str or os.PathLike, optional
+        For a URL: keep the fetched chunks in this folder (they are fetched
+        concurrently either way; see :func:`~vesuvius_dask.open_volume`).
 
     Returns
     -------
@@ -234,8 +246,8 @@ def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = Tr
 
     import dask
 
-    tasks, n = _check_tasks(os.fspath(path), level)
-    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vesuvius-dask-check")
+    tasks, n, threads = _check_tasks(os.fspath(path), level, cache_dir)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="vesuvius-dask-check")
     try:
         if quiet:
             results = dask.compute(*tasks, scheduler="threads", pool=pool)

@@ -30,9 +30,13 @@ __all__ = ["BatchReader", "Batch"]
 
 #: Seconds a consumer spends on one batch above which the reader reads ahead.
 BUSY_CONSUMER = 1e-3
+#: Batches whose remote chunks may be on their way before the batch is read.
+REMOTE_AHEAD = 32
 
 #: ``(blocks, labels or None, volume_index, starts)``.
 Batch = tuple[Any, Any, np.ndarray, np.ndarray]
+#: ``(engine, volume_index, starts, out)``: what :func:`~vesuvius_dask.engine.read_together` takes.
+_Request = tuple[Any, np.ndarray, np.ndarray, Any]
 
 
 def _needs_scatter(vol: Volume) -> bool:
@@ -110,16 +114,53 @@ class BatchReader:
         prefetch = self.prefetch
         if prefetch is None:
             prefetch = 0 if get_worker_info() is not None else 2
+        if self.engine.remote or (self.label_engine is not None and self.label_engine.remote):
+            batches = self._fetch_ahead(batches)
         if prefetch == 0:
             return (self.read(lab, st) for lab, st in batches)
         return self._ahead(batches, prefetch)
 
     # ------------------------------------------------------------------ local
-    def read(self, vols: np.ndarray, starts: np.ndarray) -> Batch:
-        """Read one batch in this process."""
-        requests: list[tuple[Any, np.ndarray, np.ndarray, Any]] = [(self.engine, vols, starts, None)]
+    def _requests(self, vols: np.ndarray, starts: np.ndarray) -> list[_Request]:
+        requests: list[_Request] = [(self.engine, vols, starts, None)]
         if self.label_engine is not None:
             requests.append((self.label_engine, vols, self._label_starts(starts), None))
+        return requests
+
+    def _fetch_ahead(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Pass batches on, having started fetching their remote chunks beforehand.
+
+        Batches are taken from the plan ahead of their reading (up to
+        :data:`REMOTE_AHEAD`) while fewer than 4 x the volumes' ``concurrency``
+        fetches are under way, so requests for the next batches are in flight while
+        this one waits for its slowest chunk, is cut and consumed: the server's
+        slots never run dry between batches, whatever the batch size. (With 2 x the
+        server saw requests in waves, with 100 ms gaps; epoch times were within noise.)
+        """
+        engines = [e for e in (self.engine, self.label_engine) if e is not None and e.remote]
+        want = max(v.remote.settings.concurrency for e in engines for v in e.volumes
+                   if v.remote is not None)
+        window: deque = deque()
+        more = True
+        while True:
+            pending = max(e.pending_fetches() for e in engines)
+            while more and (not window or (len(window) < REMOTE_AHEAD and pending < 4 * want)):
+                nxt = next(batches, None)
+                if nxt is None:
+                    more = False
+                    break
+                window.append(nxt)
+                for eng, v, st, _ in self._requests(*nxt):
+                    if eng.remote:
+                        pending = max(pending, eng.prefetch(v, st))
+            if not window:
+                return
+            yield window.popleft()
+
+    def read(self, vols: np.ndarray, starts: np.ndarray) -> Batch:
+        """Read one batch in this process."""
+        requests = self._requests(vols, starts)
         tensors = None
         if self.shared and get_worker_info() is not None:
             # In a DataLoader worker, write the batch straight into shared memory, so

@@ -15,7 +15,6 @@ the process exits; folders of processes that no longer exist are swept at start.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
@@ -24,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .cachefiles import claim, evict, release, write_atomic
 
 __all__ = ["SharedChunkCache", "shared_memory_dir"]
 
@@ -97,55 +98,32 @@ class SharedChunkCache:
         except (FileNotFoundError, ValueError, OSError):
             return None
 
+    def has(self, key: tuple) -> bool:
+        """Whether some process has put the chunk here."""
+        return self._file(key).exists()
+
     def get_or_load(self, key: tuple, load: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
         """The chunk, decoding it with ``load`` only if no process has; and whether this call did."""
-        import fcntl
-
         hit = self.get(key)
         if hit is not None:
             return hit, False
         target = self._file(key)
         self.path.mkdir(exist_ok=True)
-        fd = os.open(str(target) + ".claim", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = claim(target)  # another process decoding it: wait for it
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # another process decoding it: wait for it
             hit = self.get(key)
             if hit is not None:
                 return hit, False
             arr = np.ascontiguousarray(load())
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, target)
+            write_atomic(target, lambda f: np.save(f, arr))
             self._written += arr.nbytes
             if self._written > self.max_bytes // 8:
-                self._evict()
+                self._written = 0
+                evict([self.path], self.max_bytes, lambda name: name.endswith(".npy"))
             mapped = self.get(key)  # the shared pages, not a private copy, stay in use
             return (arr if mapped is None else mapped), True
         finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def _evict(self) -> None:
-        """Remove the oldest chunk files until the folder fits the budget."""
-        self._written = 0
-        files = []
-        total = 0
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.path):
-                if entry.name.endswith(".npy"):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = entry.stat()
-                        files.append((st.st_mtime_ns, entry.path, st.st_size))
-                        total += st.st_size
-        for _, path, size in sorted(files):
-            if total <= self.max_bytes:
-                break
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                os.unlink(path + ".claim")
-            total -= size
+            release(fd)
 
     def nbytes(self) -> int:
         """Bytes held in the folder now (the machine-wide footprint of the cache)."""

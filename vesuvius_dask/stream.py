@@ -221,6 +221,14 @@ class DaskVesuviusStream(IterableDataset):
         instead, because inference must cover every papyrus voxel.
     storage_options : dict, optional
         fsspec options for remote (URL) volumes, e.g. ``{"anon": True}`` for S3.
+    cache_dir : str or os.PathLike, optional
+        Keep the chunks fetched for URL volumes in this folder: DataLoader workers
+        share it (each chunk is fetched by one process while the others wait for it)
+        and later runs start from it. See :func:`~vesuvius_dask.volumes.open_volume`
+        for its guarantees and budget. Remote chunks are fetched with many requests
+        in flight: those of the next batches while this one is read (dask config
+        ``vesuvius-dask.remote.concurrency``, default 32; see
+        :class:`~vesuvius_dask.remote.RemoteSettings`).
     positive_fraction : float, optional
         Label-balanced sampling (needs 2-D ``labels``): exactly
         ``round(positive_fraction * samples_per_epoch)`` blocks of every epoch are
@@ -308,6 +316,7 @@ class DaskVesuviusStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         shared_cache: bool = True,
+        cache_dir: Any = None,
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -321,7 +330,8 @@ class DaskVesuviusStream(IterableDataset):
         self.return_coords = bool(return_coords)
         self.transform = transform
         self.volumes: list[Volume] = [
-            resolve_volume(f, level=level, label=f"files[{i}]", storage_options=storage_options)
+            resolve_volume(f, level=level, label=f"files[{i}]", storage_options=storage_options,
+                           cache_dir=cache_dir)
             for i, f in enumerate(files)]
         masks_2d = [None if m is None else load_mask(m, f"masks[{i}]", self.volumes[i])
                     for i, m in enumerate(per_volume("masks", masks, files, "mask"))]

@@ -19,6 +19,7 @@ def stream_throughput(
     seed: int = 0,
     sampling_method: str = "uniform",
     client: str | None = None,
+    cache_dir: Any = None,
 ) -> str:
     """Stream ``batches`` batches and return a one-paragraph throughput report.
 
@@ -40,6 +41,8 @@ def stream_throughput(
         ``"uniform"`` or ``"proportional"``.
     client : str, optional
         A dask.distributed scheduler address: the reads run on that cluster.
+    cache_dir : str, optional
+        Folder keeping the chunks of URL volumes (see :func:`~vesuvius_dask.open_volume`).
 
     Returns
     -------
@@ -51,7 +54,7 @@ def stream_throughput(
 
     stream = DaskVesuviusStream(
         list(paths), *block, samples_per_epoch=batch_size * batches, batch_size=batch_size,
-        seed=seed, sampling_method=sampling_method, client=client,
+        seed=seed, sampling_method=sampling_method, client=client, cache_dir=cache_dir,
     )
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                         multiprocessing_context="spawn" if num_workers else None)

@@ -9,6 +9,7 @@ and its key. Path dispatch (what a path holds) lives in :mod:`vesuvius_dask.volu
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import warnings
@@ -25,7 +26,8 @@ from .lru import LRU
 
 __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "MemmapRef", "memmap_ref",
            "check_array", "wrap_numpy", "wrap_zarr", "multiscale_paths", "open_zarr_path",
-           "zarr_volume", "read_stored", "chunk_key", "is_pathlike"]
+           "zarr_volume", "zarr_region", "read_stored", "chunk_key", "is_pathlike", "is_remote",
+           "remote_chunks", "stored_keys", "disk_cache_for", "REMOTE_GROUP"]
 
 #: Default dask chunking for in-RAM numpy volumes (the converter's default too).
 DEFAULT_RAM_CHUNKS = (4, 512, 512)
@@ -61,6 +63,8 @@ class Volume:
     zarr: Any = None
     data: np.ndarray | None = None
     token: str = field(default="")
+    #: Fetches stored chunks of a remote Zarr (:class:`~vesuvius_dask.remote.RemoteChunks`).
+    remote: Any = None
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -76,7 +80,14 @@ class Volume:
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Chunk boundaries along z, y, x (``len(chunks)+1`` offsets each)."""
+        """Chunk boundaries along z, y, x (``len(chunks)+1`` offsets each).
+
+        The stored chunks of a Zarr volume (what the engine reads), else the dask chunks.
+        """
+        if self.zarr is not None:
+            return tuple(  # type: ignore[return-value]
+                np.append(np.arange(0, n, int(c), dtype=np.int64), np.int64(n))
+                for n, c in zip(self.zarr.shape, self.zarr.chunks))
         return tuple(  # type: ignore[return-value]
             np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for c in self.array.chunks
         )
@@ -227,45 +238,86 @@ def chunk_key(arr: Any, region: tuple[slice, ...]) -> tuple[tuple[int, ...], str
     return index, key
 
 
-def read_stored(arr: Any, region: tuple[slice, ...], label: str) -> np.ndarray:
+def read_stored(arr: Any, region: tuple[slice, ...], label: str, remote: Any = None) -> np.ndarray:
     """``arr[region]`` as numpy; a chunk that fails to read names the store, index and key.
 
     A region that is one stored chunk of a local Zarr the fast path understands is
     read by :mod:`vesuvius_dask.chunkio` (the file and the codecs, without
-    zarr-python's per-call machinery); anything else goes through zarr.
+    zarr-python's per-call machinery). With ``remote`` (a
+    :class:`~vesuvius_dask.remote.RemoteChunks` of ``arr``), the stored chunks the
+    region covers are fetched concurrently (and through its disk cache) and
+    decoded by the same codecs. Anything else goes through zarr.
 
     Raises
     ------
     CorruptChunkError
         The bytes could not be read or decoded.
+    ChunkFetchError
+        A remote chunk could not be fetched, after retries.
     """
     try:
-        fast = _fast(arr)
+        fast, codec = _readers(arr)
+    except Exception as err:
+        raise _corrupt(arr, region, label, err) from err
+    if remote is not None and codec is not None:
+        return _read_remote(arr, region, label, remote, codec)
+    try:
         if fast is not None and _one_chunk(arr, region):
             return fast(region)
         return np.asarray(arr[region])
     except Exception as err:
-        index, key = chunk_key(arr, region)
-        raise CorruptChunkError(
-            f"{label}: chunk {index} (key {key!r} in store {arr.store_path}) cannot be read: "
-            f"{type(err).__name__}: {err}") from err
+        raise _corrupt(arr, region, label, err) from err
 
 
-#: Fast chunk readers by array object (the entry holds the array, so its id stays its own).
+def _corrupt(arr: Any, region: tuple[slice, ...], label: str, err: Exception) -> CorruptChunkError:
+    index, key = chunk_key(arr, region)
+    where = arr.store_path if getattr(arr, "store_path", None) is not None else "?"
+    return CorruptChunkError(f"{label}: chunk {index} (key {key!r} in store {where}) cannot be read: "
+                             f"{type(err).__name__}: {err}")
+
+
+def _read_remote(arr: Any, region: tuple[slice, ...], label: str, remote: Any, codec: Any) -> np.ndarray:
+    """Fetch (concurrently) and decode the stored chunks a region covers, and assemble them."""
+    region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape))
+    chunks = codec.chunks
+    ranges = [range(s.start // c, max(s.start // c, (s.stop - 1) // c) + 1)
+              for s, c in zip(region, chunks)]
+    wanted = [(codec.key(cid), cid) for cid in itertools.product(*ranges)]
+    if len(wanted) > 1:
+        remote.prefetch(wanted, limit=len(wanted) + 4 * remote.settings.concurrency)
+    out = np.empty(tuple(s.stop - s.start for s in region), dtype=codec.dtype)
+    for key, cid in wanted:
+        own = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cid, chunks, arr.shape))
+        data = remote.get(key, cid)
+        try:
+            chunk = codec.decode(data, own)
+        except Exception as err:
+            raise CorruptChunkError(f"{label}: chunk {cid} (fetched from {remote.url(key)}) cannot "
+                                    f"be decoded: {type(err).__name__}: {err}") from err
+        lo = [max(r.start, o.start) for r, o in zip(region, own)]
+        hi = [min(r.stop, o.stop) for r, o in zip(region, own)]
+        out[tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))] = \
+            chunk[tuple(slice(a - o.start, b - o.start) for a, b, o in zip(lo, hi, own))]
+    return out
+
+
+#: Fast chunk readers and codecs by array object (the entry holds the array, so its id
+#: stays its own).
 _FAST = LRU(256)
 os.register_at_fork(after_in_child=_FAST.after_fork)  # a parent thread may hold its lock at fork
 
 
-def _fast(arr: Any) -> Any:
-    """The array's fast chunk reader (or None), made once per array object."""
+def _readers(arr: Any) -> tuple[Any, Any]:
+    """The array's local fast chunk reader and its chunk codec (either may be None), made once."""
     entry = _FAST.get(id(arr))
     if entry is None or entry[0] is not arr:
-        from .chunkio import fast_reader
+        from .chunkio import ChunkCodec, fast_reader
 
-        entry = (arr, fast_reader(arr))
+        codec = ChunkCodec.of(arr) if hasattr(arr, "metadata") else None
+        entry = (arr, fast_reader(arr) if codec is not None else None, codec)
         _FAST.pop(id(arr))
         _FAST.put(id(arr), entry)
-    return entry[1]
+    return entry[1], entry[2]
 
 
 def _one_chunk(arr: Any, region: tuple[slice, ...]) -> bool:
@@ -274,18 +326,101 @@ def _one_chunk(arr: Any, region: tuple[slice, ...]) -> bool:
                for s, c, n in zip(region, arr.chunks, arr.shape)) and len(region) == len(arr.shape)
 
 
+def stored_keys(arr: Any, chunk_ids: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """``(store key, chunk index)`` of stored chunks of ``arr`` (for :meth:`RemoteChunks.prefetch`)."""
+    codec = _readers(arr)[1]
+    if codec is None:
+        return []
+    out = []
+    for cid in chunk_ids:
+        cid = tuple(int(c) for c in cid)
+        out.append((codec.key(cid), cid))
+    return out
+
+
+def is_remote(arr: Any) -> bool:
+    """Whether a zarr array's store is reached over the network (an fsspec store)."""
+    return type(getattr(arr, "store", None)).__name__ == "FsspecStore"
+
+
+def remote_chunks(arr: Any, label: str, storage_options: dict | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> Any:
+    """The :class:`~vesuvius_dask.remote.RemoteChunks` of a remote zarr array, or None.
+
+    None for a local array, and for codecs :mod:`~vesuvius_dask.chunkio` does not
+    decode (zarr then reads it).
+    """
+    if not is_remote(arr):
+        return None
+    if _readers(arr)[1] is None:
+        if cache_dir is not None:
+            warnings.warn(f"{label}: cache_dir is not used for this array: its layout or codecs "
+                          "(sharding, for one) are read through zarr, one request per task",
+                          stacklevel=4)
+        return None
+    from .remote import RemoteChunks, RemoteSettings
+
+    store = arr.store
+    protocol = store.fs.protocol
+    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    base = "/".join(p for p in (str(store.path).rstrip("/"), arr.store_path.path) if p)
+    settings = RemoteSettings.from_config()
+    nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+    remote = RemoteChunks(protocol, base, label, storage_options, settings, chunk_nbytes=nbytes)
+    if cache_dir is not None:
+        remote = remote.with_cache(disk_cache_for(remote, arr, cache_dir))
+    return remote
+
+
+def disk_cache_for(remote: Any, arr: Any, cache_dir: str | os.PathLike) -> Any:
+    """The on-disk cache of ``arr``'s chunks in ``cache_dir`` (a folder per array and metadata)."""
+    import dask
+
+    from .disk_cache import DiskChunkCache, array_id
+
+    budget = dask.config.get("vesuvius-dask.remote.cache-dir-bytes", None)
+    if isinstance(budget, str):
+        budget = dask.utils.parse_bytes(budget)
+    url = remote.url("").rstrip("/")
+    meta = arr.metadata.to_dict()
+    try:
+        return DiskChunkCache(cache_dir, array_id(url, meta), budget, about={"url": url, "metadata": meta})
+    except OSError as err:
+        raise VolumeError(f"cache_dir={os.fspath(cache_dir)!r} cannot be used: {err}") from err
+
+
 class _NamedRead:
     """dask getter for Zarr-backed arrays: errors name the chunk (see :func:`read_stored`)."""
 
-    def __init__(self, label: str) -> None:
-        self.label = label
+    def __init__(self, label: str, remote: Any = None) -> None:
+        self.label, self.remote = label, remote
 
     def __call__(self, a: Any, b: Any, asarray: bool = True, lock: Any = None) -> np.ndarray:
-        return read_stored(a, b, self.label)
+        return read_stored(a, b, self.label, self.remote)
 
 
-def wrap_zarr(arr: Any, label: str, chunks: Any) -> da.Array:
+#: Stored chunks per dask chunk along y and x for remote Zarr arrays (see :func:`wrap_zarr`).
+REMOTE_GROUP = 4
+
+
+def _grouped(arr: Any) -> tuple[int, ...]:
+    """Dask chunks of ``REMOTE_GROUP`` x ``REMOTE_GROUP`` stored chunks in y, x (at most 256 MB)."""
+    cz, cy, cx = (int(c) for c in arr.chunks)
+    item = np.dtype(arr.dtype).itemsize
+    g = REMOTE_GROUP
+    while g > 1 and cz * cy * cx * g * g * item > 256 * 2**20:
+        g //= 2
+    return cz, min(cy * g, int(arr.shape[1])), min(cx * g, int(arr.shape[2]))
+
+
+def wrap_zarr(arr: Any, label: str, chunks: Any, remote: Any = None) -> da.Array:
+    """A zarr array as a dask array, one task per stored chunk.
+
+    For a remote array, one task per group of stored chunks, fetched concurrently.
+    """
     stored = tuple(int(c) for c in arr.chunks)
+    if chunks is None and is_remote(arr) and len(stored) == 3:
+        chunks = _grouped(arr)
     if chunks is not None:
         chunks = tuple(int(c) for c in chunks)
         bad = [
@@ -301,15 +436,44 @@ def wrap_zarr(arr: Any, label: str, chunks: Any) -> da.Array:
                 stacklevel=3,
             )
     name = "volume-zarr-" + tokenize(label, arr.shape, arr.dtype.str, stored, chunks)
-    out = da.from_array(arr, chunks=chunks or stored, name=name, getitem=_NamedRead(label),
+    out = da.from_array(arr, chunks=chunks or stored, name=name, getitem=_NamedRead(label, remote),
                         meta=np.empty((0,) * arr.ndim, dtype=arr.dtype), asarray=False, fancy=False)
-    setattr(out, ORIGIN_ATTR, ("zarr", arr))
+    setattr(out, ORIGIN_ATTR, ("zarr", arr, remote))
     return out
 
 
+def _read_region(arr: Any, label: str, remote: Any, origin: tuple[int, ...], dtype: np.dtype,
+                 block_info: Any = None) -> np.ndarray:
+    loc = block_info[None]["array-location"]
+    region = tuple(slice(o + a, o + b) for o, (a, b) in zip(origin, loc))
+    return read_stored(arr, region, label, remote).astype(dtype, copy=False)
+
+
+def zarr_region(arr: Any, roi: tuple[slice, ...], label: str, remote: Any = None) -> da.Array:
+    """``arr[roi]`` as a dask array whose tasks read only the stored chunks they cover.
+
+    Task edges fall on the stored chunk grid (on groups of ``REMOTE_GROUP`` x
+    ``REMOTE_GROUP`` chunks in y and x for a remote array, whose tasks fetch their
+    chunks concurrently), clipped to ``roi``: unlike slicing :func:`wrap_zarr`'s
+    array, nothing outside the chunks the region touches is read or fetched.
+    """
+    step = _grouped(arr) if remote is not None and arr.ndim == 3 else tuple(int(c) for c in arr.chunks)
+    chunks = []
+    for s, c in zip(roi, step):
+        edges = [s.start, *range((s.start // c + 1) * c, s.stop, c), s.stop]
+        chunks.append(tuple(int(b - a) for a, b in zip(edges[:-1], edges[1:])))
+    origin = tuple(int(s.start) for s in roi)
+    dtype = np.dtype(arr.dtype)
+    name = "zarr-region-" + tokenize(label, arr.shape, dtype.str, step, origin, chunks)
+    return da.map_blocks(_read_region, arr, label, remote, origin, dtype, chunks=tuple(chunks),
+                         dtype=dtype, meta=np.empty((0,) * arr.ndim, dtype=dtype), name=name)
+
+
 def zarr_volume(source: str | os.PathLike, *, level: int | None = None, chunks: Any = None,
-                storage_options: dict | None = None) -> Volume:
+                storage_options: dict | None = None,
+                cache_dir: str | os.PathLike | None = None) -> Volume:
     """A Zarr array or OME-Zarr group path (local or URL) as a :class:`Volume`."""
     arr, lbl = open_zarr_path(source, level, storage_options)
     check_array(arr.shape, arr.dtype, lbl)
-    return Volume(wrap_zarr(arr, lbl, chunks), lbl, zarr=arr)
+    remote = remote_chunks(arr, lbl, storage_options, cache_dir)
+    return Volume(wrap_zarr(arr, lbl, chunks, remote), lbl, zarr=arr, remote=remote)

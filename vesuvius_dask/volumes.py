@@ -27,8 +27,10 @@ from .volume import (
     VolumeSource,
     check_array,
     chunk_key,
+    disk_cache_for,
     is_pathlike,
     read_stored,
+    remote_chunks,
     wrap_numpy,
     wrap_zarr,
     zarr_volume,
@@ -44,6 +46,7 @@ def resolve_volume(
     chunks: Any = None,
     label: str | None = None,
     storage_options: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Volume:
     """Open ``source`` and return the :class:`Volume` record behind :func:`open_volume`.
 
@@ -60,6 +63,9 @@ def resolve_volume(
         Name used in error messages when ``source`` is not a path.
     storage_options : dict, optional
         fsspec options for URLs (credentials, ``anon``, caching).
+    cache_dir : str or os.PathLike, optional
+        Keep the chunks fetched from a URL in this folder, for other processes and
+        later runs (see :func:`open_volume`).
 
     Returns
     -------
@@ -73,42 +79,58 @@ def resolve_volume(
     if hook is not None:  # e.g. a Segment
         return hook()
     if is_pathlike(source):
-        kind = path_kind(source)
-        if kind == PathKind.SEGMENT:
-            return open_segment(source, level=level).record
-        if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
-            if level not in (None, 0):
-                raise VolumeError(f"{os.fspath(source)}: level={level} applies to OME-Zarr "
-                                  "multiscale groups; this is a TIFF stack")
-            return tiff_volume(Path(os.fspath(source)), chunks=chunks)
-        return zarr_volume(source, level=level, chunks=chunks, storage_options=storage_options)
+        return _from_path(source, level, chunks, storage_options, cache_dir)
     if isinstance(source, zarr.Array):
         lbl = label or f"zarr array {source.store_path}"
         check_array(source.shape, source.dtype, lbl)
-        return Volume(wrap_zarr(source, lbl, chunks), lbl, zarr=source)
+        remote = remote_chunks(source, lbl, storage_options, cache_dir)
+        return Volume(wrap_zarr(source, lbl, chunks, remote), lbl, zarr=source, remote=remote)
     if isinstance(source, np.ndarray):
         lbl = label or "numpy array"
         check_array(source.shape, source.dtype, lbl)
         return Volume(wrap_numpy(source, chunks), lbl, data=source)
     if isinstance(source, da.Array):
-        lbl = label or f"dask array {source.name}"
-        check_array(source.shape, source.dtype, lbl)
-        if any(np.isnan(c) for axis in source.chunks for c in axis):
-            raise VolumeError(f"{lbl}: dask array has unknown chunk sizes; call compute_chunk_sizes()")
-        kind, obj = getattr(source, ORIGIN_ATTR, (None, None))
-        if chunks is not None:
-            source = source.rechunk(chunks)
-            kind = None
-        if kind == "zarr":
-            return Volume(source, lbl, zarr=obj)
-        if kind == "numpy":
-            return Volume(source, lbl, data=obj)
-        return Volume(source, lbl)
+        return _from_dask(source, label, chunks, cache_dir)
     raise InvalidTypeError(
         f"{label or 'volume'}: cannot open an object of type {type(source).__name__}; expected a "
         "path (Zarr array, OME-Zarr group, TIFF layers, segment folder), a zarr.Array, a numpy "
         "array or a dask array"
     )
+
+
+def _from_path(source: str | os.PathLike, level: int | None, chunks: Any,
+               storage_options: dict | None, cache_dir: Any) -> Volume:
+    """A path's volume: a segment, a TIFF stack, or a Zarr (local or a URL)."""
+    kind = path_kind(source)
+    if kind == PathKind.SEGMENT:
+        return open_segment(source, level=level).record
+    if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
+        if level not in (None, 0):
+            raise VolumeError(f"{os.fspath(source)}: level={level} applies to OME-Zarr "
+                              "multiscale groups; this is a TIFF stack")
+        return tiff_volume(Path(os.fspath(source)), chunks=chunks)
+    return zarr_volume(source, level=level, chunks=chunks, storage_options=storage_options,
+                       cache_dir=cache_dir)
+
+
+def _from_dask(source: da.Array, label: str | None, chunks: Any, cache_dir: Any) -> Volume:
+    """A dask array's volume; one made by :func:`open_volume` keeps its Zarr or numpy origin."""
+    lbl = label or f"dask array {source.name}"
+    check_array(source.shape, source.dtype, lbl)
+    if any(np.isnan(c) for axis in source.chunks for c in axis):
+        raise VolumeError(f"{lbl}: dask array has unknown chunk sizes; call compute_chunk_sizes()")
+    kind, obj, *more = getattr(source, ORIGIN_ATTR, (None, None))
+    remote = more[0] if more else None
+    if chunks is not None:
+        source = source.rechunk(chunks)
+        kind = None
+    if kind == "zarr":
+        if remote is not None and cache_dir is not None:
+            remote = remote.with_cache(disk_cache_for(remote, obj, cache_dir))
+        return Volume(source, lbl, zarr=obj, remote=remote)
+    if kind == "numpy":
+        return Volume(source, lbl, data=obj)
+    return Volume(source, lbl)
 
 
 def open_volume(
@@ -117,6 +139,7 @@ def open_volume(
     level: int | None = None,
     chunks: Any = None,
     storage_options: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> da.Array:
     """Open a volume as a lazy, chunk-aligned 3-D dask array.
 
@@ -136,10 +159,19 @@ def open_volume(
     chunks : tuple of int, optional
         Dask chunking. For numpy input the default is ``(4, 512, 512)`` clipped to the
         shape. For Zarr input the default is the stored chunking (one dask chunk per
-        stored chunk); a chunking that is not a multiple of it warns. For dask input
-        the array is rechunked.
+        stored chunk); a chunking that is not a multiple of it warns. For a Zarr
+        URL the default is 4 x 4 stored chunks in y and x per dask chunk, whose task
+        fetches them concurrently (so a compute keeps many requests in flight). For
+        dask input the array is rechunked.
     storage_options : dict, optional
         fsspec options for a URL, e.g. ``{"anon": True}`` for public S3 buckets.
+    cache_dir : str or os.PathLike, optional
+        For a URL: keep fetched chunks (their stored bytes) in this folder, shared by
+        processes and later runs; atomic, checksummed, evicted least recently used
+        past a budget (dask config ``vesuvius-dask.remote.cache-dir-bytes``; default
+        half the free disk space, at most 64 GiB). Ignored for local volumes.
+        Requests in flight, retries and timeouts are set with dask config
+        ``vesuvius-dask.remote.*`` (see :class:`~vesuvius_dask.remote.RemoteSettings`).
 
     Returns
     -------
@@ -162,4 +194,5 @@ def open_volume(
     >>> vol[0:4, 0:64, 0:64].compute().shape  # doctest: +SKIP
     (4, 64, 64)
     """
-    return resolve_volume(source, level=level, chunks=chunks, storage_options=storage_options).array
+    return resolve_volume(source, level=level, chunks=chunks, storage_options=storage_options,
+                          cache_dir=cache_dir).array

@@ -68,13 +68,14 @@ def _contrast(arr: Any, n_chunks: int = 3) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
+def read_layers(path: Any, cache_dir: Any = None) -> list[tuple[Any, dict, str]]:
     """napari layer data for a volume path: ``[(data, metadata, layer_type), ...]``.
 
     A Zarr array gives one lazy image layer; an OME-Zarr group a multiscale image
     layer (one dask array per level); a folder of TIFF layers one lazy image layer
     (memory-mapped layers); a segment folder its volume plus ``mask`` and
-    ``inklabels`` as labels layers.
+    ``inklabels`` as labels layers. ``cache_dir`` keeps the chunks of a URL (see
+    :func:`~vesuvius_dask.open_volume`).
     """
     import zarr
 
@@ -90,10 +91,10 @@ def read_layers(path: Any) -> list[tuple[Any, dict, str]]:
     if kind in (PathKind.URL, PathKind.ZARR):  # local or remote (fsspec URL) Zarr
         node = zarr.open(text, mode="r")
         if isinstance(node, zarr.Array):
-            vol = open_volume(text)
+            vol = open_volume(text, cache_dir=cache_dir)
             return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
         n_levels = len(multiscale_paths(node.attrs.asdict()) or [])
-        levels = [open_volume(text, level=k) for k in range(n_levels)]
+        levels = [open_volume(text, level=k, cache_dir=cache_dir) for k in range(n_levels)]
         return [(levels, {"name": name, "multiscale": True,
                           "contrast_limits": _contrast(levels[-1])}, "image")]
     p = Path(text)
@@ -202,7 +203,8 @@ def add_samples(viewer: Any, stream: Any, n: int | None = 100, epoch: int | None
 
 
 def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | None = 100,
-         epoch: int | None = None, viewer: Any = None, show: bool = True) -> Any:
+         epoch: int | None = None, viewer: Any = None, show: bool = True,
+         cache_dir: Any = None) -> Any:
     """Open volumes lazily in napari, with the stream's sample boxes on top.
 
     Parameters
@@ -220,6 +222,8 @@ def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | Non
         Add to this viewer instead of making one.
     show : bool
         Show the window (False for scripts and tests without a screen).
+    cache_dir : str, optional
+        Keep the chunks of URL volumes in this folder (see :func:`~vesuvius_dask.open_volume`).
 
     Returns
     -------
@@ -234,7 +238,7 @@ def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | Non
         volumes = [volumes]
     for i, vol in enumerate(volumes):
         if isinstance(vol, (str, os.PathLike)):
-            for data, meta, kind in read_layers(vol):
+            for data, meta, kind in read_layers(vol, cache_dir):
                 getattr(viewer, f"add_{kind}")(data, **meta)
         else:
             arr = open_volume(vol)

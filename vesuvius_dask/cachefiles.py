@@ -1,0 +1,122 @@
+"""Files of a cache folder shared by processes: atomic writes, claims, and eviction by a byte budget.
+
+Both chunk caches that several processes share — decoded chunks in ``/dev/shm``
+(:mod:`~vesuvius_dask.shared_cache`) and fetched chunk bytes on disk
+(:mod:`~vesuvius_dask.disk_cache`) — are folders of files that follow three rules:
+
+* a file appears whole or not at all: it is written under a temporary name and
+  renamed into place (:func:`write_atomic`), so a process killed mid-write leaves
+  only a ``.tmp`` file, which no reader ever opens and :func:`evict` sweeps;
+* one process fills an entry while the others wait: a *claim* is an exclusive
+  ``flock`` on a ``.claim`` file beside the entry (:func:`claim`); the kernel drops
+  it when its holder dies, so a killed process never blocks the others;
+* past the budget, the least recently used files go first (:func:`evict`; a hit
+  touches its file, so modification time is last use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["write_atomic", "claim", "release", "evict", "TMP_SUFFIX", "CLAIM_SUFFIX"]
+
+TMP_SUFFIX = ".tmp"
+CLAIM_SUFFIX = ".claim"
+
+#: A temporary file older than this (seconds) belongs to a dead writer.
+_STALE_TMP = 3600.0
+
+
+def write_atomic(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``target`` through ``write(file)`` under a temporary name, then rename it into place."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def claim(entry: Path, *, wait: bool = True) -> int | None:
+    """Take the claim on ``entry``: a file descriptor to :func:`release`.
+
+    With ``wait`` False, None if another process holds it.
+    """
+    import fcntl
+
+    fd = os.open(str(entry) + CLAIM_SUFFIX, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release(fd: int) -> None:
+    """Give a claim back (closing the descriptor drops the lock)."""
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _walk(root: Path) -> Iterator[os.DirEntry]:
+    stack = [str(root)]
+    while stack:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(stack.pop()):
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    yield entry
+
+
+def evict(roots: Iterable[Path], max_bytes: int, keep: Callable[[str], bool],
+          target: float = 1.0) -> int:
+    """Remove least recently used files under ``roots`` down to ``target * max_bytes``.
+
+    Returns the bytes left.
+
+    ``keep(name)`` says which file names are entries (others — claims, metadata —
+    are not counted); temporary files of dead writers are removed.
+    """
+    files = []
+    total = 0
+    now = time.time()
+    for root in roots:
+        for entry in _walk(root):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name.endswith(TMP_SUFFIX):
+                    if now - entry.stat().st_mtime > _STALE_TMP:
+                        os.unlink(entry.path)
+                    continue
+                if not keep(entry.name):
+                    continue
+                st = entry.stat()
+                files.append((st.st_mtime_ns, entry.path, st.st_size))
+                total += st.st_size
+    limit = int(max_bytes * target)
+    for _, path, size in sorted(files):
+        if total <= limit:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + CLAIM_SUFFIX)
+        total -= size
+    return total

@@ -1,0 +1,438 @@
+"""Fetching stored chunks of a remote Zarr array: many requests in flight, retries, a disk cache.
+
+Latency, not bandwidth, sets the pace of reading a remote volume one chunk at a
+time. :class:`RemoteChunks` fetches the stored bytes of chunks with fsspec's async
+filesystem (aiohttp for HTTP) on fsspec's event loop, up to ``concurrency``
+requests at once per volume and process:
+
+* :meth:`RemoteChunks.get` blocks for one chunk; the batch engine calls it from as
+  many threads as there are requests allowed in flight;
+* :meth:`RemoteChunks.prefetch` starts fetches and returns at once, so the chunks
+  of the next batches are on their way while this one is cut
+  (:class:`~vesuvius_dask.readers.BatchReader` calls it).
+
+A failed request — the server down, an HTTP error, a 404, nothing received for
+``timeout`` seconds — is retried ``retries`` times with exponential backoff and
+jitter, then raises :class:`~vesuvius_dask.errors.ChunkFetchError` naming the
+volume, the chunk and its URL. A 404 means "missing chunk, read the fill value"
+under Zarr's rules, but over HTTP it is also what a moved or broken server says;
+``missing="error"`` (the default) treats it as a fault, ``missing="fill"`` as an
+absent chunk (for sparse arrays).
+
+With a ``cache_dir`` (:class:`~vesuvius_dask.disk_cache.DiskChunkCache`) fetched
+bytes are kept on disk for other processes and later runs; a chunk is fetched by
+one process while the others wait for it.
+
+Settings come from dask's config (``vesuvius-dask.remote.*``, or the environment
+variables ``DASK_VESUVIUS_DASK__REMOTE__CONCURRENCY`` and so on) when a volume is
+opened, and travel with it to DataLoader workers and cluster workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ChunkFetchError, VolumeError
+
+__all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES"]
+
+#: Decoded bytes of the chunks that read-ahead may hold fetched and not yet used.
+AHEAD_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How remote chunks are fetched (dask config ``vesuvius-dask.remote.<name>``).
+
+    Attributes
+    ----------
+    concurrency : int
+        Requests in flight per volume and process (default 32).
+    retries : int
+        Retries of a failed request (default 4), after 0.5, 1, 2, 4 s (``backoff``
+        doubling, plus up to 25% jitter).
+    backoff : float
+        First wait before a retry, in seconds.
+    timeout : float
+        Seconds without a byte from the server (connecting or reading) before a
+        request counts as failed (default 5). With the defaults a server that stops
+        answering ends in an error within about 35 s, one that refuses or fails
+        requests within about 8 s.
+    missing : {"error", "fill"}
+        What a 404 on a chunk is: a fault (retried, then an error) or an absent
+        chunk read as the fill value.
+    connect_interval : float
+        Seconds between opening two new connections (default 0.002; reused
+        keep-alive connections are not paced). Requests start in waves (a batch's
+        chunks at once, and they finish together), and a wave of new connections
+        overflows a small server's listen queue (Python's ``http.server`` keeps 5):
+        each dropped connection then waits for the kernel's 1 s SYN retransmit.
+        Pacing the waves avoids that; 0 turns it off.
+    """
+
+    concurrency: int = 32
+    retries: int = 4
+    backoff: float = 0.5
+    timeout: float = 5.0
+    missing: str = "error"
+    connect_interval: float = 0.002
+
+    def __post_init__(self) -> None:
+        if int(self.concurrency) < 1 or int(self.retries) < 0 or float(self.timeout) <= 0 \
+                or float(self.backoff) < 0 or float(self.connect_interval) < 0:
+            raise VolumeError(f"vesuvius-dask.remote settings out of range: {self}")
+        if self.missing not in ("error", "fill"):
+            raise VolumeError(f"vesuvius-dask.remote.missing must be 'error' or 'fill', "
+                              f"got {self.missing!r}")
+
+    @classmethod
+    def from_config(cls) -> RemoteSettings:
+        """The settings in dask's config now (defaults for what is not set)."""
+        import dask
+
+        values = {}
+        for f in fields(cls):
+            v = dask.config.get(f"vesuvius-dask.remote.{f.name.replace('_', '-')}", None)
+            if v is not None:
+                values[f.name] = type(f.default)(v)
+        return cls(**values)
+
+
+@dataclass
+class RemoteStats:
+    """Counters of one volume's fetches in one process."""
+
+    requests: int = 0  # requests sent to the server (retries included)
+    fetched: int = 0  # chunks fetched from the server
+    retried: int = 0
+    reconnects: int = 0  # connects given up early and tried again (see RemoteSettings.timeout)
+    cache_hits: int = 0  # chunks read from the disk cache
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+
+@dataclass
+class _Local:
+    """What one process owns: the filesystem, its loop, the semaphore, started fetches."""
+
+    pid: int
+    fs: Any
+    loop: Any
+    connections: Any = None  # _Connections, for HTTP
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    semaphore: Any = None
+    started: dict = field(default_factory=dict)
+    failure: tuple[float, BaseException] | None = None  # (when, error) of the last fetch given up
+
+
+class RemoteChunks:
+    """The stored chunks of one remote Zarr array, fetched concurrently (see the module notes).
+
+    Parameters
+    ----------
+    protocol : str
+        fsspec protocol (``http``, ``https``, ``s3``, ...).
+    base : str
+        The array's path in the filesystem (for HTTP, its URL).
+    label : str
+        How errors name the volume.
+    storage_options : dict, optional
+        fsspec options.
+    settings : RemoteSettings, optional
+        Default: :meth:`RemoteSettings.from_config`.
+    cache : DiskChunkCache, optional
+        Where fetched bytes are kept.
+    chunk_nbytes : int, optional
+        Bytes of one decoded chunk: bounds the fetched chunks read-ahead holds
+        (:data:`AHEAD_BYTES`).
+    """
+
+    def __init__(self, protocol: str, base: str, label: str, storage_options: dict | None = None,
+                 settings: RemoteSettings | None = None, cache: Any = None,
+                 chunk_nbytes: int | None = None) -> None:
+        self.chunk_nbytes = chunk_nbytes
+        self.protocol = protocol
+        self.base = base.rstrip("/")
+        self.label = label
+        self.storage_options = dict(storage_options or {})
+        self.settings = settings or RemoteSettings.from_config()
+        self.cache = cache
+        self.stats = RemoteStats()
+        self._local: _Local | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_local=None, stats=RemoteStats())
+        return state
+
+    def with_cache(self, cache: Any) -> RemoteChunks:
+        """A copy fetching through ``cache``."""
+        return RemoteChunks(self.protocol, self.base, self.label, self.storage_options,
+                            self.settings, cache, self.chunk_nbytes)
+
+    def ahead_limit(self) -> int:
+        """Started fetches kept until taken: ``AHEAD_BYTES`` of chunks, 2 to 8 x ``concurrency``."""
+        c = self.settings.concurrency
+        fit = AHEAD_BYTES // max(1, self.chunk_nbytes or AHEAD_BYTES)
+        return int(min(8 * c, max(2 * c, fit)))
+
+    def url(self, key: str) -> str:
+        path = f"{self.base}/{key}"
+        return path if "://" in path else f"{self.protocol}://{path}"
+
+    # -- per process ---------------------------------------------------------------------
+    def _here(self) -> _Local:
+        local = self._local
+        if local is None or local.pid != os.getpid():
+            # fsspec's instances, loop and HTTP sessions do not survive fork: make ours
+            import fsspec
+
+            opts = dict(self.storage_options)
+            if self.protocol in ("http", "https"):
+                import aiohttp
+
+                client = dict(opts.get("client_kwargs") or {})
+                client.setdefault("timeout", aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.settings.timeout, sock_read=self.settings.timeout))
+                connections = _Connections(self.settings.connect_interval)
+                hooks = aiohttp.TraceConfig()
+                hooks.on_connection_create_start.append(connections.start)
+                hooks.on_connection_create_end.append(connections.end)
+                client["trace_configs"] = [*client.get("trace_configs", []), hooks]
+                opts["client_kwargs"] = client
+            fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **opts)
+            loop = fs.loop if getattr(fs, "async_impl", False) else _thread_loop()
+            local = self._local = _Local(os.getpid(), fs, loop)
+            if self.protocol in ("http", "https"):
+                local.connections = connections
+            self.stats = RemoteStats()
+        return local
+
+    # -- fetching --------------------------------------------------------------------------
+    async def _request(self, local: _Local, path: str) -> bytes:
+        """One GET; over HTTP, a connect that stalls is given up early and made again.
+
+        A connection the server's full listen queue dropped would otherwise wait
+        for the kernel's 1 s SYN retransmit: connects get 4x the slowest recent
+        connect (at least 0.25 s), doubling on each miss, ``timeout`` in all.
+        """
+        fs = local.fs
+        if not getattr(fs, "async_impl", False):
+            return await asyncio.wait_for(asyncio.to_thread(fs.cat_file, path),
+                                          timeout=self.settings.timeout * 6)
+        conns = local.connections
+        if conns is None:
+            return await asyncio.wait_for(fs._cat_file(path), timeout=self.settings.timeout * 6)
+        import aiohttp
+
+        budget = self.settings.timeout
+        wait = conns.connect_timeout(budget)
+        while True:
+            limits = aiohttp.ClientTimeout(total=None, sock_connect=wait, sock_read=self.settings.timeout)
+            try:
+                # the HTTP client's own timeouts see a stalled socket; this bounds everything else
+                return await asyncio.wait_for(fs._cat_file(path, timeout=limits),
+                                              timeout=self.settings.timeout * 6)
+            except aiohttp.ConnectionTimeoutError:
+                budget -= wait
+                if budget <= 0:
+                    raise
+                self.stats.reconnects += 1
+                wait = min(2 * wait, budget)
+
+    async def _fetch(self, key: str, index: Any) -> bytes | None:
+        """One chunk's bytes from the server (None: absent and ``missing='fill'``).
+
+        A request keeps its slot through its retries, so a failing server ends in an
+        error after at most ``retries + 1`` attempts and the backoff between them;
+        fetches that were waiting meanwhile then fail at once with that error
+        instead of each retrying in turn (fetches started later try afresh).
+        """
+        local = self._here()
+        if local.semaphore is None:
+            local.semaphore = asyncio.Semaphore(self.settings.concurrency)
+        url = self.url(key)
+        path = url if self.protocol in ("http", "https") else f"{self.base}/{key}"
+        s = self.settings
+        queued = time.monotonic()
+        async with local.semaphore:
+            t0 = time.monotonic()
+            for attempt in range(s.retries + 1):
+                if local.failure is not None and local.failure[0] >= queued:
+                    raise ChunkFetchError(str(local.failure[1])) from local.failure[1]
+                if attempt:
+                    self.stats.retried += 1
+                    await asyncio.sleep(s.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
+                self.stats.requests += 1
+                self.stats.in_flight += 1
+                self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
+                try:
+                    data = await self._request(local, path)
+                except FileNotFoundError as err:
+                    if s.missing == "fill":
+                        return None
+                    last: BaseException = err
+                    reason = "not found (HTTP 404)"
+                except Exception as err:  # timeouts, OSError, aiohttp's ClientError and kin
+                    last, reason = err, _reason(err, s.timeout)
+                else:
+                    self.stats.fetched += 1
+                    return bytes(data)
+                finally:
+                    self.stats.in_flight -= 1
+            hint = (" (if this array leaves chunks out by design, set vesuvius-dask.remote.missing "
+                    "to 'fill')" if isinstance(last, FileNotFoundError) else "")
+            where = f"chunk {tuple(index)} " if index is not None else "chunk "
+            error = ChunkFetchError(
+                f"{self.label}: {where}could not be fetched from {url}: {reason}, "
+                f"{s.retries + 1} attempts over {time.monotonic() - t0:.1f} s{hint}")
+            local.failure = (time.monotonic(), error)
+            raise error from last
+
+    async def _prefetched(self, key: str, index: Any, claim_fd: int | None) -> bytes | None:
+        try:
+            data = await self._fetch(key, index)
+            if self.cache is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.cache.put, key, data)
+            return data
+        finally:
+            if claim_fd is not None:
+                from .cachefiles import release
+
+                release(claim_fd)
+
+    def _fetch_now(self, key: str, index: Any) -> bytes | None:
+        local = self._here()
+        return asyncio.run_coroutine_threadsafe(self._fetch(key, index), local.loop).result()
+
+    def get(self, key: str, index: Any = None) -> bytes | None:
+        """The stored bytes of chunk ``key`` (None: absent, read as the fill value).
+
+        Raises
+        ------
+        ChunkFetchError
+            Every attempt failed.
+        """
+        local = self._here()
+        with local.lock:
+            started: Future | None = local.started.pop(key, None)
+        if started is not None:
+            return started.result()
+        if self.cache is None:
+            return self._fetch_now(key, index)
+        data, fetched = self.cache.get_or_fetch(key, lambda: self._fetch_now(key, index))
+        if not fetched:
+            self.stats.cache_hits += 1
+        return data
+
+    def prefetch(self, keys: list[tuple[str, Any]], limit: int | None = None) -> int:
+        """Start fetching chunks (``(key, index)`` pairs) neither cached nor on their way.
+
+        Returns how many are under way (:meth:`pending`).
+
+        At most ``limit`` (default :meth:`ahead_limit`) started fetches are kept
+        until :meth:`get` takes them (a bound on the memory they hold); a chunk
+        another process is fetching is left to it.
+        """
+        local = self._here()
+        limit = self.ahead_limit() if limit is None else limit
+        for key, index in keys:
+            with local.lock:
+                if len(local.started) >= limit:
+                    break
+                if key in local.started:
+                    continue
+            fd = None
+            if self.cache is not None:
+                if self.cache.has(key):
+                    continue
+                fd = self.cache.try_claim(key)
+                if fd is None or self.cache.has(key):
+                    if fd is not None:
+                        from .cachefiles import release
+
+                        release(fd)
+                    continue
+            fut = asyncio.run_coroutine_threadsafe(self._prefetched(key, index, fd), local.loop)
+            with local.lock:
+                local.started[key] = fut
+        return self.pending()
+
+    def pending(self) -> int:
+        """Fetches started by :meth:`prefetch` that are still under way (not yet answered).
+
+        Read-ahead keeps this above ``concurrency`` so the server always has work;
+        answered fetches waiting to be taken are bounded by ``prefetch``'s ``limit``.
+        """
+        local = self._local
+        if local is None or local.pid != os.getpid():
+            return 0
+        with local.lock:
+            return sum(not f.done() for f in local.started.values())
+
+    def __repr__(self) -> str:
+        return f"RemoteChunks({self.url('')!r}, {self.settings}, cache={self.cache})"
+
+
+class _Connections:
+    """aiohttp trace hooks on new connections: space them apart, and learn how long one takes.
+
+    aiohttp awaits ``on_connection_create_start`` before it connects, so waiting
+    there delays only new connections (not reused keep-alive ones). The event loop
+    is one thread, so no lock.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next = 0.0
+        self.slowest = 0.0  # the slowest recent connect, decaying
+
+    async def start(self, session: Any, context: Any, params: Any) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        slot = max(now, self.next)
+        self.next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+        context.vd_connect = loop.time()
+
+    async def end(self, session: Any, context: Any, params: Any) -> None:
+        took = asyncio.get_running_loop().time() - getattr(context, "vd_connect", 0.0)
+        self.slowest = max(0.98 * self.slowest, took)
+
+    def connect_timeout(self, limit: float) -> float:
+        """How long a new connect may take before it is made again."""
+        return min(limit, max(0.25, 4 * self.slowest))
+
+
+def _reason(err: BaseException, timeout: float) -> str:
+    if "ConnectionTimeout" in type(err).__name__:
+        return f"no connection within {timeout:g} s"
+    if isinstance(err, asyncio.TimeoutError) or "Timeout" in type(err).__name__:
+        return f"no answer within {timeout:g} s"
+    os_error = getattr(err, "os_error", None)
+    if os_error is not None:  # aiohttp's ClientConnectorError
+        return f"cannot connect to the server ({os_error.strerror or os_error})"
+    status = getattr(err, "status", None)
+    if status is not None:
+        return f"HTTP {status} {getattr(err, 'message', '')}".rstrip()
+    return f"{type(err).__name__}: {err}"
+
+
+_THREAD_LOOP: list = [None, None]  # [pid, loop]
+
+
+def _thread_loop() -> Any:
+    """An event loop in a daemon thread, for filesystems without an async implementation."""
+    if _THREAD_LOOP[0] != os.getpid():
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True, name="vesuvius-dask-io").start()
+        _THREAD_LOOP[:] = [os.getpid(), loop]
+    return _THREAD_LOOP[1]

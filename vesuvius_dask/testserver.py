@@ -1,0 +1,167 @@
+"""A loopback HTTP server for a folder, with added latency, request counts and faults.
+
+For tests and ``benchmarks/remote.py``: it serves a local Zarr the way the scroll
+server does (plain GET of each key), sleeping ``delay`` seconds per request, and
+counts requests per path and the most requests it was ever answering at once.
+``fault`` makes chunk requests fail: ``"404"``, ``"500"``, ``"hang"`` (no answer
+until the fault is cleared or the server stops); ``stop()`` takes it down.
+
+Nothing here is used by the library itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SlowServer", "is_metadata"]
+
+_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+
+
+def is_metadata(path: str) -> bool:
+    """Whether a request path asks for Zarr metadata rather than a chunk."""
+    return path.rstrip("/").rsplit("/", 1)[-1] in _METADATA
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+    owner: SlowServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        owner = self.server.owner  # type: ignore[attr-defined]
+        with owner.lock:
+            owner.connections.add(self.connection)
+
+    def finish(self) -> None:
+        owner = self.server.owner  # type: ignore[attr-defined]
+        with owner.lock:
+            owner.connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        owner = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        with owner.lock:
+            owner.counts[path] += 1
+            owner.in_flight += 1
+            owner.peak = max(owner.peak, owner.in_flight)
+        if owner.on_request is not None:
+            owner.on_request(path)
+        try:
+            if owner.delay:
+                time.sleep(owner.delay)
+            fault = owner.fault if not is_metadata(path) else None
+            if fault == "hang":
+                owner.cleared.wait()
+                fault = owner.fault
+            if fault in ("404", "500"):
+                self.send_error(int(fault))
+                return
+            super().do_GET()
+        finally:
+            with owner.lock:
+                owner.in_flight -= 1
+
+
+class _PlainHandler(_Handler):
+    protocol_version = "HTTP/1.0"  # http.server's default: a new connection per request
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that went away (a timeout, a killed worker) is not news here
+
+
+class SlowServer:
+    """Serve ``root`` on 127.0.0.1 with ``delay`` seconds added to every request.
+
+    By default it serves as production servers do: HTTP/1.1 keep-alive and a long
+    listen queue. ``plain=True`` serves as Python's ``http.server`` does out of the
+    box: HTTP/1.0 (a new connection for every request) and a listen queue of 5, so
+    that bursts of new connections overflow it.
+
+    Attributes
+    ----------
+    counts : collections.Counter
+        Requests per path.
+    peak : int
+        Most requests answered at once.
+    """
+
+    def __init__(self, root: str | Path, delay: float = 0.0, *, plain: bool = False) -> None:
+        self.delay = float(delay)
+        self.fault: str | None = None
+        #: Called with each request's path before it is answered (tests hook events here).
+        self.on_request: Any = None
+        self.cleared = threading.Event()
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.connections: set = set()
+        self.in_flight = 0
+        self.peak = 0
+        handler = functools.partial(_PlainHandler if plain else _Handler, directory=str(root))
+        server_class = type("_Plain" if plain else "_KeepAlive", (_Server,),
+                            {"request_queue_size": 5 if plain else 256})
+        self._server = server_class(("127.0.0.1", 0), handler)
+        self._server.owner = self  # type: ignore[attr-defined]
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, name: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def set_fault(self, fault: str | None) -> None:
+        """Make chunk requests fail from now on (None: serve them again)."""
+        self.fault = fault
+        if fault == "hang":
+            self.cleared.clear()
+        else:
+            self.cleared.set()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        with self.lock:
+            self.counts.clear()
+            self.peak = self.in_flight
+
+    def chunk_requests(self) -> Counter:
+        """Requests per chunk path (metadata left out)."""
+        with self.lock:
+            return Counter({p: n for p, n in self.counts.items() if not is_metadata(p)})
+
+    def stop(self) -> None:
+        """Take the server down: open connections are cut and the port refuses new ones."""
+        import socket
+
+        self.cleared.set()
+        self._server.shutdown()
+        self._server.server_close()
+        with self.lock:
+            open_now = list(self.connections)
+        for conn in open_now:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> SlowServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
