@@ -289,7 +289,7 @@ def test_a_killed_fetcher_leaves_no_torn_chunk(served, tmp_path):
         assert proc.wait(timeout=120) == -signal.SIGKILL
         srv.on_request = None
         files = [p for p in cache.rglob("*") if p.is_file() and p.name != "array.json"
-                 and not p.name.endswith(".claim")]
+                 and not p.name.startswith(".") and not p.name.endswith(".claim")]
         kept = [p for p in files if not p.name.endswith(".tmp")]
         assert 0 < len(kept) < N_CHUNKS
         for p in kept:  # every file that has a chunk's name is a whole, checked chunk
@@ -445,3 +445,23 @@ def test_predict_on_a_url_equals_the_local_prediction_and_reruns_from_the_cache(
     assert out.returncode == 0, out.stderr
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "remote.zarr")[:], local)
     assert sum(server.chunk_requests().values()) == 0
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_reads_go_on(server, served, tmp_path):
+    # a folder removed mid-run is made again; an unwritable one (here: a file in its
+    # way, as a full disk would refuse) warns once and the chunks still arrive
+    cache_dir = tmp_path / "c"
+    vol = open_volume(server.url("v3.zarr"), cache_dir=cache_dir)
+    np.testing.assert_array_equal(vol[0:4, 0:64, 0:64].compute(), served[1][0:4, 0:64, 0:64])
+    array_dir = next(p for p in cache_dir.iterdir() if p.is_dir())
+    import shutil
+
+    shutil.rmtree(array_dir / "c")  # folders this process made and remembers
+    server.reset()
+    np.testing.assert_array_equal(vol[0:4, 0:64, 0:64].compute(), served[1][0:4, 0:64, 0:64])
+    assert sum(server.chunk_requests().values()) == 4 * 4  # its task's group, fetched and cached again
+    assert (array_dir / "c" / "0" / "1" / "1").is_file()
+    (array_dir / "c" / "2").write_bytes(b"in the way")
+    with pytest.warns(RuntimeWarning, match="cannot write") as record:
+        np.testing.assert_array_equal(vol[8:12].compute(), served[1][8:12])
+    assert len([w for w in record if "cannot write" in str(w.message)]) == 1

@@ -8,8 +8,10 @@ Both chunk caches that several processes share — decoded chunks in ``/dev/shm`
   renamed into place (:func:`write_atomic`), so a process killed mid-write leaves
   only a ``.tmp`` file, which no reader ever opens and :func:`evict` sweeps;
 * one process fills an entry while the others wait: a *claim* is an exclusive
-  ``flock`` on a ``.claim`` file beside the entry (:func:`claim`); the kernel drops
-  it when its holder dies, so a killed process never blocks the others;
+  ``flock`` on a ``.claim`` file beside the entry (:func:`claim`), or, on Linux, a
+  byte-range lock on one claims file for the whole folder (:func:`claim_key`: no
+  file to create per entry, which costs as much as writing the entry); the kernel
+  drops either when its holder dies, so a killed process never blocks the others;
 * past the budget, the least recently used files go first (:func:`evict`; a hit
   touches its file, so modification time is last use).
 """
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_atomic", "claim", "release", "evict", "TMP_SUFFIX", "CLAIM_SUFFIX"]
+__all__ = ["write_atomic", "claim", "claim_key", "release", "evict", "TMP_SUFFIX", "CLAIM_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 CLAIM_SUFFIX = ".claim"
@@ -57,6 +59,34 @@ def claim(entry: Path, *, wait: bool = True) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def claim_key(table: Path, key: str, entry: Path, *, wait: bool = True) -> int | None:
+    """Take the claim on ``key``: a byte-range lock on the file ``table`` (Linux), or :func:`claim`.
+
+    An open-file-description lock (``F_OFD_SETLK``) at offset ``crc32(key)``: like
+    ``flock``, it belongs to the descriptor (two threads of one process exclude each
+    other) and is dropped when it is closed or its process dies, but many keys share
+    one file. Elsewhere, :func:`claim` on ``entry``. With ``wait`` False, None if
+    another holder has it. Give it back with :func:`release`.
+    """
+    import fcntl
+    import struct
+    import zlib
+
+    if not hasattr(fcntl, "F_OFD_SETLK"):
+        return claim(entry, wait=wait)
+    fd = os.open(table, os.O_CREAT | os.O_RDWR, 0o600)
+    lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, zlib.crc32(key.encode()), 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock)
+    except (BlockingIOError, PermissionError):  # held elsewhere (EAGAIN or EACCES)
         os.close(fd)
         return None
     except BaseException:

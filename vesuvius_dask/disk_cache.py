@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cachefiles import CLAIM_SUFFIX, TMP_SUFFIX, claim, evict, release, write_atomic
+from .cachefiles import CLAIM_SUFFIX, TMP_SUFFIX, claim, claim_key, evict, release, write_atomic
 
 __all__ = ["DiskChunkCache", "default_budget", "array_id", "MISSING"]
 
@@ -67,7 +67,9 @@ def default_budget(root: Path) -> int:
 
 
 def _is_entry(name: str) -> bool:
-    return not (name.endswith(CLAIM_SUFFIX) or name.endswith(TMP_SUFFIX) or name == "array.json")
+    """Chunk files only: not claims, temporary files, ``array.json`` or ``.claims``/``.evict``."""
+    return not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(TMP_SUFFIX)
+                or name == "array.json")
 
 
 class DiskChunkCache:
@@ -100,6 +102,8 @@ class DiskChunkCache:
     def _init_counters(self) -> None:
         self._pid = os.getpid()
         self._guard = threading.Lock()
+        self._folders: set[Path] = set()
+        self._warned = False
         self._written = 0
         self.corrupt = 0  # files that failed their check (removed, fetched again)
 
@@ -156,25 +160,49 @@ class DiskChunkCache:
             return None
         return data
 
-    def put(self, key: str, data: bytes | None) -> None:
-        """Store a chunk's bytes (None: the server has no such chunk)."""
-        path = self.file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def put(self, key: str, data: bytes | None) -> bool:
+        """Store a chunk's bytes (None: the server has no such chunk); whether it was stored.
+
+        A write that fails (a full disk, a folder removed meanwhile and not
+        re-creatable) warns once per process and leaves the chunk uncached: the
+        caller has its bytes either way.
+        """
         if data is None:
-            header = _HEADER.pack(_MAGIC, 0, _MISSING_FLAG)
-            write_atomic(path, lambda f: f.write(header))
-            return
-        view = memoryview(data)
-        header = _HEADER.pack(_MAGIC, zlib.crc32(view), view.nbytes)
+            header, body = _HEADER.pack(_MAGIC, 0, _MISSING_FLAG), memoryview(b"")
+        else:
+            body = memoryview(data)
+            header = _HEADER.pack(_MAGIC, zlib.crc32(body), body.nbytes)
 
         def write(f: Any) -> None:
             f.write(header)
-            f.write(view)
+            f.write(body)
 
-        write_atomic(path, write)
+        path = self.file(key)
+        try:
+            try:
+                self._folder(path)
+                write_atomic(path, write)
+            except FileNotFoundError:  # its folder was removed since: make it again
+                self._folders.discard(path.parent)
+                self._folder(path)
+                write_atomic(path, write)
+        except OSError as err:
+            self._warn_once(f"cache_dir {self.root}: cannot write {path.name} ({err}); "
+                            "going on without caching what cannot be written")
+            return False
         with self._lock:
-            self._written += view.nbytes + _HEADER.size
+            self._written += body.nbytes + _HEADER.size
         self._evict_when_due()
+        return True
+
+    def _warn_once(self, text: str) -> None:
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        import warnings
+
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
 
     def _evict_when_due(self) -> None:
         """Evict once ``max_bytes / 16`` were written here since the last eviction.
@@ -200,9 +228,7 @@ class DiskChunkCache:
         hit = self.get(key)
         if hit is not None:
             return (None if hit == MISSING else hit), False
-        path = self.file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = claim(path)
+        fd = self._claim(key, wait=True)
         try:
             hit = self.get(key)
             if hit is not None:
@@ -215,9 +241,21 @@ class DiskChunkCache:
 
     def try_claim(self, key: str) -> int | None:
         """The claim on ``key`` if no process holds it (for a fetch started now), else None."""
-        path = self.file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return claim(path, wait=False)
+        return self._claim(key, wait=False)
+
+    def _claim(self, key: str, wait: bool) -> int | None:
+        import fcntl
+
+        entry = self.file(key)
+        if not hasattr(fcntl, "F_OFD_SETLK"):  # claim_key falls back to a file beside the entry
+            self._folder(entry)
+        return claim_key(self.path / ".claims", key, entry, wait=wait)
+
+    def _folder(self, entry: Path) -> None:
+        """Make the entry's folder (once per process; eviction removes files, not folders)."""
+        if entry.parent not in self._folders:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(entry.parent)
 
     def has(self, key: str) -> bool:
         return self.file(key).is_file()
@@ -237,7 +275,7 @@ class DiskChunkCache:
         total = 0
         for dirpath, _, names in os.walk(self.root):
             for n in names:
-                if _is_entry(n) and not n.startswith(".evict"):
+                if _is_entry(n):
                     with contextlib.suppress(FileNotFoundError):
                         total += os.stat(os.path.join(dirpath, n)).st_size
         return total

@@ -388,6 +388,12 @@ class BatchEngine:
             pending += vol.remote.pending()
         return pending
 
+    def flush_fetches(self) -> None:
+        """Wait until the remote chunks fetched so far are in their ``cache_dir``."""
+        for v in self.volumes:
+            if v.remote is not None:
+                v.remote.flush()
+
     def pending_fetches(self) -> int:
         """Fetches started by :meth:`prefetch` and still under way."""
         return sum(v.remote.pending() for v in self.volumes if v.remote is not None)

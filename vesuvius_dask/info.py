@@ -150,6 +150,8 @@ def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]], remo
             read_stored(arr, region, label, remote)
         except Exception as err:  # every failure is reported, not only decode errors
             bad.append(str(err))
+    if remote is not None:
+        remote.flush()  # what this task fetched is in cache_dir when it is done
     return bad
 
 

@@ -143,20 +143,24 @@ class BatchReader:
                    if v.remote is not None)
         window: deque = deque()
         more = True
-        while True:
-            pending = max(e.pending_fetches() for e in engines)
-            while more and (not window or (len(window) < REMOTE_AHEAD and pending < 4 * want)):
-                nxt = next(batches, None)
-                if nxt is None:
-                    more = False
-                    break
-                window.append(nxt)
-                for eng, v, st, _ in self._requests(*nxt):
-                    if eng.remote:
-                        pending = max(pending, eng.prefetch(v, st))
-            if not window:
-                return
-            yield window.popleft()
+        try:
+            while True:
+                pending = max(e.pending_fetches() for e in engines)
+                while more and (not window or (len(window) < REMOTE_AHEAD and pending < 4 * want)):
+                    nxt = next(batches, None)
+                    if nxt is None:
+                        more = False
+                        break
+                    window.append(nxt)
+                    for eng, v, st, _ in self._requests(*nxt):
+                        if eng.remote:
+                            pending = max(pending, eng.prefetch(v, st))
+                if not window:
+                    return
+                yield window.popleft()
+        finally:  # an epoch (or a loop stopped early) ends with what it fetched in cache_dir
+            for e in engines:
+                e.flush_fetches()
 
     def read(self, vols: np.ndarray, starts: np.ndarray) -> Batch:
         """Read one batch in this process."""

@@ -43,6 +43,9 @@ from .errors import ChunkFetchError, VolumeError
 
 __all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES"]
 
+#: What a started fetch gives when another process is fetching the chunk (``get`` waits for it).
+_ELSEWHERE = object()
+
 #: Decoded bytes of the chunks that read-ahead may hold fetched and not yet used.
 AHEAD_BYTES = 256 * 2**20
 
@@ -126,6 +129,8 @@ class _Local:
     fs: Any
     loop: Any
     connections: Any = None  # _Connections, for HTTP
+    cache_io: Any = None  # a thread pool for the disk cache's files (made on first use)
+    writes: set = field(default_factory=set)  # cache writes under way (see flush)
     lock: threading.Lock = field(default_factory=threading.Lock)
     semaphore: Any = None
     started: dict = field(default_factory=dict)
@@ -296,17 +301,97 @@ class RemoteChunks:
             local.failure = (time.monotonic(), error)
             raise error from last
 
-    async def _prefetched(self, key: str, index: Any, claim_fd: int | None) -> bytes | None:
+    async def _prefetched(self, key: str, index: Any) -> Any:
+        """A started fetch: from the disk cache, else from the server (and then into the cache).
+
+        The cache look-up and the claim run on the loop's executor, off the thread
+        that plans batches. A chunk another process is fetching is left to it
+        (:data:`_ELSEWHERE`: :meth:`get` then waits for that process).
+        """
+        if self.cache is None:
+            return await self._fetch(key, index)
+        loop = asyncio.get_running_loop()
+        io = self._cache_io()
+        found, claim_fd = await loop.run_in_executor(io, self._cached_or_claim, key)
+        if claim_fd is None:
+            return found
         try:
             data = await self._fetch(key, index)
-            if self.cache is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.cache.put, key, data)
-            return data
-        finally:
-            if claim_fd is not None:
-                from .cachefiles import release
+        except BaseException:
+            from .cachefiles import release
 
+            release(claim_fd)
+            raise
+        self._write_behind(key, data, claim_fd)
+        return data
+
+    def _write_behind(self, key: str, data: bytes | None, claim_fd: int) -> None:
+        """Write a fetched chunk to the cache while its bytes go on to the reader.
+
+        The claim is given back once the file is in place, so another process
+        waiting for the chunk reads it from the cache; :meth:`flush` waits for it.
+        """
+        from .cachefiles import release
+
+        local = self._here()
+
+        def write() -> None:
+            try:
+                self.cache.put(key, data)
+            finally:
                 release(claim_fd)
+
+        def done(fut: Any) -> None:
+            with local.lock:
+                local.writes.discard(fut)
+
+        fut = self._cache_io().submit(write)
+        with local.lock:
+            local.writes.add(fut)
+        fut.add_done_callback(done)
+
+    def flush(self) -> None:
+        """Wait until the chunks fetched so far in this process are in the disk cache."""
+        from concurrent.futures import wait
+
+        local = self._local
+        if local is None or local.pid != os.getpid():
+            return
+        with local.lock:
+            pending = list(local.writes)
+        wait(pending)
+
+    def _cache_io(self) -> Any:
+        """Threads of the current process for cache files, one per request in flight.
+
+        So a look-up far ahead never holds up the write that completes a fetch
+        wanted now (asyncio's default executor has a handful of threads, first come
+        first served).
+        """
+        local = self._here()
+        if local.cache_io is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            local.cache_io = ThreadPoolExecutor(self.settings.concurrency,
+                                                thread_name_prefix="vesuvius-dask-cache")
+        return local.cache_io
+
+    def _cached_or_claim(self, key: str) -> tuple[Any, int | None]:
+        """``(bytes, None)`` on a cache hit, ``(None, claim)`` to fetch, ``(_ELSEWHERE, None)``."""
+        from .cachefiles import release
+        from .disk_cache import MISSING
+
+        hit = self.cache.get(key)
+        if hit is None:
+            fd = self.cache.try_claim(key)
+            if fd is None:
+                return _ELSEWHERE, None
+            hit = self.cache.get(key)  # the holder before us may have put it
+            if hit is None:
+                return None, fd
+            release(fd)
+        self.stats.cache_hits += 1
+        return (None if hit == MISSING else hit), None
 
     def _fetch_now(self, key: str, index: Any) -> bytes | None:
         local = self._here()
@@ -324,7 +409,9 @@ class RemoteChunks:
         with local.lock:
             started: Future | None = local.started.pop(key, None)
         if started is not None:
-            return started.result()
+            data = started.result()
+            if data is not _ELSEWHERE:
+                return data
         if self.cache is None:
             return self._fetch_now(key, index)
         data, fetched = self.cache.get_or_fetch(key, lambda: self._fetch_now(key, index))
@@ -333,7 +420,9 @@ class RemoteChunks:
         return data
 
     def prefetch(self, keys: list[tuple[str, Any]], limit: int | None = None) -> int:
-        """Start fetching chunks (``(key, index)`` pairs) neither cached nor on their way.
+        """Start getting chunks (``(key, index)`` pairs) not already on their way.
+
+        From the disk cache when it has them, else from the server.
 
         Returns how many are under way (:meth:`pending`).
 
@@ -349,20 +438,8 @@ class RemoteChunks:
                     break
                 if key in local.started:
                     continue
-            fd = None
-            if self.cache is not None:
-                if self.cache.has(key):
-                    continue
-                fd = self.cache.try_claim(key)
-                if fd is None or self.cache.has(key):
-                    if fd is not None:
-                        from .cachefiles import release
-
-                        release(fd)
-                    continue
-            fut = asyncio.run_coroutine_threadsafe(self._prefetched(key, index, fd), local.loop)
-            with local.lock:
-                local.started[key] = fut
+                local.started[key] = asyncio.run_coroutine_threadsafe(self._prefetched(key, index),
+                                                                      local.loop)
         return self.pending()
 
     def pending(self) -> int:

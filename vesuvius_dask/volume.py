@@ -396,7 +396,19 @@ class _NamedRead:
         self.label, self.remote = label, remote
 
     def __call__(self, a: Any, b: Any, asarray: bool = True, lock: Any = None) -> np.ndarray:
-        return read_stored(a, b, self.label, self.remote)
+        return _read_settled(a, b, self.label, self.remote)
+
+
+def _read_settled(arr: Any, region: tuple[slice, ...], label: str, remote: Any) -> np.ndarray:
+    """:func:`read_stored`, then wait until what was fetched is in ``cache_dir``.
+
+    For dask tasks: once a compute returns, its chunks are cached (another process
+    started then finds them). The stream waits once per epoch instead.
+    """
+    out = read_stored(arr, region, label, remote)
+    if remote is not None:
+        remote.flush()
+    return out
 
 
 #: Stored chunks per dask chunk along y and x for remote Zarr arrays (see :func:`wrap_zarr`).
@@ -446,7 +458,7 @@ def _read_region(arr: Any, label: str, remote: Any, origin: tuple[int, ...], dty
                  block_info: Any = None) -> np.ndarray:
     loc = block_info[None]["array-location"]
     region = tuple(slice(o + a, o + b) for o, (a, b) in zip(origin, loc))
-    return read_stored(arr, region, label, remote).astype(dtype, copy=False)
+    return _read_settled(arr, region, label, remote).astype(dtype, copy=False)
 
 
 def zarr_region(arr: Any, roi: tuple[slice, ...], label: str, remote: Any = None) -> da.Array:
