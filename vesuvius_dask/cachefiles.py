@@ -19,9 +19,9 @@ Both chunk caches that several processes share — decoded chunks in ``/dev/shm`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -31,13 +31,16 @@ __all__ = ["write_atomic", "claim", "claim_key", "release", "evict", "TMP_SUFFIX
 TMP_SUFFIX = ".tmp"
 CLAIM_SUFFIX = ".claim"
 
+#: Unique within a process (with the pid: across processes); ``next`` is atomic in CPython.
+_TMP_IDS = itertools.count()
+
 #: A temporary file older than this (seconds) belongs to a dead writer.
 _STALE_TMP = 3600.0
 
 
 def write_atomic(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write ``target`` through ``write(file)`` under a temporary name, then rename it into place."""
-    tmp = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}-{next(_TMP_IDS)}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -46,6 +46,9 @@ __all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES"]
 #: What a started fetch gives when another process is fetching the chunk (``get`` waits for it).
 _ELSEWHERE = object()
 
+#: Threads per process that read and write ``cache_dir`` files (writes are behind the reader).
+CACHE_THREADS = 4
+
 #: Decoded bytes of the chunks that read-ahead may hold fetched and not yet used.
 AHEAD_BYTES = 256 * 2**20
 
@@ -304,22 +307,24 @@ class RemoteChunks:
     async def _prefetched(self, key: str, index: Any) -> Any:
         """A started fetch: from the disk cache, else from the server (and then into the cache).
 
-        The cache look-up and the claim run on the loop's executor, off the thread
-        that plans batches. A chunk another process is fetching is left to it
+        The claim and the look-up are a few cheap system calls, made on the event
+        loop; a hit's file is read, and a fetched chunk written, by the cache's
+        threads. A chunk another process is fetching is left to it
         (:data:`_ELSEWHERE`: :meth:`get` then waits for that process).
         """
         if self.cache is None:
             return await self._fetch(key, index)
-        loop = asyncio.get_running_loop()
-        io = self._cache_io()
-        found, claim_fd = await loop.run_in_executor(io, self._cached_or_claim, key)
+        from .cachefiles import release
+
+        claim_fd = self.cache.try_claim(key)
         if claim_fd is None:
-            return found
+            return _ELSEWHERE
+        if self.cache.has(key):
+            release(claim_fd)
+            return await asyncio.get_running_loop().run_in_executor(self._cache_io(), self._cached, key)
         try:
             data = await self._fetch(key, index)
         except BaseException:
-            from .cachefiles import release
-
             release(claim_fd)
             raise
         self._write_behind(key, data, claim_fd)
@@ -362,36 +367,23 @@ class RemoteChunks:
         wait(pending)
 
     def _cache_io(self) -> Any:
-        """Threads of the current process for cache files, one per request in flight.
-
-        So a look-up far ahead never holds up the write that completes a fetch
-        wanted now (asyncio's default executor has a handful of threads, first come
-        first served).
-        """
+        """Threads of the current process that read hits and write fetched chunks to the cache."""
         local = self._here()
         if local.cache_io is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            local.cache_io = ThreadPoolExecutor(self.settings.concurrency,
-                                                thread_name_prefix="vesuvius-dask-cache")
+            local.cache_io = ThreadPoolExecutor(CACHE_THREADS, thread_name_prefix="vesuvius-dask-cache")
         return local.cache_io
 
-    def _cached_or_claim(self, key: str) -> tuple[Any, int | None]:
-        """``(bytes, None)`` on a cache hit, ``(None, claim)`` to fetch, ``(_ELSEWHERE, None)``."""
-        from .cachefiles import release
+    def _cached(self, key: str) -> Any:
+        """A cached chunk's bytes (None: absent on the server), or :data:`_ELSEWHERE` if unreadable."""
         from .disk_cache import MISSING
 
         hit = self.cache.get(key)
-        if hit is None:
-            fd = self.cache.try_claim(key)
-            if fd is None:
-                return _ELSEWHERE, None
-            hit = self.cache.get(key)  # the holder before us may have put it
-            if hit is None:
-                return None, fd
-            release(fd)
+        if hit is None:  # it failed its check and was removed: get() fetches it
+            return _ELSEWHERE
         self.stats.cache_hits += 1
-        return (None if hit == MISSING else hit), None
+        return None if hit == MISSING else hit
 
     def _fetch_now(self, key: str, index: Any) -> bytes | None:
         local = self._here()
