@@ -316,12 +316,17 @@ class RemoteChunks:
             return await self._fetch(key, index)
         from .cachefiles import release
 
+        loop = asyncio.get_running_loop()
+        if self.cache.has(key):  # a hit needs no claim: files appear whole
+            found = await loop.run_in_executor(self._cache_io(), self._cached, key)
+            if found is not _ELSEWHERE:
+                return found
         claim_fd = self.cache.try_claim(key)
         if claim_fd is None:
             return _ELSEWHERE
-        if self.cache.has(key):
+        if self.cache.has(key):  # put by the holder before us
             release(claim_fd)
-            return await asyncio.get_running_loop().run_in_executor(self._cache_io(), self._cached, key)
+            return await loop.run_in_executor(self._cache_io(), self._cached, key)
         try:
             data = await self._fetch(key, index)
         except BaseException:
@@ -425,6 +430,8 @@ class RemoteChunks:
         local = self._here()
         limit = self.ahead_limit() if limit is None else limit
         for key, index in keys:
+            if self.cache is not None and self.cache.has(key):
+                continue  # a hit: the reading thread takes it from the file (get)
             with local.lock:
                 if len(local.started) >= limit:
                     break
