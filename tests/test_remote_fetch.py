@@ -465,3 +465,21 @@ def test_a_cache_that_cannot_be_written_warns_once_and_reads_go_on(server, serve
     with pytest.warns(RuntimeWarning, match="cannot write") as record:
         np.testing.assert_array_equal(vol[8:12].compute(), served[1][8:12])
     assert len([w for w in record if "cannot write" in str(w.message)]) == 1
+
+
+def test_volumes_on_one_server_share_its_session_and_threads(server, served):
+    # a notebook that opens the same URL again and again holds one HTTP session,
+    # not one per open (each with its keep-alive sockets and threads)
+    import threading
+
+    from vesuvius_dask.volumes import resolve_volume
+
+    def read_once():
+        vol = resolve_volume(server.url("v3.zarr"))
+        np.testing.assert_array_equal(vol.array[0:4, 0:32, 0:32].compute(), served[1][0:4, 0:32, 0:32])
+        return vol.remote._here().fs
+
+    first = read_once()
+    threads = threading.active_count()
+    assert all(read_once() is first for _ in range(20))
+    assert threading.active_count() <= threads + 2

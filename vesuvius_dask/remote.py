@@ -132,7 +132,6 @@ class _Local:
     fs: Any
     loop: Any
     connections: Any = None  # _Connections, for HTTP
-    cache_io: Any = None  # a thread pool for the disk cache's files (made on first use)
     writes: set = field(default_factory=set)  # cache writes under way (see flush)
     lock: threading.Lock = field(default_factory=threading.Lock)
     semaphore: Any = None
@@ -199,27 +198,10 @@ class RemoteChunks:
     def _here(self) -> _Local:
         local = self._local
         if local is None or local.pid != os.getpid():
-            # fsspec's instances, loop and HTTP sessions do not survive fork: make ours
-            import fsspec
-
-            opts = dict(self.storage_options)
-            if self.protocol in ("http", "https"):
-                import aiohttp
-
-                client = dict(opts.get("client_kwargs") or {})
-                client.setdefault("timeout", aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.settings.timeout, sock_read=self.settings.timeout))
-                connections = _Connections(self.settings.connect_interval)
-                hooks = aiohttp.TraceConfig()
-                hooks.on_connection_create_start.append(connections.start)
-                hooks.on_connection_create_end.append(connections.end)
-                client["trace_configs"] = [*client.get("trace_configs", []), hooks]
-                opts["client_kwargs"] = client
-            fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **opts)
-            loop = fs.loop if getattr(fs, "async_impl", False) else _thread_loop()
-            local = self._local = _Local(os.getpid(), fs, loop)
-            if self.protocol in ("http", "https"):
-                local.connections = connections
+            # fsspec's instances, loop and HTTP sessions do not survive fork: this
+            # process's own, shared by every volume with the same options
+            fs, loop, connections = _filesystem(self.protocol, self.storage_options, self.settings)
+            local = self._local = _Local(os.getpid(), fs, loop, connections)
             self.stats = RemoteStats()
         return local
 
@@ -372,13 +354,8 @@ class RemoteChunks:
         wait(pending)
 
     def _cache_io(self) -> Any:
-        """Threads of the current process that read hits and write fetched chunks to the cache."""
-        local = self._here()
-        if local.cache_io is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            local.cache_io = ThreadPoolExecutor(CACHE_THREADS, thread_name_prefix="vesuvius-dask-cache")
-        return local.cache_io
+        """The threads of this process that read hits and write fetched chunks to the cache."""
+        return _process_pool("cache", CACHE_THREADS)
 
     def _cached(self, key: str) -> Any:
         """A cached chunk's bytes (None: absent on the server), or :data:`_ELSEWHERE` if unreadable."""
@@ -500,6 +477,79 @@ def _reason(err: BaseException, timeout: float) -> str:
     if status is not None:
         return f"HTTP {status} {getattr(err, 'message', '')}".rstrip()
     return f"{type(err).__name__}: {err}"
+
+
+#: This process's filesystems and pools (``{"pid": ..., key: ...}``), made on first use.
+_PROCESS: dict = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:
+    """A forked child makes its own filesystems and pools (a parent thread may hold the lock)."""
+    global _PROCESS_LOCK
+    _PROCESS_LOCK = threading.Lock()
+    _PROCESS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _process_state() -> dict:
+    if _PROCESS.get("pid") != os.getpid():
+        _PROCESS.clear()
+        _PROCESS["pid"] = os.getpid()
+    return _PROCESS
+
+
+def _filesystem(protocol: str, storage_options: dict, settings: RemoteSettings) -> tuple[Any, Any, Any]:
+    """``(filesystem, event loop, _Connections or None)``, one per process and options.
+
+    Volumes on the same server share its HTTP session (and so its keep-alive
+    connections and the pacing of new ones), however many are opened.
+    """
+    import json
+
+    key = ("fs", protocol, json.dumps(storage_options, sort_keys=True, default=repr),
+           settings.timeout, settings.connect_interval)
+    with _PROCESS_LOCK:
+        state = _process_state()
+        if key not in state:
+            state[key] = _make_filesystem(protocol, storage_options, settings)
+        return state[key]
+
+
+def _make_filesystem(protocol: str, storage_options: dict, settings: RemoteSettings
+                     ) -> tuple[Any, Any, Any]:
+    import fsspec
+
+    opts = dict(storage_options)
+    connections = None
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(opts.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.timeout, sock_read=settings.timeout))
+        connections = _Connections(settings.connect_interval)
+        hooks = aiohttp.TraceConfig()
+        hooks.on_connection_create_start.append(connections.start)
+        hooks.on_connection_create_end.append(connections.end)
+        client["trace_configs"] = [*client.get("trace_configs", []), hooks]
+        opts["client_kwargs"] = client
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
+    loop = fs.loop if getattr(fs, "async_impl", False) else _thread_loop()
+    return fs, loop, connections
+
+
+def _process_pool(name: str, threads: int) -> Any:
+    """A thread pool of this process, made on first use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _PROCESS_LOCK:
+        state = _process_state()
+        if ("pool", name) not in state:
+            state[("pool", name)] = ThreadPoolExecutor(threads, thread_name_prefix=f"vesuvius-dask-{name}")
+        return state[("pool", name)]
 
 
 _THREAD_LOOP: list = [None, None]  # [pid, loop]
