@@ -59,15 +59,7 @@ def claim(entry: Path, *, wait: bool = True) -> int | None:
     import fcntl
 
     fd = os.open(str(entry) + CLAIM_SUFFIX, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _locked(fd, lambda: fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB))
 
 
 def claim_key(table: Path, key: str, entry: Path, *, wait: bool = True) -> int | None:
@@ -87,9 +79,14 @@ def claim_key(table: Path, key: str, entry: Path, *, wait: bool = True) -> int |
         return claim(entry, wait=wait)
     fd = os.open(table, os.O_CREAT | os.O_RDWR, 0o600)
     lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, zlib.crc32(key.encode()), 1, 0)
+    return _locked(fd, lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock))
+
+
+def _locked(fd: int, lock: Callable[[], Any]) -> int | None:
+    """``fd`` once ``lock()`` succeeded; None (``fd`` closed) if another holder has the lock."""
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock)
-    except (BlockingIOError, PermissionError):  # held elsewhere (EAGAIN or EACCES)
+        lock()
+    except (BlockingIOError, PermissionError):  # held elsewhere (EAGAIN, or EACCES for fcntl)
         os.close(fd)
         return None
     except BaseException:
