@@ -378,7 +378,7 @@ def convert_zarr(
     import json
 
     from .paths import is_url
-    from .volume import zarr_region
+    from .volume import REMOTE_GROUP, zarr_region
     from .volumes import resolve_volume
 
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
@@ -391,7 +391,7 @@ def convert_zarr(
     out_shape = tuple(s.stop - s.start for s in roi)
     threads = None
     if vol.remote is not None:  # tasks fetch their chunks concurrently: keep two groups in flight
-        threads = max(os.cpu_count() or 1, 2 * -(-vol.remote.settings.concurrency // 16))
+        threads = max(os.cpu_count() or 1, 2 * -(-vol.remote.settings.concurrency // REMOTE_GROUP ** 2))
     options = _Options(*_fitted(chunks, shards, out_shape), compressor, zarr_format, bool(ome), client,
                        quiet, threads)
     local = isinstance(src, (str, os.PathLike)) and not is_url(src_text)
