@@ -47,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "codec. Coordinates are source voxels, "
                     "end-exclusive. The output is built in .DST.partial/ beside it and appears "
                     "only once complete; it may never be, contain or lie inside the input. "
-                    "Ctrl-C or SIGTERM stop cleanly and leave nothing; a run killed outright "
-                    "continues with --resume.")
+                    "Ctrl-C or SIGTERM stop cleanly, keeping only finished output chunks "
+                    "(then --resume continues); a run killed outright continues with --resume. "
+                    "--overwrite replaces only an output vesuvius-dask wrote.")
     p.add_argument("src", help="folder of TIFF layers, segment folder, glob ('layers/*.tif'), "
                                "multi-page TIFF, or a Zarr / OME-Zarr path or URL")
     p.add_argument("dst", help="output .zarr path")

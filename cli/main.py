@@ -218,8 +218,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         with interruptible():  # SIGTERM too ends in one line (exit 143), after cleanup
             return int(args.func(args) or 0)
-    except Interrupted as err:
-        print(f"{where}: {err}; stopped cleanly", file=sys.stderr)
+    except Interrupted as err:  # a job that kept its finished part says where and how to resume
+        print(f"{where}: {err.cli_message()}{'' if err.kept else '; stopped cleanly'}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)

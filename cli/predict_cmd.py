@@ -32,8 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "The model gets (B, 1, z, y, x) float32 blocks, integer volumes scaled to "
                     "[0, 1]; it returns (B, y, x) for a 2-D map or (B, z, y, x) for a volume. "
                     "The output appears only once complete and may never be, contain or lie "
-                    "inside an input; a killed run continues from its last checkpoint with --resume.")
-    p.add_argument("model", help="TorchScript model file (torch.jit.save) or torch.export .pt2")
+                    "inside an input; a killed run continues from its last checkpoint with --resume "
+                    "(Ctrl-C or SIGTERM after a checkpoint keep it too). A model file is code: "
+                    "loading it runs whatever it holds, so use only model files you trust.")
+    p.add_argument("model", help="TorchScript model file (torch.jit.save) or torch.export .pt2; "
+                                 "it is code: use only files you trust (a torch.save .pth "
+                                 "checkpoint must be exported first)")
     p.add_argument("source", help="segment folder, Zarr volume, OME-Zarr group or TIFF stack")
     p.add_argument("out", help="output .zarr path")
     p.add_argument("--block", type=positive_triple, default=None,

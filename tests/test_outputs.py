@@ -1,4 +1,4 @@
-"""Inputs are sacred, interrupted jobs leave nothing, killed jobs resume, bad bytes are named."""
+"""Inputs are sacred, interrupts keep only checkpointed work, killed jobs resume, bad bytes are named."""
 
 import hashlib
 import json
@@ -151,7 +151,7 @@ def _chunks_written(partial: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("moment", [0, 40, 120])
-def test_signal_leaves_the_old_output_and_nothing_else(tmp_path, sig, code, moment):
+def test_signal_leaves_the_old_output_and_only_checkpointed_work(tmp_path, sig, code, moment):
     if not BIN.exists():
         pytest.skip("console script not installed")
     _big_stack(tmp_path / "tifs")
@@ -171,7 +171,11 @@ def test_signal_leaves_the_old_output_and_nothing_else(tmp_path, sig, code, mome
     assert proc.returncode == code, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert digest(tmp_path / "out.zarr") == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "tifs"]
+    if "kept" in err:  # it had checkpointed: the finished part stays, and the line says how to resume
+        assert "--resume" in err and (partial / "done.log").stat().st_size > 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.zarr.partial", "out.zarr", "tifs"]
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "tifs"]
 
 
 # ----------------------------------------------------------------------------- resume

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (
+    CacheDirError,
     ChunkFetchError,
     ConversionError,
     CorruptChunkError,
     Interrupted,
     InvalidTypeError,
     MissingExtraError,
+    ModelError,
     OutputError,
     OutputExistsError,
     ResumeError,
@@ -52,6 +54,8 @@ __all__ = [
     "ConversionError",
     "CorruptChunkError",
     "ChunkFetchError",
+    "CacheDirError",
+    "ModelError",
     "OutputError",
     "OutputExistsError",
     "ResumeError",

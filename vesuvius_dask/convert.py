@@ -282,8 +282,8 @@ def convert_tiffs(
     ResumeError
         ``resume=True`` but the interrupted run had other inputs or options.
     Interrupted
-        SIGINT or SIGTERM: writer threads are stopped and the partial output removed
-        (kept when this run was itself resuming one).
+        SIGINT or SIGTERM: writer threads are stopped; the partial output is removed,
+        or kept (and the message says how to resume it) once a chunk was recorded.
     """
     client = client if client is not None else scheduler
     src_text = os.fspath(src)
@@ -337,7 +337,7 @@ def convert_zarr(
     region's stored chunks are fetched with many requests in flight (see
     :func:`~vesuvius_dask.open_volume`), re-chunked and re-encoded as asked, and
     written with the same guarantees as :func:`convert_tiffs` (built in
-    ``.NAME.partial/``, Ctrl-C leaves nothing, ``resume`` continues a killed run).
+    ``.NAME.partial/``, Ctrl-C keeps only recorded chunks, ``resume`` continues a killed run).
 
     Parameters
     ----------
@@ -377,6 +377,7 @@ def convert_zarr(
     import hashlib
     import json
 
+    from .outputs import source_stamp
     from .paths import is_url
     from .volume import REMOTE_GROUP, zarr_region
     from .volumes import resolve_volume
@@ -397,7 +398,10 @@ def convert_zarr(
     local = isinstance(src, (str, os.PathLike)) and not is_url(src_text)
     meta = json.dumps(arr.metadata.to_dict(), sort_keys=True, default=str)
     identity = {"source": os.path.realpath(src_text) if local else src_text, "level": level,
-                "metadata": hashlib.sha256(meta.encode()).hexdigest(), **options.identity(roi, arr.dtype)}
+                "metadata": hashlib.sha256(meta.encode()).hexdigest(),
+                # a local source's chunk files (sizes, times): a resume refuses a changed source
+                "source_stamp": source_stamp(src_text) if local else None,
+                **options.identity(roi, arr.dtype)}
     inputs = ([src_text] if local else []) + ([os.fspath(cache_dir)] if cache_dir is not None else [])
     provenance = {
         "source": os.path.abspath(src_text) if local else src_text, "level": level,
@@ -461,8 +465,8 @@ def _write_volume(source: Callable[[tuple[int, ...]], Any], out_shape: tuple[int
                     arr.attrs["vesuvius_dask"] = provenance
                 _store(stack, arr, job, 0, opts, what)
             job.publish()
-        except BaseException:
-            job.abandon()
+        except BaseException as err:
+            job.stopped(err)  # finished work is kept (and the message says how to resume)
             raise
     return open_volume(dst)
 

@@ -20,11 +20,26 @@ __all__ = [
     "OutputExistsError",
     "ResumeError",
     "MissingExtraError",
+    "CacheDirError",
+    "ModelError",
     "Interrupted",
 ]
 
 
-class VesuviusDaskError(Exception):
+class _InFlagNames:
+    """Messages speak Python's names (``overwrite=True``); ``cli`` maps them to the CLI's flags."""
+
+    cli: dict[str, str]
+
+    def cli_message(self) -> str:
+        """The message with Python's option names replaced by the CLI's flags."""
+        text = str(self)
+        for python, flag in self.cli.items():
+            text = text.replace(python, flag)
+        return text
+
+
+class VesuviusDaskError(_InFlagNames, Exception):
     """Base class of every error raised by vesuvius-dask.
 
     Messages speak Python's names (``overwrite=True``). ``cli`` maps those words to
@@ -35,13 +50,6 @@ class VesuviusDaskError(Exception):
     def __init__(self, *args: object, cli: dict[str, str] | None = None) -> None:
         super().__init__(*args)
         self.cli = dict(cli or {})
-
-    def cli_message(self) -> str:
-        """The message with Python's option names replaced by the CLI's flags."""
-        text = str(self)
-        for python, flag in self.cli.items():
-            text = text.replace(python, flag)
-        return text
 
 
 class VolumeError(VesuviusDaskError, ValueError):
@@ -84,16 +92,26 @@ class ResumeError(VesuviusDaskError, ValueError):
     """An interrupted run cannot be resumed: its inputs or options differ from this run's."""
 
 
+class CacheDirError(VesuviusDaskError, ValueError):
+    """A ``cache_dir`` cannot be used: it holds files that are not a vesuvius-dask cache, or is unsafe."""
+
+
+class ModelError(VesuviusDaskError, ValueError):
+    """A model file cannot be used by ``predict`` (missing, a ``torch.save`` checkpoint, unloadable)."""
+
+
 class MissingExtraError(VesuviusDaskError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
-class Interrupted(KeyboardInterrupt):
+class Interrupted(_InFlagNames, KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a writer; ``signum`` says which (exit status 128 + signum)."""
 
     def __init__(self, signum: int, message: str = "") -> None:
         super().__init__(message or f"interrupted by signal {signum}")
         self.signum = int(signum)
+        self.cli = {}
+        self.kept = False  # whether the job kept its finished part (the message says where)
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.signum, str(self)))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SamplingError, VesuviusDaskError
+from .errors import ModelError, SamplingError, VesuviusDaskError
 from .lru import LRU
 
 __all__ = ["PredictionWriter", "predict", "BLENDS"]
@@ -301,24 +301,36 @@ class PredictionWriter:
                 from PIL import Image
 
                 img = np.clip(np.asarray(out[...]), 0, 1) * 255
+                from PIL.PngImagePlugin import PngInfo
+
+                from .outputs import PNG_SOFTWARE
+
+                info = PngInfo()  # how a later overwrite=True recognises the PNG as ours
+                info.add_text("Software", f"{PNG_SOFTWARE} predict")
                 tmp_png = self.job.partial / "preview.png"
-                Image.fromarray(np.round(img).astype(np.uint8)).save(tmp_png, format="PNG")
+                Image.fromarray(np.round(img).astype(np.uint8)).save(tmp_png, format="PNG", pnginfo=info)
             self.job.publish(extra=[(self.job.partial / "preview.png", Path(png))]
                              if png is not None else [])
         return da.from_zarr(zarr.open(self.path, mode="r"))
 
-    def abort(self, keep: bool | None = None) -> None:
-        """Drop everything accumulated (no output is written).
+    def abort(self, keep: bool | None = None, error: BaseException | None = None) -> None:
+        """Drop everything accumulated since the last checkpoint (no output is written).
 
         Parameters
         ----------
         keep : bool, optional
-            Keep the last checkpoint for a later ``resume=True`` (default: only when
-            this writer resumed one).
+            Keep the last checkpoint for a later ``resume=True`` (default: when there
+            is one, or this writer resumed one: finished work is never thrown away).
+        error : BaseException, optional
+            What stopped the job: when the checkpoint is kept, its message says so
+            (see :meth:`~vesuvius_dask.outputs.OutputJob.stopped`).
         """
         with self._lock:
             self._buffers.clear()
-            self.job.abandon(keep)
+            if error is not None and keep is None:
+                self.job.stopped(error)
+            else:
+                self.job.abandon(keep)
 
     def __repr__(self) -> str:
         return (f"PredictionWriter({str(self.path)!r}, shape={self.shape}, block={self.block}, "
@@ -352,20 +364,89 @@ def _model_identity(model: Any) -> str:
     return f"{getattr(model, '__module__', '')}.{getattr(model, '__qualname__', type(model).__qualname__)}"
 
 
+#: How to turn a ``torch.save`` checkpoint into a file ``predict`` can load.
+EXPORT_HINT = ("export the model first: model.load_state_dict(torch.load(FILE)); "
+               "torch.jit.script(model).save('model.pt') (see examples/export_model.py)")
+
+
+def _saved_weights(path: str) -> bool:
+    """Whether ``path`` is a ``torch.save`` pickle (a state_dict or a module), not TorchScript/export.
+
+    Both are zip archives; TorchScript's holds ``constants.pkl`` and ``code/``, an
+    export archive ``models/``; a ``torch.save`` one only ``data.pkl`` and tensors.
+    Old-style ``torch.save`` files are plain pickles.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.split("/", 1)[-1] for n in z.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        with open(path, "rb") as f:
+            return f.read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    return "data.pkl" in names and "constants.pkl" not in names and not any(
+        n.startswith(("code/", "models/")) for n in names)
+
+
+def _in_predict_words(err: Exception) -> Exception:
+    """A stream error about predict's one source and mask, in predict's words (``mask``, not ``masks[0]``)."""
+    import re
+
+    if len(err.args) == 1 and isinstance(err.args[0], str):
+        text = re.sub(r"\bfiles\[0\] \((.*?)\)", r"\1", err.args[0])
+        err.args = (text.replace("masks[0]", "mask"),)
+    if hasattr(err, "cli"):
+        err.cli.update({"overlap along": "--overlap along", "mask:": "--mask:"})
+    return err
+
+
+def _source_name(source: Any) -> str:
+    """How a job's identity names its source: the URL, the resolved path, or the object's kind."""
+    from .paths import is_url
+
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source) if is_url(source) else os.path.realpath(source)
+    path = getattr(source, "path", None)
+    return os.path.realpath(path) if isinstance(path, (str, os.PathLike)) else type(source).__name__
+
+
+def _content(source: Any) -> str | None:
+    """What changes when the source's voxels change: its files' stamps, or a token of an array.
+
+    Local paths: :func:`~vesuvius_dask.outputs.source_stamp` (every file's size and
+    modification time). Arrays in memory: dask's ``tokenize`` (a hash of the data
+    for numpy, the graph's name for dask). URLs: None (the metadata is what a
+    server says; see the README's notes on resuming from URLs).
+    """
+    from .outputs import source_stamp
+
+    path = source if isinstance(source, (str, os.PathLike)) else getattr(source, "path", None)
+    if isinstance(path, (str, os.PathLike)):
+        return source_stamp(path)
+    from dask.base import tokenize
+
+    return tokenize(source)
+
+
 def _load_model(model: Any) -> Any:
     import torch
 
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isfile(path):
-            raise VesuviusDaskError(f"{path}: no such model file")
-        try:
+            raise ModelError(f"{path}: no such model file")
+        if _saved_weights(path):
+            raise ModelError(f"{path}: this is a torch.save checkpoint (weights or a pickled module), "
+                             f"not a TorchScript or torch.export file; {EXPORT_HINT}")
+        try:  # a model file is code: loading runs it (see the README)
             if path.endswith(".pt2"):  # torch.export archive
                 model = torch.export.load(path).module()
             else:
                 model = torch.jit.load(path, map_location="cpu")
         except Exception as err:
-            raise VesuviusDaskError(f"{path}: cannot load the model ({err})") from err
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"{path}: cannot load the model as TorchScript or torch.export "
+                             f"({first})") from err
     if hasattr(model, "eval"):
         model.eval()
     return model
@@ -405,10 +486,11 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     ----------
     model : torch.nn.Module, callable or path
         A TorchScript file (``torch.jit.save``) or a ``torch.export`` archive
-        (``.pt2``), or a callable mapping a ``(B, 1, z, y, x)`` float32
-        batch to ``(B, y, x)`` / ``(B, 1, y, x)`` (2-D output) or ``(B, z, y, x)`` /
-        ``(B, 1, z, y, x)`` (3-D output). Integer volumes are scaled to [0, 1] by their
-        dtype's maximum before the model sees them.
+        (``.pt2``) — a model file is code, so load only files you trust — or a
+        callable mapping a ``(B, 1, z, y, x)`` float32 batch to ``(B, y, x)`` /
+        ``(B, 1, y, x)`` (2-D output) or ``(B, z, y, x)`` / ``(B, 1, z, y, x)`` (3-D output).
+        Integer volumes are scaled to [0, 1] by their dtype's maximum before the model
+        sees them.
     source : Segment, path or array
         A segment (folder path or :class:`~vesuvius_dask.Segment`) or any volume.
     out : str or os.PathLike
@@ -450,37 +532,73 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     ------
     OutputError, OutputExistsError, ResumeError
         See :class:`~vesuvius_dask.outputs.OutputJob`.
+    ModelError
+        The model file is missing, is a ``torch.save`` checkpoint (export it first),
+        or cannot be loaded. A model file is code: loading it runs it.
     Interrupted
-        SIGINT or SIGTERM; nothing is left behind (unless this run was resuming).
+        SIGINT or SIGTERM: before the first checkpoint nothing is left behind; after
+        it the checkpoint is kept and the message says how to resume it.
     """
-    from .outputs import check_output, interruptible
-    from .paths import PathKind, is_url, path_kind
+    from .outputs import check_destination, check_job, interruptible
+    from .paths import PathKind, path_kind
     from .segment import open_segment
 
     if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
-        raise VesuviusDaskError(f"{os.fspath(model)}: no such model file")
+        raise ModelError(f"{os.fspath(model)}: no such model file")
     segment_mask = isinstance(mask, str) and mask == "segment"
     inputs = [p for p in (source, model, None if segment_mask else mask, cache_dir)
               if isinstance(p, (str, os.PathLike))]
-    check_output(out, inputs)
-    if png is not None:
-        check_output(png, inputs)
-    if isinstance(source, (str, os.PathLike)) and path_kind(source) == PathKind.SEGMENT:
-        source = open_segment(source)
     if getattr(source, "path", None) is not None:
         inputs.append(source.path)
-    identity = {"source": (os.fspath(source) if is_url(source) else os.path.realpath(source))
-                if isinstance(source, (str, os.PathLike)) else repr(source),
+    # every output path is checked before any work starts
+    check_job(out, inputs, overwrite=overwrite, resume=resume)
+    if png is not None:
+        check_destination(png, inputs + [out], overwrite=overwrite, what="png")
+    identity = {"source": _source_name(source), "source_stamp": _content(source),
                 "overlap": None if overlap is None else [int(o) for o in overlap],
                 "batch_size": int(batch_size),
                 "mask": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else repr(type(mask)),
+                "mask_stamp": _content(mask) if isinstance(mask, (str, os.PathLike)) and not segment_mask
+                else None,
                 "mask_coverage": float(mask_coverage),
                 "checkpoint_blocks": int(checkpoint_blocks),
                 "model": _model_identity(model)}
+    if isinstance(source, (str, os.PathLike)) and path_kind(source) == PathKind.SEGMENT:
+        source = open_segment(source)
     with interruptible():
         return _predict(_load_model(model), source, out, block, overlap, batch_size, _masks(mask, source),
                         mask_coverage, blend, png, overwrite, resume, num_workers, client, quiet,
                         checkpoint_blocks, inputs, identity, cache_dir)
+
+
+def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: Any,
+                 mask_coverage: float, client: Any, identity: dict, cache_dir: Any) -> tuple[Any, tuple]:
+    """The grid stream over predict's source, and the source's shape; errors in predict's words."""
+    import torch
+
+    from .stream import DaskVesuviusStream
+    from .volumes import resolve_volume
+
+    if isinstance(source, (str, os.PathLike)) and "://" in os.fspath(source):
+        source = resolve_volume(source, cache_dir=cache_dir)  # opened once, fetched concurrently
+    vshape = resolve_volume(source).shape
+    block = default_block(vshape, block)
+    for axis, b, n in zip("zyx", block, vshape):
+        if b > n:
+            raise SamplingError(
+                f"{_source_name(source)}: block={','.join(map(str, block))} is larger than the "
+                f"volume {tuple(vshape)} along {axis}; choose a block that fits")
+    if overlap is None:
+        overlap = (0, block[1] // 4, block[2] // 4)
+    identity["block"], identity["overlap"] = list(block), [int(o) for o in overlap]
+    try:
+        stream = DaskVesuviusStream(
+            [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
+            batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,
+            mask_coverage=mask_coverage, client=client)
+    except VesuviusDaskError as err:
+        raise _in_predict_words(err) from None
+    return stream, tuple(vshape)
 
 
 def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_size: int,
@@ -490,20 +608,8 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
     import torch
     from torch.utils.data import DataLoader
 
-    from .stream import DaskVesuviusStream
-    from .volumes import resolve_volume
-
-    if isinstance(source, (str, os.PathLike)) and "://" in os.fspath(source):
-        source = resolve_volume(source, cache_dir=cache_dir)  # opened once, fetched concurrently
-    vshape = resolve_volume(source).shape
-    block = default_block(vshape, block)
-    if overlap is None:
-        overlap = (0, block[1] // 4, block[2] // 4)
-    identity["block"], identity["overlap"] = list(block), [int(o) for o in overlap]
-    stream = DaskVesuviusStream(
-        [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
-        batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,
-        mask_coverage=mask_coverage, client=client)
+    stream, vshape = _grid_stream(source, block, overlap, batch_size, masks, mask_coverage, client,
+                                  identity, cache_dir)
     stream.set_epoch(0)  # a grid has one order: no epoch to advance, no warning in workers
     vol_dtype = stream.volumes[0].dtype
     scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0
@@ -525,9 +631,11 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
                     pred = model((blocks / scale).unsqueeze(1))
                     pred = pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
                     if writer is None:
-                        two_d = pred.ndim == 3
+                        if png is not None and pred.ndim != 3:
+                            raise SamplingError(f"png= needs a 2-D output; the model returns blocks "
+                                                f"of {tuple(pred.shape[1:])}")
                         writer = PredictionWriter(
-                            out, vshape[1:] if two_d else vshape, pred.shape[1:], blend=blend,
+                            out, vshape[1:] if pred.ndim == 3 else vshape, pred.shape[1:], blend=blend,
                             overwrite=overwrite, resume=resume, inputs=inputs, identity=identity)
                         if writer.progress:  # resumed: start after the last checkpoint
                             batch = stream.start_batch = int(writer.progress["batches"])
@@ -544,8 +652,8 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
         if writer is None:
             raise SamplingError("no block to predict (is the mask empty?)")
         return writer.finalize(png=png)
-    except BaseException:
+    except BaseException as err:
         bar.close()
         if writer is not None:
-            writer.abort()
+            writer.abort(error=err)
         raise
