@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .main import non_negative, positive, positive_triple
+from .options import add_cache_dir, non_negative, positive, positive_triple
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,9 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue a run that was killed (same input and options)")
     p.add_argument("--level", type=non_negative, default=None,
                    help="level of an OME-Zarr source (default 0)")
-    p.add_argument("--cache-dir", default=None,
-                   help="for a URL source: keep fetched chunks in this folder (a rerun or --resume "
-                        "fetches none again)")
+    add_cache_dir(p)
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

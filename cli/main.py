@@ -13,66 +13,13 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+from .options import Parser, add_cache_dir, non_negative, positive
 
 #: Python modules of the optional extras, and the extra that installs each.
 EXTRAS = {"torch": "torch", "napari": "viewer", "distributed": "distributed", "fsspec": "remote",
           "aiohttp": "remote", "qtpy": "viewer", "PyQt6": "viewer", "vispy": "viewer"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        hint = _old_flag_hint(message)
-        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
-
-
-#: Flags of the original converter and what replaced them.
-OLD_FLAGS = {"--z_chunksize": "--chunks Z,Y,X", "--y_chunksize": "--chunks Z,Y,X",
-             "--x_chunksize": "--chunks Z,Y,X", "--input": "the SRC argument",
-             "--output": "the DST argument", "--num_threads": "--scheduler"}
-
-
-def _old_flag_hint(message: str) -> str:
-    for old, new in OLD_FLAGS.items():
-        if old in message:
-            return f" ({old} is now {new})"
-    return ""
-
-
-def _argument(check: Callable[[str], Any], name: str) -> Callable[[str], Any]:
-    """An argparse type from a library check (one parser per kind of value, in checks.py)."""
-    def parse(text: str) -> Any:
-        from vesuvius_dask.errors import VesuviusDaskError
-
-        try:
-            return check(text)
-        except VesuviusDaskError as err:
-            text = re.sub(rf"^{name}\[(\w)\] ", r"\1 ", str(err))  # value[z] must -> z must
-            raise argparse.ArgumentTypeError(text.replace(f"{name} ", "", 1)) from None
-    parse.__name__ = name
-    return parse
-
-
-def _as_int(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        return text  # the check names it as not an integer
-
-
-def _checks() -> Any:
-    from vesuvius_dask import checks
-
-    return checks
-
-
-triple = _argument(lambda t: _checks().int_triple("value", t, minimum=0, broadcast=False), "value")
-positive_triple = _argument(lambda t: _checks().int_triple("value", t, broadcast=False), "value")
-positive = _argument(lambda t: _checks().positive_int("value", _as_int(t)), "value")
-non_negative = _argument(lambda t: _checks().non_negative_int("value", _as_int(t)), "value")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -127,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="read and decode every chunk and list the bad ones (exit 1 if any)")
     p.add_argument("--quiet", action="store_true", help="no progress bar with --check")
-    p.add_argument("--cache-dir", default=None,
-                   help="keep chunks fetched from URLs in this folder (shared by workers and later runs)")
+    add_cache_dir(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("stream", help="stream random blocks and print throughput")
@@ -143,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address (default: local threads)")
-    p.add_argument("--cache-dir", default=None,
-                   help="keep chunks fetched from URLs in this folder (shared by workers and later runs)")
+    add_cache_dir(p)
     p.set_defaults(func=cmd_stream)
 
     from . import convert_cmd, predict_cmd, view_cmd

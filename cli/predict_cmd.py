@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .main import non_negative, positive, positive_triple, triple
+from .options import add_cache_dir, non_negative, positive, positive_triple, triple
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +56,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace an existing output (once the new one is complete)")
     p.add_argument("--resume", action="store_true", help="continue a killed run")
     p.add_argument("--quiet", action="store_true", help="no progress")
-    p.add_argument("--cache-dir", default=None,
-                   help="keep chunks fetched from URLs in this folder (shared by workers and later runs)")
+    add_cache_dir(p)
     p.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .main import non_negative, positive
+from .options import add_cache_dir, non_negative, positive
 
 
 def _check_paths(paths: list[str]) -> None:
@@ -76,6 +76,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epoch", type=non_negative, default=None)
     p.add_argument("--screenshot", default=None, help="save a PNG of the canvas and exit")
     p.add_argument("--z", type=non_negative, default=None, help="z slice to show")
-    p.add_argument("--cache-dir", default=None,
-                   help="keep chunks fetched from URLs in this folder (shared with later runs)")
+    add_cache_dir(p)
     p.set_defaults(func=run)

@@ -80,7 +80,7 @@ def stream_throughput(
         timed = f"{n} blocks of {block} ({stream.dtype}) in {steady:.3f} s, start-up included"
     else:
         steady, blocks, nb = end - first, n - n_first, nbytes - bytes_first
-        timed = (f"{blocks} blocks of {block} ({stream.dtype}) in {steady:.3f} s after start-up "
+        timed = (f"{n} blocks of {block} ({stream.dtype}); after start-up {blocks} in {steady:.3f} s "
                  f"(start-up and each worker's first batch: {first - t0:.3f} s)")
     return (
         f"{timed}: {blocks / steady:,.0f} blocks/s, {nb / steady / 1e6:,.1f} MB/s "
