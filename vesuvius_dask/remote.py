@@ -21,7 +21,24 @@ absent chunk (for sparse arrays).
 
 With a ``cache_dir`` (:class:`~vesuvius_dask.disk_cache.DiskChunkCache`) fetched
 bytes are kept on disk for other processes and later runs; a chunk is fetched by
-one process while the others wait for it.
+one process while the others wait for it (at most ``claim_timeout`` seconds).
+
+What a server sends is bounded before memory is spent on it: a chunk's response
+may be at most :func:`stored_bound` bytes (the decoded chunk, plus 1/16 and
+64 KiB for the codec's overhead). Over HTTP a larger ``Content-Length`` is refused
+before the body is read, and a body without one is read in pieces and given up
+past the bound (the connection is closed, not drained). Other filesystems (s3,
+gs, ...) are asked for the byte range ``[0, bound + 1)`` — a ranged GET, no extra
+request — and a response that fills it is refused. Either counts as a failed
+request (retried, then :class:`~vesuvius_dask.errors.ChunkFetchError` naming the
+chunk, the URL, the size and the bound).
+
+A response that does not decode is never kept: :meth:`RemoteChunks.get` with
+``decode=`` decodes the bytes before they are put in ``cache_dir`` (bytes a
+prefetch already wrote behind, for other processes waiting on the chunk, are
+removed again), and cached bytes that do not decode are removed and fetched once
+more. Errors say where the bytes came from: "fetched from <URL>" or "read from
+cache_dir <file>".
 
 Settings come from dask's config (``vesuvius-dask.remote.*``, or the environment
 variables ``DASK_VESUVIUS_DASK__REMOTE__CONCURRENCY`` and so on) when a volume is
@@ -39,9 +56,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import ChunkFetchError, VolumeError
+from .errors import ChunkFetchError, CorruptChunkError, VolumeError
 
-__all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES"]
+__all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES", "stored_bound"]
 
 #: What a started fetch gives when another process is fetching the chunk (``get`` waits for it).
 _ELSEWHERE = object()
@@ -51,6 +68,49 @@ CACHE_THREADS = 4
 
 #: Decoded bytes of the chunks that read-ahead may hold fetched and not yet used.
 AHEAD_BYTES = 256 * 2**20
+
+#: The response bound for a chunk whose decoded size is not known.
+UNKNOWN_CHUNK_BOUND = 2**30
+
+
+def stored_bound(chunk_nbytes: int | None) -> int:
+    """The most bytes a stored chunk may take: its decoded bytes, plus 1/16 and 64 KiB of codec overhead.
+
+    Parameters
+    ----------
+    chunk_nbytes : int or None
+        Bytes of one decoded chunk (None: :data:`UNKNOWN_CHUNK_BOUND`).
+    """
+    if chunk_nbytes is None:
+        return UNKNOWN_CHUNK_BOUND
+    n = int(chunk_nbytes)
+    return n + n // 16 + 64 * 2**10
+
+
+class _TooLarge(OSError):
+    """A response larger than a stored chunk of the array can be (a bad response)."""
+
+    def __init__(self, bound: int, declared: int | None = None, received: int | None = None) -> None:
+        if declared is not None:
+            text = (f"the server declared {declared} bytes (Content-Length), more than the {bound} "
+                    "bytes a stored chunk of this array can take (body not read)")
+        else:
+            text = (f"the server sent more than the {bound} bytes a stored chunk of this array can take "
+                    f"(stopped reading at {received} bytes)")
+        super().__init__(text)
+
+
+@dataclass
+class _Got:
+    """A chunk's bytes and where they came from.
+
+    ``path``: the cache_dir file they were read from (None: fresh from the server);
+    ``write``: the write-behind of fresh bytes into cache_dir (a future), if any.
+    """
+
+    data: bytes | None
+    path: Any = None
+    write: Any = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +141,10 @@ class RemoteSettings:
         overflows a small server's listen queue (Python's ``http.server`` keeps 5):
         each dropped connection then waits for the kernel's 1 s SYN retransmit.
         Pacing the waves avoids that; 0 turns it off.
+    claim_timeout : float
+        Seconds a process waits for a chunk another process of the same
+        ``cache_dir`` is fetching (default 60); then it fetches the chunk itself,
+        with one warning (a holder that hangs, or a claim kept by a forked process).
     """
 
     concurrency: int = 32
@@ -89,10 +153,12 @@ class RemoteSettings:
     timeout: float = 5.0
     missing: str = "error"
     connect_interval: float = 0.002
+    claim_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if int(self.concurrency) < 1 or int(self.retries) < 0 or float(self.timeout) <= 0 \
-                or float(self.backoff) < 0 or float(self.connect_interval) < 0:
+                or float(self.backoff) < 0 or float(self.connect_interval) < 0 \
+                or not float(self.claim_timeout) > 0:
             raise VolumeError(f"vesuvius-dask.remote settings out of range: {self}")
         if self.missing not in ("error", "fill"):
             raise VolumeError(f"vesuvius-dask.remote.missing must be 'error' or 'fill', "
@@ -158,13 +224,18 @@ class RemoteChunks:
         Where fetched bytes are kept.
     chunk_nbytes : int, optional
         Bytes of one decoded chunk: bounds the fetched chunks read-ahead holds
-        (:data:`AHEAD_BYTES`).
+        (:data:`AHEAD_BYTES`) and the bytes one response may bring
+        (:func:`stored_bound`).
+    max_stored_bytes : int, optional
+        The bound on one response instead (default ``stored_bound(chunk_nbytes)``).
     """
 
     def __init__(self, protocol: str, base: str, label: str, storage_options: dict | None = None,
                  settings: RemoteSettings | None = None, cache: Any = None,
-                 chunk_nbytes: int | None = None) -> None:
+                 chunk_nbytes: int | None = None, max_stored_bytes: int | None = None) -> None:
         self.chunk_nbytes = chunk_nbytes
+        self.max_stored = (int(max_stored_bytes) if max_stored_bytes is not None
+                           else stored_bound(chunk_nbytes))
         self.protocol = protocol
         self.base = base.rstrip("/")
         self.label = label
@@ -182,7 +253,7 @@ class RemoteChunks:
     def with_cache(self, cache: Any) -> RemoteChunks:
         """A copy fetching through ``cache``."""
         return RemoteChunks(self.protocol, self.base, self.label, self.storage_options,
-                            self.settings, cache, self.chunk_nbytes)
+                            self.settings, cache, self.chunk_nbytes, self.max_stored)
 
     def ahead_limit(self) -> int:
         """Started fetches kept until taken: ``AHEAD_BYTES`` of chunks, 2 to 8 x ``concurrency``."""
@@ -207,19 +278,26 @@ class RemoteChunks:
 
     # -- fetching --------------------------------------------------------------------------
     async def _request(self, local: _Local, path: str) -> bytes:
-        """One GET; over HTTP, a connect that stalls is given up early and made again.
+        """One GET of at most :attr:`max_stored` bytes; over HTTP, a connect that stalls is made again.
 
         A connection the server's full listen queue dropped would otherwise wait
         for the kernel's 1 s SYN retransmit: connects get 4x the slowest recent
         connect (at least 0.25 s), doubling on each miss, ``timeout`` in all.
+        Elsewhere than HTTP, the byte range ``[0, bound + 1)`` is asked for.
         """
         fs = local.fs
-        if not getattr(fs, "async_impl", False):
-            return await asyncio.wait_for(asyncio.to_thread(fs.cat_file, path),
-                                          timeout=self.settings.timeout * 6)
+        bound = self.max_stored
+        overall = self.settings.timeout * 6
         conns = local.connections
         if conns is None:
-            return await asyncio.wait_for(fs._cat_file(path), timeout=self.settings.timeout * 6)
+            if getattr(fs, "async_impl", False):
+                data = await asyncio.wait_for(fs._cat_file(path, start=0, end=bound + 1), timeout=overall)
+            else:
+                data = await asyncio.wait_for(asyncio.to_thread(fs.cat_file, path, start=0, end=bound + 1),
+                                              timeout=overall)
+            if len(data) > bound:
+                raise _TooLarge(bound, received=len(data))
+            return data
         import aiohttp
 
         budget = self.settings.timeout
@@ -228,8 +306,7 @@ class RemoteChunks:
             limits = aiohttp.ClientTimeout(total=None, sock_connect=wait, sock_read=self.settings.timeout)
             try:
                 # the HTTP client's own timeouts see a stalled socket; this bounds everything else
-                return await asyncio.wait_for(fs._cat_file(path, timeout=limits),
-                                              timeout=self.settings.timeout * 6)
+                return await asyncio.wait_for(_http_get(fs, path, limits, bound), timeout=overall)
             except aiohttp.ConnectionTimeoutError:
                 budget -= wait
                 if budget <= 0:
@@ -287,15 +364,16 @@ class RemoteChunks:
             raise error from last
 
     async def _prefetched(self, key: str, index: Any) -> Any:
-        """A started fetch: from the disk cache, else from the server (and then into the cache).
+        """A started fetch (a :class:`_Got`): from the disk cache, else from the server.
 
         The claim and the look-up are a few cheap system calls, made on the event
-        loop; a hit's file is read, and a fetched chunk written, by the cache's
-        threads. A chunk another process is fetching is left to it
-        (:data:`_ELSEWHERE`: :meth:`get` then waits for that process).
+        loop; a hit's file is read, and a fetched chunk written (behind: other
+        processes waiting for it read it from there), by the cache's threads. A
+        chunk another process is fetching is left to it (:data:`_ELSEWHERE`:
+        :meth:`get` then waits for that process).
         """
         if self.cache is None:
-            return await self._fetch(key, index)
+            return _Got(await self._fetch(key, index))
         from .cachefiles import release
 
         loop = asyncio.get_running_loop()
@@ -314,11 +392,10 @@ class RemoteChunks:
         except BaseException:
             release(claim_fd)
             raise
-        self._write_behind(key, data, claim_fd)
-        return data
+        return _Got(data, write=self._write_behind(key, data, claim_fd))
 
-    def _write_behind(self, key: str, data: bytes | None, claim_fd: int) -> None:
-        """Write a fetched chunk to the cache while its bytes go on to the reader.
+    def _write_behind(self, key: str, data: bytes | None, claim_fd: int) -> Future:
+        """Write a fetched chunk to the cache while its bytes go on to the reader: the write's future.
 
         The claim is given back once the file is in place, so another process
         waiting for the chunk reads it from the cache; :meth:`flush` waits for it.
@@ -341,6 +418,7 @@ class RemoteChunks:
         with local.lock:
             local.writes.add(fut)
         fut.add_done_callback(done)
+        return fut
 
     def flush(self) -> None:
         """Wait until the chunks fetched so far in this process are in the disk cache."""
@@ -358,40 +436,118 @@ class RemoteChunks:
         return _process_pool("cache", CACHE_THREADS)
 
     def _cached(self, key: str) -> Any:
-        """A cached chunk's bytes (None: absent on the server), or :data:`_ELSEWHERE` if unreadable."""
+        """A cached chunk (a :class:`_Got`; data None: absent on the server), or :data:`_ELSEWHERE`."""
         from .disk_cache import MISSING
 
         hit = self.cache.get(key)
-        if hit is None:  # it failed its check and was removed: get() fetches it
+        if hit is None:  # it failed its check: get() fetches it
             return _ELSEWHERE
         self.stats.cache_hits += 1
-        return None if hit == MISSING else hit
+        return _Got(None if hit == MISSING else hit, path=self.cache.file(key))
 
     def _fetch_now(self, key: str, index: Any) -> bytes | None:
         local = self._here()
         return asyncio.run_coroutine_threadsafe(self._fetch(key, index), local.loop).result()
 
-    def get(self, key: str, index: Any = None) -> bytes | None:
-        """The stored bytes of chunk ``key`` (None: absent, read as the fill value).
+    def get(self, key: str, index: Any = None, decode: Any = None) -> Any:
+        """The stored bytes of chunk ``key`` (None: absent, read as the fill value), or them decoded.
+
+        Parameters
+        ----------
+        key : str
+            The chunk's store key, relative to the array (``c/0/1/2``).
+        index : tuple of int, optional
+            The chunk's index, for messages.
+        decode : callable, optional
+            ``decode(bytes or None) -> chunk``: then the chunk is returned, and
+            bytes are kept in ``cache_dir`` only once they decoded. Bytes fresh
+            from the server that do not decode are not kept (a copy written
+            behind for other processes is removed); cached bytes that do not
+            decode are removed and the chunk is fetched once more.
 
         Raises
         ------
         ChunkFetchError
             Every attempt failed.
+        CorruptChunkError
+            ``decode`` failed on the bytes from the server (the message names the
+            URL), or on cached bytes that could not be fetched again (the message
+            names the ``cache_dir`` file).
         """
         local = self._here()
         with local.lock:
             started: Future | None = local.started.pop(key, None)
         if started is not None:
-            data = started.result()
-            if data is not _ELSEWHERE:
-                return data
+            got = started.result()
+            if got is not _ELSEWHERE:
+                return self._decoded(key, index, got, decode)
         if self.cache is None:
-            return self._fetch_now(key, index)
-        data, fetched = self.cache.get_or_fetch(key, lambda: self._fetch_now(key, index))
-        if not fetched:
-            self.stats.cache_hits += 1
-        return data
+            return self._decoded(key, index, _Got(self._fetch_now(key, index)), decode)
+        return self._through_cache(key, index, decode)
+
+    def _decoded(self, key: str, index: Any, got: _Got, decode: Any) -> Any:
+        """``decode(got.data)`` (``got.data`` without ``decode``); what does not decode is not kept."""
+        if decode is None:
+            return got.data
+        try:
+            return decode(got.data)
+        except Exception as err:
+            if got.path is not None:  # read from cache_dir: out with it, and from the server once more
+                return self._refetch(key, index, decode, got, err)
+            if got.write is not None:  # written behind before it was decoded: taken back
+                from concurrent.futures import wait
+
+                wait([got.write])
+                self.cache.remove(key, got.data)
+            kept = "; nothing of it was kept in cache_dir" if self.cache is not None else ""
+            raise self._undecodable(key, index, err, f"fetched from {self.url(key)}", kept) from err
+
+    def _through_cache(self, key: str, index: Any, decode: Any) -> Any:
+        """A chunk from the disk cache, else fetched (under its claim) and then put there."""
+        from .cachefiles import release
+        from .disk_cache import MISSING
+
+        cache = self.cache
+        hit = cache.get(key)
+        if hit is None:
+            fd = cache.claim(key, timeout=self.settings.claim_timeout)  # None: timed out, go on
+            try:
+                hit = cache.get(key)  # put by the process we waited for
+                if hit is None:
+                    return self._fetch_and_keep(key, index, decode)
+            finally:
+                release(fd)
+        self.stats.cache_hits += 1
+        return self._decoded(key, index, _Got(None if hit == MISSING else hit, path=cache.file(key)), decode)
+
+    def _fetch_and_keep(self, key: str, index: Any, decode: Any) -> Any:
+        """Fetch a chunk, decode it (with ``decode``), and only then put it in the cache."""
+        data = self._fetch_now(key, index)
+        out = self._decoded(key, index, _Got(data), decode)
+        self.cache.put(key, data)
+        return out
+
+    def _refetch(self, key: str, index: Any, decode: Any, got: _Got, err: Exception) -> Any:
+        """Cached bytes did not decode: remove them and fetch the chunk again, once."""
+        from .cachefiles import release
+
+        self.cache.remove(key, got.data)
+        bad = f"the copy read from cache_dir {got.path} cannot be decoded ({type(err).__name__}: {err})"
+        fd = self.cache.claim(key, timeout=self.settings.claim_timeout)
+        try:
+            return self._fetch_and_keep(key, index, decode)
+        except ChunkFetchError as fetch_err:
+            raise self._undecodable(key, index, err, f"read from cache_dir {got.path}", note=(
+                f"; it was removed, and fetching it again failed: {fetch_err}")) from fetch_err
+        except CorruptChunkError as again:
+            raise CorruptChunkError(f"{again}; {bad} and was removed") from again
+        finally:
+            release(fd)
+
+    def _undecodable(self, key: str, index: Any, err: Exception, source: str, note: str = "") -> Exception:
+        where = f"chunk {tuple(index)}" if index is not None else f"chunk {key!r}"
+        return CorruptChunkError(f"{self.label}: {where} ({source}) cannot be decoded: "
+                                 f"{type(err).__name__}: {err}{note}")
 
     def prefetch(self, keys: list[tuple[str, Any]], limit: int | None = None) -> int:
         """Start getting chunks (``(key, index)`` pairs) not already on their way.
@@ -465,7 +621,49 @@ class _Connections:
         return min(limit, max(0.25, 4 * self.slowest))
 
 
+async def _http_get(fs: Any, url: str, limits: Any, bound: int) -> bytes:
+    """GET ``url`` with fsspec's aiohttp session, refusing a body of more than ``bound`` bytes.
+
+    A ``Content-Length`` above the bound is refused before the body is read; a body
+    is read in pieces, given up past the bound (the connection is closed, not
+    drained). Error statuses raise as fsspec's do (404: ``FileNotFoundError``).
+    """
+    kw = dict(fs.kwargs)
+    kw["timeout"] = limits
+    session = await fs.set_session()
+    encode = getattr(fs, "encode_url", None)
+    async with session.get(encode(url) if encode is not None else url, **kw) as r:
+        if r.status >= 400:
+            body, _ = await _read_capped(r, 2**16)  # a short error page is read: the connection stays usable
+            if body is None:
+                r.close()
+            fs._raise_not_found_for_status(r, url)
+        declared = r.content_length
+        if declared is not None and declared > bound:
+            r.close()
+            raise _TooLarge(bound, declared=declared)
+        body, received = await _read_capped(r, bound)
+        if body is None:
+            r.close()
+            raise _TooLarge(bound, received=received)
+        return body
+
+
+async def _read_capped(r: Any, cap: int) -> tuple[bytes | None, int]:
+    """``(body, bytes received)`` of a response, body None once more than ``cap`` bytes arrived."""
+    pieces = []
+    received = 0
+    async for piece in r.content.iter_any():
+        received += len(piece)
+        if received > cap:
+            return None, received
+        pieces.append(piece)
+    return b"".join(pieces), received
+
+
 def _reason(err: BaseException, timeout: float) -> str:
+    if isinstance(err, _TooLarge):
+        return str(err)
     if "ConnectionTimeout" in type(err).__name__:
         return f"no connection within {timeout:g} s"
     if isinstance(err, asyncio.TimeoutError) or "Timeout" in type(err).__name__:
