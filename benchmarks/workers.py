@@ -61,7 +61,7 @@ def _peak(path_of: callable, stop: threading.Event, out: list) -> None:
         total = 0
         try:
             for e in os.scandir(p) if p is not None else ():
-                if e.name.endswith(".npy"):
+                if e.name.endswith(".chunk"):
                     total += e.stat().st_size
         except FileNotFoundError:  # a file evicted (or the folder removed) while counting
             pass

@@ -22,9 +22,12 @@ def arrays(draw, tmp):
     kw = dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, zarr_format=fmt)
     if fmt == 2:
         comp = draw(st.sampled_from([None, numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE),
-                                     numcodecs.Zstd(3), numcodecs.GZip(1), numcodecs.LZ4()]))
+                                     numcodecs.Zstd(3), numcodecs.GZip(1), numcodecs.LZ4(),
+                                     numcodecs.Zlib(1), numcodecs.BZ2(1), numcodecs.LZMA(preset=0)]))
         delta = [numcodecs.Delta(dtype=dtype.str)]
-        filters = draw(st.sampled_from([None, delta])) if dtype.kind != "f" else None
+        # a filter that changes the stored size: the bounded decode must know the compressor's output
+        scale = [numcodecs.FixedScaleOffset(0, 1, dtype=dtype.str, astype="u1")]
+        filters = draw(st.sampled_from([None, delta] if dtype.kind != "f" else [None, scale]))
         kw.update(compressors=comp, filters=filters, order=draw(st.sampled_from(["C", "F"])))
     else:
         choice = draw(st.sampled_from(["none", "blosc", "zstd", "gzip", "shard", "crc"]))
@@ -62,3 +65,30 @@ def test_fast_path_equals_zarr_for_every_chunk(tmp_path, data):
         np.testing.assert_array_equal(got, expected)
         if read is not None:
             np.testing.assert_array_equal(read(region), expected)
+
+
+def test_every_known_compressor_decodes_through_a_bounded_step(tmp_path):
+    from vesuvius_dask.chunkio import ChunkCodec
+
+    for comp in (numcodecs.Blosc(), numcodecs.Zstd(), numcodecs.GZip(), numcodecs.Zlib(), numcodecs.LZ4(),
+                 numcodecs.BZ2(), numcodecs.LZMA()):
+        arr = zarr.create_array(tmp_path / "b.zarr", shape=(4, 4, 4), chunks=(2, 2, 2), dtype="u2",
+                                zarr_format=2, compressors=comp, overwrite=True)
+        codec = ChunkCodec.of(arr)
+        assert codec._steps[0] != comp.decode and codec.nbytes == 16, comp
+    v3 = zarr.create_array(tmp_path / "c.zarr", shape=(4, 4, 4), chunks=(2, 2, 2), dtype="u2",
+                           compressors=[zarr.codecs.ZstdCodec(), zarr.codecs.GzipCodec()])
+    assert fast_reader(v3) is None  # two compressors in a row: only the last one's size is known
+
+
+def test_zstd_frame_content_size():
+    import struct
+
+    from vesuvius_dask.chunkio import _zstd_content_size
+
+    for n in (0, 1, 255, 256, 300, 65535 + 256, 70000):  # every size field: 1, 2 (+256), 4 bytes
+        assert _zstd_content_size(numcodecs.zstd.compress(bytes(n), 1)) == n
+    magic = struct.pack("<I", 0xFD2FB528)
+    assert _zstd_content_size(magic + bytes([3 << 6, 0x38]) + struct.pack("<Q", 2**40)) == 2**40
+    assert _zstd_content_size(magic + bytes([0, 0x38])) is None  # streamed: no declared size
+    assert _zstd_content_size(b"not zstd") is None

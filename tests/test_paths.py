@@ -12,6 +12,7 @@ from vesuvius_dask.info import check, describe
 from vesuvius_dask.paths import PathKind, path_kind, protected_roots
 from vesuvius_dask.testing import write_segment
 from vesuvius_dask.viewer import is_volume_path, read_layers
+from vesuvius_dask.viewer._reader import napari_get_reader
 
 from .conftest import write_ome, write_zarr
 
@@ -66,7 +67,8 @@ def test_every_entry_point_agrees(kinds, name):
     assert n > 0 and bad == []
     layers = read_layers(path)
     assert len(layers) == (3 if name.startswith("seg") else 1)
-    assert is_volume_path(path) == (KINDS[name] != PathKind.TIFF_FILE)  # single files stay napari's
+    assert is_volume_path(path)  # multi-page TIFFs too: napari opens what every entry point opens
+    assert napari_get_reader(path) is not None
 
 
 def test_missing_and_other_paths(tmp_path):
@@ -85,3 +87,11 @@ def test_protected_roots_cover_the_segment(kinds):
     level = protected_roots(root / "seg_ome" / "vol.ome.zarr" / "0")
     assert (root / "seg_ome" / "vol.ome.zarr").resolve() in level and (root / "seg_ome").resolve() in level
     assert protected_roots(root / "v3.zarr") == [(root / "v3.zarr").resolve()]  # a plain folder stays free
+
+
+def test_a_single_page_tiff_stays_napari_own(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((16, 16), np.uint8))
+    assert not is_volume_path(tmp_path / "one.tif")
+    assert is_volume_path("https://host/a.zarr")

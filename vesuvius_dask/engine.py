@@ -346,9 +346,11 @@ class BatchEngine:
     def _read_chunk(self, vol: Volume, chunk_id: tuple[int, int, int],
                     region: tuple[slice, ...]) -> np.ndarray:
         key = (vol.token,) + tuple(chunk_id)
-        if self.shared is not None and self.shared_active:
+        if self.shared is not None and self.shared_active and self.shared.usable:
             # the local LRU keeps the mapping (shared pages, no copy), so later batches
-            # cut it inline; see DaskVesuviusStream's shared_cache for the memory bound
+            # cut it inline; see DaskVesuviusStream's shared_cache for the memory bound.
+            # A cache this process cannot write (/dev/shm full) returns the chunk
+            # uncached, warns once and is not used again here (``usable`` False).
             chunk, decoded = self.shared.get_or_load(
                 key, lambda: read_stored(vol.zarr, region, vol.label, vol.remote))
             if decoded:
@@ -383,7 +385,8 @@ class BatchEngine:
                 ids, _ = plan_pieces(self._bounds[v], starts[rows], self.block, rows)
                 wanted = [cid for cid in map(tuple, np.unique(ids, axis=0).tolist())
                           if (vol.token,) + cid not in self.cache and not (
-                              self.shared_active and self.shared.has((vol.token,) + cid))]
+                              self.shared_active and self.shared.usable
+                              and self.shared.has((vol.token,) + cid))]
                 vol.remote.prefetch(stored_keys(vol.zarr, wanted))
             pending += vol.remote.pending()
         return pending

@@ -12,8 +12,11 @@ Writing Zarr from them is :mod:`vesuvius_dask.convert`'s job.
 from __future__ import annotations
 
 import glob as _glob
+import itertools
 import os
 import re
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from .paths import LAYER_DIRS, TIFF_SUFFIXES
 from .volume import ORIGIN_ATTR, Volume, wrap_numpy
 
 __all__ = ["Layer", "StackInfo", "find_layers", "inspect_stack", "read_layer", "lazy_stack",
-           "TiffStack", "inspect_layers", "tiff_volume"]
+           "TiffStack", "inspect_layers", "tiff_volume", "MAX_OPEN_LAYERS"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,94 @@ def lazy_stack(info: StackInfo, roi: tuple[slice, slice, slice], band: int) -> A
 
 
 
+#: TIFF layers kept open per process (memory maps, or tifffile Zarr stores of compressed
+#: layers), over every :class:`TiffStack`: each holds a file descriptor, a scroll has
+#: thousands of layers and ``ulimit -n`` is often 1024. The least recently used is closed
+#: first (once no read is using it).
+MAX_OPEN_LAYERS = 128
+
+
+class _OpenLayer:
+    """One open layer and the reads using it; closed once out of the LRU and unused."""
+
+    __slots__ = ("obj", "users", "evicted")
+
+    def __init__(self, obj: Any) -> None:
+        self.obj, self.users, self.evicted = obj, 1, False
+
+    def close(self) -> None:
+        obj, self.obj = self.obj, None
+        store = getattr(obj, "store", None)  # a Zarr array over tifffile's store: its file handles
+        if store is not None and hasattr(store, "close"):
+            try:
+                store.close()
+            except Exception:  # pragma: no cover - closing what is being dropped anyway
+                pass
+        # a memory map is unmapped (and its descriptor closed) with its last reference
+
+
+def _evicted(key: Any, layer: _OpenLayer) -> None:
+    with _LAYERS_LOCK:
+        layer.evicted = True
+        idle = layer.users == 0
+    if idle:
+        layer.close()
+
+
+def _release(layer: _OpenLayer) -> None:
+    with _LAYERS_LOCK:
+        layer.users -= 1
+        idle = layer.evicted and layer.users == 0
+    if idle:
+        layer.close()
+
+
+#: The open layers of this process, by ``(stack number, z)``; guarded, with each layer's
+#: ``users``, by ``_LAYERS_LOCK``.
+_LAYERS = LRU(MAX_OPEN_LAYERS, on_evict=_evicted)
+_LAYERS_LOCK = threading.Lock()
+_STACK_IDS = itertools.count()
+
+
+#: Stacks collected since the last miss: their layers are closed then (a finalizer may run
+#: inside any lock, from the garbage collector, so it only appends here).
+_GONE: list[int] = []
+
+
+def _forget_stack(stack_id: int) -> None:
+    _GONE.append(stack_id)
+
+
+def _close_gone() -> None:
+    """Close the layers of stacks that are gone (each once its reads are done)."""
+    gone = set()
+    while _GONE:
+        try:
+            gone.add(_GONE.pop())
+        except IndexError:  # another thread took the last one
+            break
+    for key in _LAYERS.keys() if gone else ():
+        if key[0] in gone:
+            layer = _LAYERS.pop(key)
+            if layer is not None:
+                _evicted(key, layer)
+
+
+def _forget_layers() -> None:
+    """In a forked child: a lock of its own, and none of the parent's open layers.
+
+    The child's copies of the parent's descriptors and maps are dropped (closing a
+    copy does not touch the parent's); a tifffile handle's file position is shared
+    with the parent, so the child must not read through it.
+    """
+    global _LAYERS, _LAYERS_LOCK
+    _LAYERS_LOCK = threading.Lock()
+    _LAYERS = LRU(_LAYERS.budget, on_evict=_evicted)
+
+
+os.register_at_fork(after_in_child=_forget_layers)
+
+
 class TiffStack:
     """A read-only 3-D array-like over 2-D TIFF layers, read in place.
 
@@ -221,9 +312,9 @@ class TiffStack:
     those layers: uncompressed layers are memory-mapped; compressed (or tiled)
     ones are opened through tifffile's Zarr interface, which decodes only the
     strips or tiles the region touches. It pickles as its list of files (each
-    process opens them anew). At most :attr:`max_open` layers stay open (least
-    recently used out): each holds a file descriptor, and a whole scroll has
-    thousands of layers.
+    process opens them anew). At most :attr:`max_open` layers stay open in the
+    process, over all stacks (least recently used out): each holds a file
+    descriptor, and a whole scroll has thousands of layers.
 
     Parameters
     ----------
@@ -238,8 +329,8 @@ class TiffStack:
     """
 
     ndim = 3
-    #: Layers kept memory-mapped at once, per process.
-    max_open = 128
+    #: Layers kept open at once, per process, over all stacks.
+    max_open = MAX_OPEN_LAYERS
 
     def __init__(self, paths: list[str], shape: tuple[int, int, int], dtype: Any,
                  memmap: bool = True) -> None:
@@ -247,8 +338,8 @@ class TiffStack:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.memmap = bool(memmap)
-        self._maps = LRU(self.max_open)  # unmapped once out and no slice refers to it
-        self._pid = os.getpid()
+        self._id = next(_STACK_IDS)
+        weakref.finalize(self, _forget_stack, self._id)
 
     def __getstate__(self) -> dict:
         return {"paths": self.paths, "shape": self.shape, "dtype": self.dtype.str,
@@ -258,25 +349,58 @@ class TiffStack:
         self.__init__(state["paths"], state["shape"], state["dtype"],  # type: ignore[misc]
                       state.get("memmap", True))
 
-    def _layer(self, z: int) -> Any:
-        if self._pid != os.getpid():
-            self._maps, self._pid = LRU(self.max_open), os.getpid()
-        mm = self._maps.get(z)
-        if mm is not None:
-            return mm
+    @property
+    def _maps(self) -> dict[int, Any]:
+        """The layers of the stack open now, by z (the process keeps at most :attr:`max_open`)."""
+        layers = {key[1]: _LAYERS.get(key) for key in _LAYERS.keys() if key[0] == self._id}
+        return {z: layer.obj for z, layer in layers.items() if layer is not None}
+
+    def _open(self, z: int) -> Any:
         import tifffile
 
         if self.memmap:
-            mm = tifffile.memmap(self.paths[z], mode="r")
-        else:
-            import zarr
+            return tifffile.memmap(self.paths[z], mode="r")
+        import zarr
 
-            try:
-                mm = zarr.open_array(tifffile.imread(self.paths[z], aszarr=True), mode="r")
-            except Exception as err:
-                raise VolumeError(f"{self.paths[z]}: cannot read the TIFF layer ({err})") from err
-        self._maps.put(z, mm)
-        return mm
+        try:
+            return zarr.open_array(tifffile.imread(self.paths[z], aszarr=True), mode="r")
+        except Exception as err:
+            raise VolumeError(f"{self.paths[z]}: cannot read the TIFF layer ({err})") from err
+
+    def _layer(self, z: int) -> _OpenLayer:
+        """Layer ``z``, open, counted as in use until :func:`_release`."""
+        key = (self._id, z)
+        with _LAYERS_LOCK:
+            layer = _LAYERS.get(key)
+            if layer is not None:
+                layer.users += 1
+                return layer
+        _close_gone()
+        layer = _OpenLayer(self._open(z))
+        with _LAYERS_LOCK:
+            other = _LAYERS.get(key)  # opened meanwhile by another thread
+            if other is not None:
+                other.users += 1
+        if other is not None:
+            layer.users = 0
+            layer.close()
+            return other
+        _LAYERS.budget = max(1, int(self.max_open))
+        _LAYERS.put(key, layer)
+        with _LAYERS_LOCK:
+            if _LAYERS.get(key) is not layer:  # another thread's, or already pushed out
+                layer.evicted = True
+        return layer
+
+    def _read(self, z: int, ys: Any, xs: Any, out: np.ndarray | None = None) -> np.ndarray:
+        layer = self._layer(z)
+        try:
+            if out is None:
+                return np.array(layer.obj[ys, xs])
+            out[...] = layer.obj[ys, xs]
+            return out
+        finally:
+            _release(layer)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
@@ -284,12 +408,16 @@ class TiffStack:
         key = key + (slice(None),) * (3 - len(key))
         zs, ys, xs = key
         if isinstance(zs, (int, np.integer)):
-            return np.array(self._layer(int(zs))[ys, xs])
+            return self._read(int(zs), ys, xs)
         z_idx = range(*zs.indices(self.shape[0]))
-        layers = [self._layer(z)[ys, xs] for z in z_idx]
-        if not layers:
-            return np.empty((0,) + np.empty(self.shape[1:])[ys, xs].shape, self.dtype)
-        return np.stack(layers)
+        if not z_idx:
+            return np.empty((0,) + np.empty(self.shape[1:], dtype=bool)[ys, xs].shape, self.dtype)
+        first = self._read(z_idx[0], ys, xs)
+        out = np.empty((len(z_idx),) + first.shape, first.dtype)
+        out[0] = first
+        for i, z in enumerate(z_idx[1:], 1):
+            self._read(z, ys, xs, out[i])
+        return out
 
     def __len__(self) -> int:
         return self.shape[0]

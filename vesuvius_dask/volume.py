@@ -5,10 +5,19 @@ only the stored chunks it overlaps; the record keeps what the batch engine needs
 read stored chunks directly (the zarr array, or the in-RAM buffer). Reads of stored
 chunks go through :func:`read_stored`, whose errors name the store, the chunk index
 and its key. Path dispatch (what a path holds) lives in :mod:`vesuvius_dask.volumes`.
+
+What array metadata declares is checked before anything is made from it
+(:func:`check_metadata_file` on the file, before zarr parses it;
+:func:`check_zarr` on an opened array): shapes and chunks must be positive
+integers, 3-D, at most :data:`MAX_STORED_CHUNKS` stored chunks of at most
+:data:`MAX_CHUNK_BYTES` each. An array with more chunks than dask handles cheaply
+(:data:`MAX_DASK_CHUNKS`) gets dask chunks spanning several stored chunks
+(:func:`dask_chunking`); the batch engine still reads stored chunks.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import os
@@ -27,13 +36,40 @@ from .lru import LRU
 __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "MemmapRef", "memmap_ref",
            "check_array", "wrap_numpy", "wrap_zarr", "multiscale_paths", "open_zarr_path",
            "zarr_volume", "zarr_region", "read_stored", "chunk_key", "is_pathlike", "is_remote",
-           "remote_chunks", "stored_keys", "disk_cache_for", "REMOTE_GROUP"]
+           "remote_chunks", "stored_keys", "disk_cache_for", "REMOTE_GROUP", "check_grid", "check_zarr",
+           "check_metadata_file", "dask_chunking", "MAX_STORED_CHUNKS", "MAX_CHUNKS_PER_AXIS",
+           "MAX_CHUNK_BYTES", "MAX_AXIS_LENGTH", "MAX_METADATA_BYTES", "MAX_DASK_CHUNKS",
+           "MAX_DASK_CHUNKS_PER_AXIS"]
 
 #: Default dask chunking for in-RAM numpy volumes (the converter's default too).
 DEFAULT_RAM_CHUNKS = (4, 512, 512)
 
 #: dtype kinds accepted as CT volumes: unsigned, signed integers and floats.
 _SUPPORTED_KINDS = "uif"
+
+# -- limits on what array metadata may declare ---------------------------------------------
+# Checked before anything is made from the metadata (a 150-byte .zarray can declare
+# millions of chunks, and dask's chunk tuples, the engine's chunk boundaries and the
+# decode buffers grow with what it says). For scale: Scroll 1 at level 0 is
+# 14376 x 7888 x 8096 voxels: about 450 000 stored chunks of 128^3 (4 MiB each in uint16).
+# A later issue gathers these into one configuration table.
+
+#: Stored chunks one array may have (16 M); more is refused.
+MAX_STORED_CHUNKS = 2**24
+#: Stored chunks along one axis (the engine keeps one boundary per chunk and axis: 8 MB).
+MAX_CHUNKS_PER_AXIS = 2**20
+#: Decoded bytes of one stored chunk (2 GiB); every read of a chunk allocates this much.
+MAX_CHUNK_BYTES = 2**31
+#: Voxels along one axis (far beyond any scan; keeps sizes and products exact and small).
+MAX_AXIS_LENGTH = 2**40
+#: Bytes of one Zarr metadata file (``.zarray``, ``zarr.json``...) read before zarr parses it.
+MAX_METADATA_BYTES = 2**24
+#: Dask chunks of an opened Zarr volume, and along one axis: above either, each dask chunk
+#: spans several stored chunks (a power of two along the longest axes; the batch engine
+#: still reads stored chunks). dask's per-chunk bookkeeping is about 100 bytes a chunk
+#: per axis, and some operations walk every chunk.
+MAX_DASK_CHUNKS = 2**20
+MAX_DASK_CHUNKS_PER_AXIS = 2**16
 
 VolumeSource = Union[str, os.PathLike, np.ndarray, da.Array, Any]
 
@@ -139,7 +175,7 @@ def memmap_ref(data: Any, chunks: tuple[tuple[int, ...], ...]) -> MemmapRef | No
 def check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
     if len(shape) != 3:
         raise VolumeError(
-            f"{label}: volumes must be 3-D (z, y, x), got {len(shape)}-D with shape {tuple(shape)}"
+            f"{label}: volumes must be 3-D (z, y, x), got {len(shape)}-D with shape {_short(tuple(shape))}"
         )
     if any(int(s) <= 0 for s in shape):
         raise VolumeError(f"{label}: volume has an empty axis, shape {tuple(shape)}")
@@ -148,6 +184,168 @@ def check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
             f"{label}: unsupported dtype {np.dtype(dtype)}; volumes must be unsigned or signed "
             "integers or floats"
         )
+
+
+def _short(values: Any) -> str:
+    text = repr(values)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_grid(shape: Any, chunks: Any, itemsize: int | None, where: str) -> None:
+    """Refuse a shape and chunk shape no volume has, before anything is made from them.
+
+    Parameters
+    ----------
+    shape, chunks : sequence of int
+        What the metadata declares (any JSON value: it is checked).
+    itemsize : int, optional
+        Bytes per voxel, when known.
+    where : str
+        Names the file (or array) in the error.
+
+    Raises
+    ------
+    VolumeError
+        One line naming ``where`` and the bad value: not integers, not 3-D, a size
+        outside 1..:data:`MAX_AXIS_LENGTH`, more than :data:`MAX_STORED_CHUNKS`
+        chunks (or :data:`MAX_CHUNKS_PER_AXIS` along an axis), a chunk above
+        :data:`MAX_CHUNK_BYTES`.
+    """
+    for name, values in (("shape", shape), ("chunks", chunks)):
+        if not isinstance(values, (list, tuple)) or not all(_is_int(v) for v in values):
+            raise VolumeError(f"{where}: {name} {_short(values)} is not a list of integers")
+    if len(shape) != 3:
+        raise VolumeError(f"{where}: volumes must be 3-D (z, y, x), got {len(shape)}-D with shape "
+                          f"{_short(tuple(shape))}")
+    if len(chunks) != 3:
+        raise VolumeError(f"{where}: chunks {_short(list(chunks))} do not match the 3-D shape {list(shape)}")
+    for name, values in (("shape", shape), ("chunks", chunks)):
+        if not all(1 <= int(v) <= MAX_AXIS_LENGTH for v in values):
+            raise VolumeError(f"{where}: {name} {[int(v) for v in values]} has a size outside "
+                              f"1..{MAX_AXIS_LENGTH}")
+    shape, chunks = [int(v) for v in shape], [int(v) for v in chunks]
+    per_axis = [-(-s // c) for s, c in zip(shape, chunks)]
+    total = per_axis[0] * per_axis[1] * per_axis[2]
+    if total > MAX_STORED_CHUNKS or max(per_axis) > MAX_CHUNKS_PER_AXIS:
+        raise VolumeError(
+            f"{where}: shape {shape} in chunks {chunks} is {total} stored chunks ({per_axis} per axis); "
+            f"at most {MAX_STORED_CHUNKS} ({MAX_CHUNKS_PER_AXIS} per axis) are supported")
+    nbytes = chunks[0] * chunks[1] * chunks[2] * (itemsize or 1)
+    if nbytes > MAX_CHUNK_BYTES:
+        raise VolumeError(f"{where}: one chunk {chunks} holds {nbytes} bytes; at most {MAX_CHUNK_BYTES} "
+                          "are supported")
+
+
+def check_zarr(arr: Any, label: str) -> None:
+    """:func:`check_array` and :func:`check_grid` for an opened Zarr array (its inner chunks).
+
+    Raises
+    ------
+    VolumeError
+        One line naming ``label`` and the bad value.
+    """
+    shape = tuple(arr.shape)
+    if len(shape) != 3:
+        check_array(shape, arr.dtype, label)
+    try:
+        itemsize = np.dtype(arr.dtype).itemsize
+    except TypeError:
+        itemsize = None
+    check_grid(list(shape), list(arr.chunks), itemsize, f"{label} (metadata)")
+    check_array(shape, arr.dtype, label)
+
+
+def _metadata_file(folder: Path) -> tuple[Path, dict] | None:
+    """The array metadata a Zarr folder holds (``.zarray`` or ``zarr.json``), read within limits."""
+    import json
+
+    for name in (".zarray", "zarr.json"):
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if size > MAX_METADATA_BYTES:
+            raise VolumeError(f"{path}: {size} bytes of metadata; at most {MAX_METADATA_BYTES} are read")
+        try:
+            meta = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None  # zarr says what is wrong with it
+        return (path, meta) if isinstance(meta, dict) else None
+    return None
+
+
+def _declared_grid(meta: dict) -> tuple[Any, list[Any], Any]:
+    """``shape``, the chunk shapes (outer, and inner when sharded) and the dtype a metadata dict declares."""
+    if "chunk_grid" not in meta:  # Zarr v2
+        return meta.get("shape"), [meta.get("chunks")], meta.get("dtype")
+    grid = meta.get("chunk_grid")
+    config = grid.get("configuration") if isinstance(grid, dict) else None
+    chunks = [config.get("chunk_shape") if isinstance(config, dict) else grid]
+    for codec in meta.get("codecs") or ():
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            inner = codec.get("configuration")
+            chunks.append(inner.get("chunk_shape") if isinstance(inner, dict) else inner)
+    return meta.get("shape"), chunks, meta.get("data_type")
+
+
+def check_metadata_file(folder: Path) -> None:
+    """Check the array metadata file in a local Zarr folder before zarr reads it (if it is an array).
+
+    Raises
+    ------
+    VolumeError
+        The file is too large, or declares a grid :func:`check_grid` refuses.
+    """
+    found = _metadata_file(folder)
+    if found is None:
+        return
+    path, meta = found
+    if meta.get("node_type", "array") != "array" or "shape" not in meta:
+        return
+    shape, chunk_shapes, dtype = _declared_grid(meta)
+    if isinstance(shape, list) and len(shape) != 3:
+        return  # opened, then refused by check_array, which names the array as users know it
+    try:
+        itemsize = np.dtype(dtype).itemsize if isinstance(dtype, str) else None
+    except (TypeError, ValueError):
+        itemsize = None
+    if itemsize is None or np.dtype(dtype).kind not in _SUPPORTED_KINDS:
+        raise VolumeError(f"{path}: unsupported dtype {_short(dtype)}; volumes must be unsigned or "
+                          "signed integers or floats")
+    for chunks in chunk_shapes:
+        check_grid(shape, chunks, itemsize, str(path))
+
+
+def dask_chunking(shape: tuple[int, ...], stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored chunks, or multiples of them few enough for dask (:data:`MAX_DASK_CHUNKS`).
+
+    The axis with the most chunks is doubled until the counts fit.
+    """
+    chunks = [int(c) for c in stored]
+    while True:
+        per_axis = [-(-int(s) // c) for s, c in zip(shape, chunks)]
+        total = int(np.prod(per_axis, dtype=object))
+        if max(per_axis) <= MAX_DASK_CHUNKS_PER_AXIS and total <= MAX_DASK_CHUNKS:
+            return tuple(chunks)
+        a = per_axis.index(max(per_axis))
+        chunks[a] = min(chunks[a] * 2, int(shape[a]))
+
+
+def _check_dask_chunks(shape: tuple[int, ...], chunks: Any, label: str) -> None:
+    """Refuse a ``chunks=`` that is not positive integers or makes too many dask chunks."""
+    if (not isinstance(chunks, (list, tuple)) or len(chunks) != len(shape)
+            or not all(_is_int(c) and c >= 1 for c in chunks)):
+        raise VolumeError(f"{label}: chunks={_short(chunks)} must be {len(shape)} positive integers")
+    per_axis = [-(-int(s) // int(c)) for s, c in zip(shape, chunks)]
+    if max(per_axis) > MAX_DASK_CHUNKS_PER_AXIS or int(np.prod(per_axis, dtype=object)) > MAX_DASK_CHUNKS:
+        raise VolumeError(f"{label}: chunks={tuple(chunks)} make {per_axis} dask chunks per axis; at most "
+                          f"{MAX_DASK_CHUNKS} ({MAX_DASK_CHUNKS_PER_AXIS} per axis) are supported; pass "
+                          "larger chunks, or chunks=None")
 
 
 def wrap_numpy(arr: np.ndarray, chunks: Any, token: str | None = None) -> da.Array:
@@ -187,8 +385,11 @@ def open_zarr_path(source: str | os.PathLike, level: int | None,
     label = os.fspath(source)
     if "://" not in label and not Path(label).exists():
         raise VolumeNotFoundError(f"{label}: no such file or directory")
+    local = "://" not in label
+    if local:
+        check_metadata_file(Path(label))
     try:
-        extra = {"storage_options": storage_options} if storage_options and "://" in label else {}
+        extra = {"storage_options": storage_options} if storage_options and not local else {}
         node = zarr.open(label, mode="r", **extra)
     except Exception as err:  # zarr raises several types for "not a zarr node"
         also = ("" if "://" in label else
@@ -214,6 +415,8 @@ def open_zarr_path(source: str | os.PathLike, level: int | None,
             f"{label}: level {level!r} does not exist; this multiscale image has levels "
             f"0..{len(paths) - 1} ({', '.join(paths)})"
         )
+    if local:
+        check_metadata_file(Path(label) / paths[lvl])
     try:
         arr = node[paths[lvl]]
     except KeyError as err:
@@ -270,6 +473,8 @@ def read_stored(arr: Any, region: tuple[slice, ...], label: str, remote: Any = N
 
 
 def _corrupt(arr: Any, region: tuple[slice, ...], label: str, err: Exception) -> CorruptChunkError:
+    if isinstance(err, CorruptChunkError):  # chunkio's: it names the chunk, key and store already
+        return CorruptChunkError(f"{label}: {err}")
     index, key = chunk_key(arr, region)
     where = arr.store_path if getattr(arr, "store_path", None) is not None else "?"
     return CorruptChunkError(f"{label}: chunk {index} (key {key!r} in store {where}) cannot be read: "
@@ -288,12 +493,8 @@ def _read_remote(arr: Any, region: tuple[slice, ...], label: str, remote: Any, c
     out = np.empty(tuple(s.stop - s.start for s in region), dtype=codec.dtype)
     for key, cid in wanted:
         own = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cid, chunks, arr.shape))
-        data = remote.get(key, cid)
-        try:
-            chunk = codec.decode(data, own)
-        except Exception as err:
-            raise CorruptChunkError(f"{label}: chunk {cid} (fetched from {remote.url(key)}) cannot "
-                                    f"be decoded: {type(err).__name__}: {err}") from err
+        # decoded before it is kept in cache_dir; errors say where the bytes came from
+        chunk = remote.get(key, cid, decode=functools.partial(codec.decode, region=own))
         lo = [max(r.start, o.start) for r, o in zip(region, own)]
         hi = [min(r.stop, o.stop) for r, o in zip(region, own)]
         out[tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))] = \
@@ -432,8 +633,12 @@ def wrap_zarr(arr: Any, label: str, chunks: Any, remote: Any = None) -> da.Array
     """
     stored = tuple(int(c) for c in arr.chunks)
     if chunks is None and is_remote(arr) and len(stored) == 3:
-        chunks = _grouped(arr)
-    if chunks is not None:
+        chunks = dask_chunking(arr.shape, _grouped(arr))
+    elif chunks is None:  # the stored chunks, unless there are too many for dask
+        coarse = dask_chunking(arr.shape, stored)
+        chunks = None if coarse == stored else coarse
+    else:
+        _check_dask_chunks(arr.shape, chunks, label)
         chunks = tuple(int(c) for c in chunks)
         bad = [
             (axis, c, s) for axis, c, s in zip("zyx", chunks, stored)
@@ -470,6 +675,7 @@ def zarr_region(arr: Any, roi: tuple[slice, ...], label: str, remote: Any = None
     array, nothing outside the chunks the region touches is read or fetched.
     """
     step = _grouped(arr) if remote is not None and arr.ndim == 3 else tuple(int(c) for c in arr.chunks)
+    step = dask_chunking(arr.shape, step)
     chunks = []
     for s, c in zip(roi, step):
         edges = [s.start, *range((s.start // c + 1) * c, s.stop, c), s.stop]
@@ -486,6 +692,6 @@ def zarr_volume(source: str | os.PathLike, *, level: int | None = None, chunks: 
                 cache_dir: str | os.PathLike | None = None) -> Volume:
     """A Zarr array or OME-Zarr group path (local or URL) as a :class:`Volume`."""
     arr, lbl = open_zarr_path(source, level, storage_options)
-    check_array(arr.shape, arr.dtype, lbl)
+    check_zarr(arr, lbl)
     remote = remote_chunks(arr, lbl, storage_options, cache_dir)
     return Volume(wrap_zarr(arr, lbl, chunks, remote), lbl, zarr=arr, remote=remote)

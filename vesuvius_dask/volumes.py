@@ -26,6 +26,7 @@ from .volume import (
     Volume,
     VolumeSource,
     check_array,
+    check_zarr,
     chunk_key,
     disk_cache_for,
     is_pathlike,
@@ -82,7 +83,7 @@ def resolve_volume(
         return _from_path(source, level, chunks, storage_options, cache_dir)
     if isinstance(source, zarr.Array):
         lbl = label or f"zarr array {source.store_path}"
-        check_array(source.shape, source.dtype, lbl)
+        check_zarr(source, lbl)
         remote = remote_chunks(source, lbl, storage_options, cache_dir)
         return Volume(wrap_zarr(source, lbl, chunks, remote), lbl, zarr=source, remote=remote)
     if isinstance(source, np.ndarray):
@@ -184,7 +185,11 @@ def open_volume(
         The path does not exist.
     VolumeError
         The path is not a Zarr array or multiscale group, the level does not exist,
-        the array is not 3-D, or its dtype is not an integer or float type.
+        the array is not 3-D, or its dtype is not an integer or float type; or its
+        metadata declares what no volume has (sizes that are not positive integers,
+        more than :data:`~vesuvius_dask.volume.MAX_STORED_CHUNKS` chunks, a chunk
+        above :data:`~vesuvius_dask.volume.MAX_CHUNK_BYTES`), checked before
+        anything is made from it.
     InvalidTypeError
         ``source`` is of an unsupported type.
 

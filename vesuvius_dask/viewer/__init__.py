@@ -30,13 +30,22 @@ def require_napari() -> Any:
 
 
 def is_volume_path(path: Any) -> bool:
-    """True for a Zarr array, an OME-Zarr multiscale group, a TIFF layer folder or a segment folder."""
+    """Whether the other entry points open ``path`` as a volume (the same answer as theirs).
+
+    A URL (a remote Zarr), a Zarr array, an OME-Zarr multiscale group, a multi-page
+    TIFF, a folder of TIFF layers or a segment folder. A single-page TIFF is a 2-D
+    image, which napari's own reader shows as such.
+    """
     from ..paths import PathKind, path_kind
 
+    if isinstance(path, str) and path_kind(path) == PathKind.URL:
+        return True
     p = Path(os.fspath(path))
     kind = path_kind(p)
     if kind in (PathKind.SEGMENT, PathKind.TIFF_FOLDER):
         return True
+    if kind == PathKind.TIFF_FILE:  # a stack of pages is a volume; one 2-D page stays napari's own
+        return _pages(p) > 1
     if kind == PathKind.ZARR:
         import zarr
 
@@ -47,6 +56,18 @@ def is_volume_path(path: Any) -> bool:
 
         return multiscale_paths(node.attrs.asdict()) is not None
     return False
+
+
+def _pages(path: Path) -> int:
+    """1 or 2: whether a TIFF file has a second page (without walking every page)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        try:
+            tif.pages[1]
+        except IndexError:
+            return 1
+        return 2
 
 
 def _contrast(arr: Any, n_chunks: int = 3) -> tuple[float, float]:
