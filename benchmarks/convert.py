@@ -49,7 +49,7 @@ def make_stack(folder: Path, layers: int, height: int, width: int) -> Path:
 def child(mode: str, src: str, dst: str) -> None:
     import zarr
 
-    from vesuvius_dask.convert import _codec, convert_tiffs, find_layers
+    from vesuvius_dask.writers.convert import _codec, convert_tiffs, find_layers
 
     shutil.rmtree(dst, ignore_errors=True)
     t0 = time.perf_counter()

@@ -27,12 +27,12 @@ from _common import DATA_DIR, make_zarr, peak_rss_mb  # noqa: E402
 
 def writer_child(shape: tuple[int, int, int], memory_mb: int) -> None:
     from vesuvius_dask import PredictionWriter
-    from vesuvius_dask.sampling import GridStarts
+    from vesuvius_dask.sampling.starts import Tiling
 
     out = DATA_DIR / "predict-out.zarr"
     shutil.rmtree(out, ignore_errors=True)
     block, overlap = (16, 256, 256), (0, 32, 32)
-    grid = GridStarts(shape, block, overlap)
+    grid = Tiling(shape, block, overlap)
     writer = PredictionWriter(out, shape, block, chunks=(16, 512, 512),
                               memory_bytes=memory_mb * 2**20, overwrite=True)
     t0 = time.perf_counter()
@@ -65,7 +65,7 @@ def main() -> None:
     import zarr
 
     from vesuvius_dask import predict
-    from vesuvius_dask.sampling import GridStarts
+    from vesuvius_dask.sampling.starts import Tiling
 
     path = make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024))
     block, overlap = (16, 64, 64), (0, 16, 16)
@@ -76,7 +76,7 @@ def main() -> None:
     predict(lambda x: x, str(path), out, block=block, overlap=overlap, batch_size=32,
             overwrite=True)
     t_pred = time.perf_counter() - t0
-    grid = GridStarts((64, 1024, 1024), block, overlap)
+    grid = Tiling((64, 1024, 1024), block, overlap)
     z = zarr.open(str(path), mode="r")
     starts = grid.unravel(np.arange(grid.n)).tolist()
     t0 = time.perf_counter()

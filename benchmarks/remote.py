@@ -3,7 +3,7 @@
 The issue's workload: 2048 random 4x64x64 blocks in batches of 32 from a
 32x1024x1024 uint16 Zarr v3 (blosc-lz4, 4x128x128 chunks: 512 chunks, CT-like
 data), single process. The volume is served by a loopback HTTP server that
-sleeps ``delay`` per request (:class:`vesuvius_dask.testserver.SlowServer`).
+sleeps ``delay`` per request (:class:`vesuvius_dask.testing.server.SlowServer`).
 Two servers: a keep-alive HTTP/1.1 one with a long listen queue (as production
 servers), and ``--plain``'s Python ``http.server`` defaults (HTTP/1.0, a new
 connection per request, listen queue 5). For each server and delay, in one run:
@@ -41,7 +41,7 @@ from _common import DATA_DIR, make_zarr  # noqa: E402
 
 from vesuvius_dask import DaskVesuviusStream  # noqa: E402
 from vesuvius_dask import volume as volume_mod  # noqa: E402
-from vesuvius_dask.testserver import SlowServer  # noqa: E402
+from vesuvius_dask.testing.server import SlowServer  # noqa: E402
 
 SHAPE, CHUNKS, BLOCK, N, BATCH = (32, 1024, 1024), (4, 128, 128), (4, 64, 64), 2048, 32
 

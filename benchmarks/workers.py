@@ -73,7 +73,7 @@ def _peak(path_of: callable, stop: threading.Event, out: list) -> None:
 def run(path: Path, workers: int, shared: bool, cache: int) -> tuple[float, int, int]:
     LOG.unlink(missing_ok=True)
     stream = DaskVesuviusStream([str(path)], 4, 64, 64, samples_per_epoch=2048, batch_size=64, seed=0,
-                                cache_bytes=cache, shared_cache=shared)
+                                cache_bytes=cache, machine_cache=shared)
     stream.set_epoch(0)
     kw = {"multiprocessing_context": "fork"} if workers else {}
     stop, peak = threading.Event(), []

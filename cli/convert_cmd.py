@@ -8,10 +8,10 @@ from .options import add_cache_dir, non_negative, positive, positive_triple
 
 
 def run(args: argparse.Namespace) -> int:
-    from vesuvius_dask.convert import convert_tiffs, convert_zarr
     from vesuvius_dask.errors import ConversionError
-    from vesuvius_dask.info import describe
-    from vesuvius_dask.paths import PathKind, path_kind
+    from vesuvius_dask.io.info import describe
+    from vesuvius_dask.io.paths import PathKind, path_kind
+    from vesuvius_dask.writers.convert import convert_tiffs, convert_zarr
 
     chunks = list(args.chunks)
     for i, axis in enumerate("zyx"):  # the original converter's --z_chunksize etc.
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from vesuvius_dask.convert import COMPRESSORS, DEFAULT_COMPRESSOR
+    from vesuvius_dask.writers.convert import COMPRESSORS, DEFAULT_COMPRESSOR
 
     p = sub.add_parser(
         "convert", help="convert a TIFF stack, or copy a (remote) Zarr region, to Zarr / OME-Zarr",

@@ -23,7 +23,7 @@ EXTRAS = {"torch": "torch", "napari": "viewer", "distributed": "distributed", "f
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vesuvius_dask.info import check, describe
+    from vesuvius_dask.io.info import check, describe
 
     status = 0
     for path in args.paths:
@@ -43,7 +43,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from vesuvius_dask.extras import require
 
     require("torch", "torch")
-    from vesuvius_dask.throughput import stream_throughput
+    from vesuvius_dask.loaders.throughput import stream_throughput
 
     try:
         report = stream_throughput(
@@ -157,7 +157,7 @@ def _main(argv: Sequence[str] | None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     from vesuvius_dask.errors import Interrupted, VesuviusDaskError
-    from vesuvius_dask.outputs import interruptible
+    from vesuvius_dask.writers.outputs import interruptible
 
     where = f"vesuvius-dask {args.command}"
     try:

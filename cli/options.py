@@ -34,7 +34,7 @@ def _old_flag_hint(message: str) -> str:
 
 
 def _argument(check: Callable[[str], Any], name: str) -> Callable[[str], Any]:
-    """An argparse type from a library check (one parser per kind of value, in checks.py)."""
+    """An argparse type from a library check (one parser per kind of value, in vesuvius_dask.arguments)."""
     def parse(text: str) -> Any:
         from vesuvius_dask.errors import VesuviusDaskError
 

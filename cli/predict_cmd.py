@@ -11,11 +11,11 @@ def run(args: argparse.Namespace) -> int:
     from vesuvius_dask.extras import require
 
     require("torch", "torch")
-    from vesuvius_dask.inference import predict
+    from vesuvius_dask.writers.predict import predict
 
     out = predict(
         args.model, args.source, args.out, block=args.block, overlap=args.overlap,
-        batch_size=args.batch_size, mask=args.mask, blend=args.blend, png=args.png,
+        batch_size=args.batch_size, masks=args.mask, blend=args.blend, png=args.png,
         overwrite=args.overwrite, resume=args.resume, num_workers=args.num_workers,
         client=args.scheduler, quiet=args.quiet, cache_dir=args.cache_dir,
     )

@@ -9,7 +9,7 @@ from .options import add_cache_dir, non_negative, positive
 
 def _check_paths(paths: list[str]) -> None:
     from vesuvius_dask.errors import VolumeNotFoundError
-    from vesuvius_dask.paths import PathKind, path_kind
+    from vesuvius_dask.io.paths import PathKind, path_kind
 
     for path in paths:
         if path_kind(path) == PathKind.MISSING:
@@ -18,8 +18,8 @@ def _check_paths(paths: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vesuvius_dask.errors import SamplingError
+    from vesuvius_dask.io.open import open_volume
     from vesuvius_dask.viewer import require_napari, show
-    from vesuvius_dask.volumes import open_volume
 
     _check_paths(args.paths)
     napari = require_napari()
@@ -29,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
                             f"(--z 0..{depth - 1})")
     plan = None
     if args.samples:  # the stream's plan, without torch: the same blocks for the same seed
-        from vesuvius_dask.plan import BlockPlan
-        from vesuvius_dask.volumes import resolve_volume
+        from vesuvius_dask.io.open import resolve_volume
+        from vesuvius_dask.sampling.plan import BlockPlan
 
-        volumes = [resolve_volume(p, label=f"files[{i}]") for i, p in enumerate(args.paths)]
+        volumes = [resolve_volume(p, name=f"files[{i}]") for i, p in enumerate(args.paths)]
         try:
             plan = BlockPlan(volumes, (args.z_size, args.y_size, args.x_size),
                              args.samples_per_epoch or args.samples,

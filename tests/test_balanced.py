@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from vesuvius_dask import DaskVesuviusStream, SamplingError, open_segment
-from vesuvius_dask.plan import BlockPlan
+from vesuvius_dask.io.open import resolve_volume
+from vesuvius_dask.sampling.plan import BlockPlan
 from vesuvius_dask.testing import write_segment
-from vesuvius_dask.volumes import resolve_volume
 
 BLOCK = (4, 16, 16)
 

@@ -23,11 +23,11 @@ import pytest
 import zarr
 
 from vesuvius_dask import cachefiles
-from vesuvius_dask.cachefiles import claim, claim_key, release, write_atomic
-from vesuvius_dask.disk_cache import MARKER, DiskChunkCache
 from vesuvius_dask.errors import CacheDirError, ChunkFetchError, CorruptChunkError
-from vesuvius_dask.remote import RemoteChunks, RemoteSettings, stored_bound
-from vesuvius_dask.testserver import SlowServer
+from vesuvius_dask.remote.cache_files import claim, claim_key, release, write_atomic
+from vesuvius_dask.remote.disk_cache import MARKER, DiskChunkCache
+from vesuvius_dask.remote.fetch import RemoteChunks, RemoteSettings, stored_bound
+from vesuvius_dask.testing.server import SlowServer
 
 pytest.importorskip("aiohttp", reason="Zarr over HTTP needs the 'remote' extra (fsspec[http])")
 
@@ -486,8 +486,8 @@ def broken(served, tmp_path):
 
 
 def _remote(url, cache_dir, **settings):
-    from vesuvius_dask.chunkio import ChunkCodec
-    from vesuvius_dask.volume import remote_chunks
+    from vesuvius_dask.io.chunks import ChunkCodec
+    from vesuvius_dask.io.volume import remote_chunks
 
     arr = zarr.open_array(url, mode="r")
     remote = remote_chunks(arr, "files[0]", None, cache_dir)

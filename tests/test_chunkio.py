@@ -6,8 +6,8 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vesuvius_dask.chunkio import fast_reader
-from vesuvius_dask.volume import read_stored
+from vesuvius_dask.io.chunks import fast_reader
+from vesuvius_dask.io.volume import read_stored
 
 DTYPES = ["u1", "u2", "<u2", ">u2", "i2", ">i4", "f4", ">f8", "u8"]
 
@@ -68,7 +68,7 @@ def test_fast_path_equals_zarr_for_every_chunk(tmp_path, data):
 
 
 def test_every_known_compressor_decodes_through_a_bounded_step(tmp_path):
-    from vesuvius_dask.chunkio import ChunkCodec
+    from vesuvius_dask.io.chunks import ChunkCodec
 
     for comp in (numcodecs.Blosc(), numcodecs.Zstd(), numcodecs.GZip(), numcodecs.Zlib(), numcodecs.LZ4(),
                  numcodecs.BZ2(), numcodecs.LZMA()):
@@ -84,7 +84,7 @@ def test_every_known_compressor_decodes_through_a_bounded_step(tmp_path):
 def test_zstd_frame_content_size():
     import struct
 
-    from vesuvius_dask.chunkio import _zstd_content_size
+    from vesuvius_dask.io.chunks import _zstd_content_size
 
     for n in (0, 1, 255, 256, 300, 65535 + 256, 70000):  # every size field: 1, 2 (+256), 4 bytes
         assert _zstd_content_size(numcodecs.zstd.compress(bytes(n), 1)) == n

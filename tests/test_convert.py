@@ -6,8 +6,8 @@ import tifffile
 import zarr
 from vesuvius_dask.cli.main import main
 
-import vesuvius_dask.convert as convert_mod
-import vesuvius_dask.tiff as tiff_mod
+import vesuvius_dask.io.tiff as tiff_mod
+import vesuvius_dask.writers.convert as convert_mod
 from vesuvius_dask import ConversionError, convert_tiffs, open_volume
 
 

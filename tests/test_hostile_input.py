@@ -17,10 +17,10 @@ import zarr
 
 from vesuvius_dask import open_volume
 from vesuvius_dask import tiff as tiff_mod
-from vesuvius_dask.chunkio import ChunkCodec, fast_reader
 from vesuvius_dask.errors import CorruptChunkError, VolumeError
-from vesuvius_dask.volume import MAX_DASK_CHUNKS, MAX_DASK_CHUNKS_PER_AXIS, read_stored
-from vesuvius_dask.volumes import resolve_volume
+from vesuvius_dask.io.chunks import ChunkCodec, fast_reader
+from vesuvius_dask.io.open import resolve_volume
+from vesuvius_dask.io.volume import MAX_DASK_CHUNKS, MAX_DASK_CHUNKS_PER_AXIS, read_stored
 
 GIB = 2**30
 SHAPE, CHUNKS = (8, 32, 32), (4, 32, 32)  # a chunk holds 8 KB of uint16
@@ -275,7 +275,7 @@ def test_sixteen_segments_of_65_layers_read_under_256_descriptors(tmp_path):
         import os, resource
         import numpy as np
         from vesuvius_dask import DaskVesuviusStream, open_volume
-        from vesuvius_dask.volumes import resolve_volume
+        from vesuvius_dask.io.open import resolve_volume
 
         expected = np.load({str(tmp_path / "expected.npy")!r})
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

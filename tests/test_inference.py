@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 from vesuvius_dask.cli.main import main
 
 from vesuvius_dask import DaskVesuviusStream, PredictionWriter, SamplingError, open_segment, predict
-from vesuvius_dask.sampling import GridStarts
+from vesuvius_dask.sampling.starts import Tiling
 from vesuvius_dask.testing import write_segment
 
 
@@ -17,7 +17,7 @@ from vesuvius_dask.testing import write_segment
     ((5, 16, 16), (5, 16, 16), (0, 0, 0)),
 ])
 def test_grid_covers_everything_once(shape, block, overlap):
-    grid = GridStarts(shape, block, overlap)
+    grid = Tiling(shape, block, overlap)
     starts = grid.unravel(np.arange(grid.n))
     assert np.unique(starts, axis=0).shape[0] == grid.n
     cover = np.zeros(shape, np.int32)
@@ -32,7 +32,7 @@ def test_grid_covers_everything_once(shape, block, overlap):
 
 def test_grid_bad_overlap():
     with pytest.raises(SamplingError, match="overlap along y must be in"):
-        GridStarts((4, 20, 20), (4, 8, 8), (0, 8, 0))
+        Tiling((4, 20, 20), (4, 8, 8), (0, 8, 0))
 
 
 @pytest.mark.parametrize("overlap", [(0, 0, 0), (1, 5, 3), (2, 7, 7)])
@@ -84,7 +84,7 @@ def test_masked_grid_skips_outside(tmp_path, rng_volume):
     mask[40:90, 50:120] = 1
     stream = DaskVesuviusStream([vol], 4, 16, 16, None, sampling_method="grid", overlap=(0, 4, 4),
                                 masks=[mask], mask_coverage=1e-9, batch_size=16, return_coords=True)
-    full = GridStarts(vol.shape, (4, 16, 16), (0, 4, 4))
+    full = Tiling(vol.shape, (4, 16, 16), (0, 4, 4))
     coords = np.concatenate([c.numpy() for _, c in stream])
     for _, _z, y, x in coords:
         assert mask[y:y + 16, x:x + 16].any()

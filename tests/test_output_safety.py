@@ -23,8 +23,8 @@ from vesuvius_dask import (
     convert_zarr,
     predict,
 )
-from vesuvius_dask.outputs import OutputJob, check_output, is_our_output, source_stamp
 from vesuvius_dask.testing import write_segment
+from vesuvius_dask.writers.outputs import OutputJob, check_output, is_our_output, source_stamp
 
 from .conftest import write_zarr
 from .test_outputs import digest, run_cli, write_stack

@@ -8,8 +8,8 @@ import pytest
 import tifffile
 
 from vesuvius_dask import DaskVesuviusStream, open_volume
-from vesuvius_dask.info import check, describe
-from vesuvius_dask.paths import PathKind, path_kind, protected_roots
+from vesuvius_dask.io.info import check, describe
+from vesuvius_dask.io.paths import PathKind, path_kind, protected_roots
 from vesuvius_dask.testing import write_segment
 from vesuvius_dask.viewer import is_volume_path, read_layers
 from vesuvius_dask.viewer._reader import napari_get_reader

@@ -10,10 +10,10 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vesuvius_dask.engine import BatchEngine
-from vesuvius_dask.inference import PredictionWriter
-from vesuvius_dask.sampling import MaskedStartGrid, StartGrid
-from vesuvius_dask.volumes import resolve_volume
+from vesuvius_dask.engine.batches import BatchEngine
+from vesuvius_dask.io.open import resolve_volume
+from vesuvius_dask.sampling.starts import MaskedStartGrid, StartGrid
+from vesuvius_dask.writers.predict import PredictionWriter
 
 
 @st.composite
@@ -42,7 +42,7 @@ def test_engine_blocks_equal_numpy_slices_on_any_chunk_grid(case, seed):
     """plan_pieces + cutting, through a dask-backed and a numpy-backed volume."""
     shape, block, starts, chunks = case
     data = np.random.default_rng(seed).integers(0, 60000, shape, dtype=np.uint16)
-    lazy = resolve_volume(da.from_array(data, chunks=chunks), label="dask")  # chunk by chunk
+    lazy = resolve_volume(da.from_array(data, chunks=chunks), name="dask")  # chunk by chunk
     ram = resolve_volume(data, chunks=chunks)                                  # one in-RAM source
     for vol in (lazy, ram):
         got = BatchEngine([vol], block, cache_bytes=0).read(np.zeros(len(starts), int), starts)

@@ -1,6 +1,6 @@
 """Remote volumes (issue 17): requests in flight, the on-disk chunk cache, faults.
 
-A loopback server (:class:`~vesuvius_dask.testserver.SlowServer`) serves local Zarrs
+A loopback server (:class:`~vesuvius_dask.testing.server.SlowServer`) serves local Zarrs
 with latency added per request and counts what it is asked for; every check counts
 requests, never times them. Blocks are compared with numpy slices of the source.
 """
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from vesuvius_dask import DaskVesuviusStream, open_volume
-from vesuvius_dask.disk_cache import DiskChunkCache
 from vesuvius_dask.errors import ChunkFetchError
-from vesuvius_dask.testserver import SlowServer
+from vesuvius_dask.remote.disk_cache import DiskChunkCache
+from vesuvius_dask.testing.server import SlowServer
 
 pytest.importorskip("aiohttp", reason="Zarr over HTTP needs the 'remote' extra (fsspec[http])")
 
@@ -79,7 +79,7 @@ def test_a_stalled_connect_is_made_again_early_then_named():
     # again (0.25 + 0.5 + the 0.25 left of the 1 s budget), then the chunk is named.
     import socket
 
-    from vesuvius_dask.remote import RemoteChunks, RemoteSettings
+    from vesuvius_dask.remote.fetch import RemoteChunks, RemoteSettings
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -153,7 +153,7 @@ def test_second_run_in_a_new_process_asks_for_no_chunk(server, tmp_path):
 def test_two_workers_sharing_a_cache_dir_fetch_each_chunk_once(server, served, tmp_path, shared_cache):
     stream = DaskVesuviusStream([server.url("v3.zarr")], 4, 32, 32, samples_per_epoch=1024,
                                 batch_size=16, return_coords=True, seed=2, cache_dir=tmp_path / "c",
-                                shared_cache=shared_cache)
+                                machine_cache=shared_cache)
     stream.set_epoch(0)
     server.reset()
     n = 0
@@ -472,7 +472,7 @@ def test_volumes_on_one_server_share_its_session_and_threads(server, served):
     # not one per open (each with its keep-alive sockets and threads)
     import threading
 
-    from vesuvius_dask.volumes import resolve_volume
+    from vesuvius_dask.io.open import resolve_volume
 
     def read_once():
         vol = resolve_volume(server.url("v3.zarr"))

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vesuvius_dask.errors import SamplingError
-from vesuvius_dask.sampling import EpochPlan, FeistelPermutation, StartGrid
+from vesuvius_dask.sampling.starts import EpochPlan, FeistelPermutation, StartGrid
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,7 +54,7 @@ def test_start_grid_bounds(shape, data):
 def test_start_grid_block_too_large():
     with pytest.raises(SamplingError,
                        match=r"vol7: block y_size=20 is larger than the volume's y axis \(10\)"):
-        StartGrid((5, 10, 10), (1, 20, 1), (1, 1, 1), label="vol7")
+        StartGrid((5, 10, 10), (1, 20, 1), (1, 1, 1), name="vol7")
 
 
 def _collect(plan, batch):
@@ -115,7 +115,7 @@ def test_unknown_method():
        run=st.integers(1, 20), mix=st.integers(1, 5), masked=st.booleans(), data=st.data())
 def test_locality_permutation_is_a_bijection(shape, chunks, run, mix, masked, data):
     # of all starts, or (masked) of the valid starts, as valid-start indices
-    from vesuvius_dask.sampling import LocalityPermutation, MaskedStartGrid
+    from vesuvius_dask.sampling.starts import LocalityPermutation, MaskedStartGrid
 
     block = tuple(data.draw(st.integers(1, s)) for s in shape)
     stride = tuple(data.draw(st.integers(1, 4)) for _ in shape)
@@ -133,7 +133,7 @@ def test_locality_permutation_is_a_bijection(shape, chunks, run, mix, masked, da
 
 
 def test_locality_runs_stay_in_one_chunk():
-    from vesuvius_dask.sampling import LocalityPermutation
+    from vesuvius_dask.sampling.starts import LocalityPermutation
 
     shape, chunks = (16, 256, 256), (4, 64, 64)
     grid = StartGrid(shape, (1, 1, 1), (1, 1, 1))
@@ -145,7 +145,7 @@ def test_locality_runs_stay_in_one_chunk():
 
 
 def test_masked_locality_runs_stay_in_one_chunk_and_inside_the_mask():
-    from vesuvius_dask.sampling import LocalityPermutation, MaskedStartGrid
+    from vesuvius_dask.sampling.starts import LocalityPermutation, MaskedStartGrid
 
     shape, chunks = (16, 256, 256), (4, 64, 64)
     yy, xx = np.mgrid[:256, :256]

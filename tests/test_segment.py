@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from vesuvius_dask import DaskVesuviusStream, SamplingError, VolumeError, open_segment
 from vesuvius_dask.errors import VolumeNotFoundError
-from vesuvius_dask.segment import TiffStack
+from vesuvius_dask.io.segments import TiffStack
 from vesuvius_dask.testing import write_segment
 
 SHAPE = (10, 120, 150)
@@ -95,7 +95,7 @@ def test_large_png_past_pillow_guard(tmp_path):
     img = np.zeros((h, w), np.uint8)
     img[::97, ::89] = 255
     PIL.Image.fromarray(img).save(tmp_path / "mask.png")
-    from vesuvius_dask.segment import read_image
+    from vesuvius_dask.io.segments import read_image
 
     arr = read_image(tmp_path / "mask.png")
     assert arr.shape == (h, w)
@@ -254,7 +254,7 @@ def test_tiff_stack_keeps_few_layers_mapped(tmp_path, monkeypatch):
     # Each mapped layer holds a file descriptor; a whole scroll has thousands of layers.
     import tifffile
 
-    from vesuvius_dask.segment import TiffStack
+    from vesuvius_dask.io.segments import TiffStack
 
     vol = np.arange(40 * 8 * 9, dtype=np.uint16).reshape(40, 8, 9)
     for z in range(40):

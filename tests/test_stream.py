@@ -387,7 +387,7 @@ def test_dataloader_workers_reuse_released_batches_only(mixed_files, context):
     # Persistent workers, from their second epoch, reuse the shared memory of batches
     # the main process has released, and never that of batches it still holds (or
     # holds views of).
-    from vesuvius_dask.shm import ShmBatchPool as _ShmBatchPool
+    from vesuvius_dask.loaders.batch_buffers import ShmBatchPool as _ShmBatchPool
 
     if not _ShmBatchPool._check_layout():
         pytest.skip("torch's shared-memory layout differs here: the pool is off")
@@ -449,7 +449,7 @@ def test_early_stops_leave_no_shared_memory_behind(mixed_files):
     # each worker: its pool, plus at most prefetch_factor batches (2 tensors each:
     # the raw batch and the transform's output) in the queue; a leak of the queued
     # batches at every early stop would pass this bound within the 24 epochs
-    from vesuvius_dask.shm import SHM_POOL_BUFFERS as _SHM_POOL_BUFFERS
+    from vesuvius_dask.loaders.batch_buffers import SHM_POOL_BUFFERS as _SHM_POOL_BUFFERS
 
     assert len(pids) == 2 and max(counts) <= 2 * (_SHM_POOL_BUFFERS + 2 * 2), counts
 
@@ -494,7 +494,7 @@ def test_set_epoch_reaches_persistent_workers(mixed_files, context):
 def test_dataloader_transform_outputs_are_pooled_and_kept_intact(mixed_files):
     # A transform that returns new tensors: the worker copies them into its reused
     # shared memory; batches the main process holds are never overwritten.
-    from vesuvius_dask.shm import ShmBatchPool as _ShmBatchPool
+    from vesuvius_dask.loaders.batch_buffers import ShmBatchPool as _ShmBatchPool
 
     if not _ShmBatchPool._check_layout():
         pytest.skip("torch's shared-memory layout differs here: the pool is off")

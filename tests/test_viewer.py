@@ -224,14 +224,15 @@ def test_view_samples_need_no_torch_and_match_the_stream(rng_volume):
     import subprocess
     import sys
 
-    from vesuvius_dask.plan import BlockPlan
-    from vesuvius_dask.volumes import resolve_volume
+    from vesuvius_dask.io.open import resolve_volume
+    from vesuvius_dask.sampling.plan import BlockPlan
 
     stream = DaskVesuviusStream([rng_volume], 4, 16, 16, samples_per_epoch=40, seed=3)
     plan = BlockPlan([resolve_volume(rng_volume)], (4, 16, 16), 40, seed=3)
     np.testing.assert_array_equal(plan.epoch_coords(0), stream.epoch_coords(0))
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from vesuvius_dask.plan import BlockPlan\nfrom vesuvius_dask.volumes import resolve_volume\n"
+            "from vesuvius_dask.sampling.plan import BlockPlan\n"
+            "from vesuvius_dask.io.open import resolve_volume\n"
             "import numpy as np\nfrom vesuvius_dask.viewer import sample_outlines\n"
             "p = BlockPlan([resolve_volume(np.zeros((8, 64, 64), np.uint16))], (4, 16, 16), 10, seed=1)\n"
             "print(int(sample_outlines(p, None)[0].sum().compute()) > 0)")

@@ -7,7 +7,7 @@ import zarr
 
 from vesuvius_dask import VolumeError, VolumeNotFoundError, open_volume
 from vesuvius_dask.errors import InvalidTypeError, VesuviusDaskError
-from vesuvius_dask.volumes import resolve_volume
+from vesuvius_dask.io.open import resolve_volume
 
 from .conftest import EXAMPLE, write_zarr
 

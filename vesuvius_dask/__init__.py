@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import moved as _moved
 from ._version import __version__
 from .errors import (
     CacheDirError,
@@ -29,12 +30,14 @@ from .errors import (
     VolumeNotFoundError,
 )
 
+_moved.install()  # the old module paths (vesuvius_dask.stream, ...) keep working
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .convert import convert_tiffs, convert_zarr
-    from .inference import PredictionWriter, predict
-    from .segment import Segment, open_segment
-    from .stream import DaskVesuviusStream
-    from .volumes import open_volume
+    from .io.open import open_volume
+    from .io.segments import Segment, open_segment
+    from .loaders.stream import DaskVesuviusStream
+    from .writers.convert import convert_tiffs, convert_zarr
+    from .writers.predict import PredictionWriter, predict
 
 __all__ = [
     "__version__",
@@ -64,14 +67,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "open_volume": ("volumes", "open_volume"),
-    "DaskVesuviusStream": ("stream", "DaskVesuviusStream"),
-    "convert_tiffs": ("convert", "convert_tiffs"),
-    "convert_zarr": ("convert", "convert_zarr"),
-    "open_segment": ("segment", "open_segment"),
-    "PredictionWriter": ("inference", "PredictionWriter"),
-    "predict": ("inference", "predict"),
-    "Segment": ("segment", "Segment"),
+    "open_volume": ("io.open", "open_volume"),
+    "DaskVesuviusStream": ("loaders.stream", "DaskVesuviusStream"),
+    "convert_tiffs": ("writers.convert", "convert_tiffs"),
+    "convert_zarr": ("writers.convert", "convert_zarr"),
+    "open_segment": ("io.segments", "open_segment"),
+    "PredictionWriter": ("writers.predict", "PredictionWriter"),
+    "predict": ("writers.predict", "predict"),
+    "Segment": ("io.segments", "Segment"),
 }
 
 

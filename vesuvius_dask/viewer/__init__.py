@@ -36,7 +36,7 @@ def is_volume_path(path: Any) -> bool:
     TIFF, a folder of TIFF layers or a segment folder. A single-page TIFF is a 2-D
     image, which napari's own reader shows as such.
     """
-    from ..paths import PathKind, path_kind
+    from ..io.paths import PathKind, path_kind
 
     if isinstance(path, str) and path_kind(path) == PathKind.URL:
         return True
@@ -52,7 +52,7 @@ def is_volume_path(path: Any) -> bool:
         node = zarr.open(str(p), mode="r")
         if isinstance(node, zarr.Array):
             return node.ndim == 3
-        from ..volume import multiscale_paths
+        from ..io.volume import multiscale_paths
 
         return multiscale_paths(node.attrs.asdict()) is not None
     return False
@@ -100,9 +100,9 @@ def read_layers(path: Any, cache_dir: Any = None) -> list[tuple[Any, dict, str]]
     """
     import zarr
 
-    from ..paths import PathKind, path_kind
-    from ..volume import multiscale_paths
-    from ..volumes import open_volume
+    from ..io.open import open_volume
+    from ..io.paths import PathKind, path_kind
+    from ..io.volume import multiscale_paths
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -122,7 +122,7 @@ def read_layers(path: Any, cache_dir: Any = None) -> list[tuple[Any, dict, str]]
     if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
         vol = open_volume(p)
         return [(vol, {"name": name, "contrast_limits": _contrast(vol)}, "image")]
-    from ..segment import open_segment
+    from ..io.segments import open_segment
 
     seg = open_segment(p)
     layers: list[tuple[Any, dict, str]] = [
@@ -234,7 +234,7 @@ def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | Non
         Zarr / OME-Zarr / segment paths, or arrays (numpy, dask, zarr).
     stream : DaskVesuviusStream or BlockPlan, optional
         Draw where it will sample its next ``samples`` blocks (a
-        :class:`~vesuvius_dask.plan.BlockPlan` needs no torch).
+        :class:`~vesuvius_dask.sampling.plan.BlockPlan` needs no torch).
     samples : int, optional
         How many blocks to outline (None: the whole epoch).
     epoch : int, optional
@@ -251,7 +251,7 @@ def show(volumes: Sequence[Any] | Any, stream: Any = None, *, samples: int | Non
     napari.Viewer
     """
     napari = require_napari()
-    from ..volumes import open_volume
+    from ..io.open import open_volume
 
     if viewer is None:
         viewer = napari.Viewer(show=show)

@@ -2,7 +2,7 @@
 
 :class:`BatchReader` turns an iterator of ``(volume_index, starts)`` batches into
 ``(blocks, labels, volume_index, starts)`` arrays, in plan order. Locally each batch
-is one graph of the chunk-aware :class:`~vesuvius_dask.engine.BatchEngine`, written
+is one graph of the chunk-aware :class:`~vesuvius_dask.engine.batches.BatchEngine`, written
 straight into shared memory inside DataLoader workers; the next batches are read in
 a background thread while the consumer is busy. With a client, each batch is one
 task that runs the same engine on a worker, ``prefetch`` tasks in flight.
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .engine import BatchEngine, read_together
-from .shm import pool_allowed, shared_tensor, shm_pool
-from .volume import Volume, memmap_ref
+from ..engine.batches import BatchEngine, read_together
+from ..io.volume import Volume, memmap_ref
+from .batch_buffers import pool_allowed, shared_tensor, shm_pool
 
 __all__ = ["BatchReader", "Batch"]
 
@@ -35,7 +35,7 @@ REMOTE_AHEAD = 32
 
 #: ``(blocks, labels or None, volume_index, starts)``.
 Batch = tuple[Any, Any, np.ndarray, np.ndarray]
-#: ``(engine, volume_index, starts, out)``: what :func:`~vesuvius_dask.engine.read_together` takes.
+#: ``(engine, volume_index, starts, out)``: what :func:`~vesuvius_dask.engine.batches.read_together` takes.
 _Request = tuple[Any, np.ndarray, np.ndarray, Any]
 
 
@@ -87,7 +87,7 @@ class BatchReader:
         self.scheduler_address: str | None = None
         if client is not None:
             if isinstance(client, str):
-                from .cluster import get_client
+                from ..engine.cluster import get_client
 
                 self.scheduler_address = client
                 get_client(client)  # fail now, within the timeout, if it is unreachable
@@ -110,7 +110,7 @@ class BatchReader:
     def run(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[Batch]:
         """Read every batch, in order."""
         if self.scheduler_address is not None:
-            return self._remote(batches, 2 if self.prefetch is None else self.prefetch)
+            return self._on_cluster(batches, 2 if self.prefetch is None else self.prefetch)
         prefetch = self.prefetch
         if prefetch is None:
             prefetch = 0 if get_worker_info() is not None else 2
@@ -218,23 +218,23 @@ class BatchReader:
 
     # ------------------------------------------------------------------ cluster
     def _client(self) -> Any:
-        from .cluster import get_client
+        from ..engine.cluster import get_client
 
         if self._client_obj is not None and self._client_pid == os.getpid():
             return self._client_obj
         return get_client(self.scheduler_address)
 
-    def _remote(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], prefetch: int) -> Iterator[Batch]:
+    def _on_cluster(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], prefetch: int) -> Iterator[Batch]:
         """Read each batch on the cluster, ``prefetch`` batches in flight, in plan order.
 
         One task per batch runs the chunk-aware engine on a worker (its decoded-chunk
         cache stays there between batches); only block starts and the engine's few KB
         of references travel, and the batch comes back.
         """
-        from .engine import remote_read
+        from ..engine.batches import cluster_read
 
         client = self._client()
-        engines = self._remote_engines(client)
+        engines = self._cluster_engines(client)
         pending: deque = deque()
         # A future's data is transferred only when asked for: fetch each one in a
         # background thread as soon as it is submitted, so the transfer overlaps too.
@@ -244,7 +244,7 @@ class BatchReader:
                 all_starts = [starts]
                 if self.label_engine is not None:
                     all_starts.append(self._label_starts(starts))
-                future = client.submit(remote_read, engines, vols, all_starts, pure=False,
+                future = client.submit(cluster_read, engines, vols, all_starts, pure=False,
                                        retries=self.retries)
                 pending.append((future, fetcher.submit(future.result), vols, starts))
                 if len(pending) > prefetch:
@@ -256,7 +256,7 @@ class BatchReader:
                 future.cancel()
             fetcher.shutdown(wait=False, cancel_futures=True)
 
-    def _remote_engines(self, client: Any) -> Any:
+    def _cluster_engines(self, client: Any) -> Any:
         """The engines as task arguments; scattered once if they hold in-RAM arrays."""
         engines = [self.engine] + ([self.label_engine] if self.label_engine else [])
         if not any(_needs_scatter(v) for e in engines for v in e.volumes):

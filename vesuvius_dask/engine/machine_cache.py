@@ -1,6 +1,6 @@
 """Decoded chunks shared by the processes of one machine (DataLoader workers), decoded once.
 
-:class:`SharedChunkCache` keeps decoded chunks as files in a folder in ``/dev/shm``
+:class:`MachineChunkCache` keeps decoded chunks as files in a folder in ``/dev/shm``
 (memory, not disk) that every DataLoader worker of a stream reaches by name. A
 worker that needs a chunk maps the file (no copy: the pages are shared); on a miss
 it takes an exclusive ``flock`` on the chunk's claim file, so that of several
@@ -39,7 +39,7 @@ When ``/dev/shm`` is full or not writable
     A failed write (no space — Docker's ``/dev/shm`` is 64 MB by default —, a
     read-only or missing folder, no permission) warns once per process
     (``RuntimeWarning`` naming the folder and the reason) and returns the chunk
-    uncached; from then on :attr:`SharedChunkCache.usable` is False and the engine
+    uncached; from then on :attr:`MachineChunkCache.usable` is False and the engine
     reads without the shared cache (its per-process cache still applies).
 """
 
@@ -61,9 +61,9 @@ from typing import IO
 
 import numpy as np
 
-from .cachefiles import claim, evict, release, write_atomic
+from ..remote.cache_files import claim, evict, release, write_atomic
 
-__all__ = ["SharedChunkCache", "shared_memory_dir", "write_chunk", "map_chunk"]
+__all__ = ["MachineChunkCache", "shared_memory_dir", "write_chunk", "map_chunk"]
 
 _PREFIX = "vesuvius-dask-chunks-"
 #: A folder being set up (not yet locked): no sweep looks at this name.
@@ -236,7 +236,7 @@ def _remove(path: str, owner: int, fd: int | None) -> None:
             os.close(fd)
 
 
-class SharedChunkCache:
+class MachineChunkCache:
     """Decoded chunks in shared memory, one decode per chunk per machine.
 
     Parameters
@@ -379,4 +379,4 @@ class SharedChunkCache:
             finalizer()
 
     def __repr__(self) -> str:
-        return f"SharedChunkCache({str(self.path)!r}, max_bytes={self.max_bytes})"
+        return f"MachineChunkCache({str(self.path)!r}, max_bytes={self.max_bytes})"

@@ -10,7 +10,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from vesuvius_dask import DaskVesuviusStream, chunkio
-from vesuvius_dask.shared_cache import SharedChunkCache, shared_memory_dir
+from vesuvius_dask.engine.machine_cache import MachineChunkCache, shared_memory_dir
 
 pytestmark = pytest.mark.skipif(shared_memory_dir() is None, reason="no /dev/shm here")
 
@@ -77,7 +77,7 @@ def test_four_workers_read_each_chunk_about_once(tmp_path, counted, big):
                 np.testing.assert_array_equal(blk, data[z:z + 4, y:y + 32, x:x + 32])
     assert reads[4] <= 1.25 * reads[0], reads
     if not big:  # without sharing, every worker decodes the chunks again
-        unshared = _epoch(DaskVesuviusStream([str(tmp_path / "v.zarr")], 4, 32, 32, shared_cache=False,
+        unshared = _epoch(DaskVesuviusStream([str(tmp_path / "v.zarr")], 4, 32, 32, machine_cache=False,
                                              **kw), 4)
         assert len(unshared) == len(items) and counted() > 1.5 * reads[0]
 
@@ -96,7 +96,7 @@ def test_the_folder_goes_with_its_stream_and_dead_owners_are_swept(tmp_path):
     legacy_live = root / f"vesuvius-dask-chunks-{os.getpid()}-abcdef15"  # a live pid, old
     legacy_live.mkdir()
     os.utime(legacy_live, (time.time() - 2 * 86400,) * 2)
-    cache = SharedChunkCache(2**20, root=root)
+    cache = MachineChunkCache(2**20, root=root)
     assert not dead.exists() and not legacy_old.exists()
     assert legacy_new.exists() and legacy_live.exists()
     assert cache.path.is_dir() and (cache.path / "owner.lock").exists()  # made, locked, at once
@@ -104,7 +104,7 @@ def test_the_folder_goes_with_its_stream_and_dead_owners_are_swept(tmp_path):
     again, decoded_again = cache.get_or_load(("t", 0, 0, 0), lambda: 1 / 0)  # no second decode
     assert decoded and not decoded_again and np.array_equal(again, np.arange(10))
     assert not list(cache.path.glob("*.tmp"))  # published by rename, nothing half-written
-    SharedChunkCache(2**20, root=root).close()  # another stream's sweep leaves a live owner alone
+    MachineChunkCache(2**20, root=root).close()  # another stream's sweep leaves a live owner alone
     assert cache.path.is_dir()
     cache.close()
     assert not cache.path.exists()
@@ -113,7 +113,7 @@ def test_the_folder_goes_with_its_stream_and_dead_owners_are_swept(tmp_path):
 def test_the_machine_budget_holds(tmp_path):
     root = tmp_path / "shm"
     root.mkdir()
-    cache = SharedChunkCache(64 * 1024, root=root)
+    cache = MachineChunkCache(64 * 1024, root=root)
     for i in range(40):
         cache.get_or_load(("t", i, 0, 0), lambda: np.zeros(4096, np.uint16))  # 8 KB each
     assert cache.nbytes() <= 64 * 1024 * 1.25
@@ -124,9 +124,9 @@ def test_the_machine_budget_holds(tmp_path):
 _OWNER = """
 import os, signal, sys
 from pathlib import Path
-from vesuvius_dask.shared_cache import SharedChunkCache
+from vesuvius_dask.engine.machine_cache import MachineChunkCache
 
-cache = SharedChunkCache(2**20, root=Path(sys.argv[1]))
+cache = MachineChunkCache(2**20, root=Path(sys.argv[1]))
 cache.get_or_load(("t", 0), lambda: __import__("numpy").arange(5))
 forked = []
 for _ in range(2):  # DataLoader-like workers, forked after the cache is made
@@ -163,14 +163,14 @@ def test_a_live_owner_keeps_its_folder_whatever_its_pid_looks_like(tmp_path, mon
 
         with monkeypatch.context() as m:
             m.setattr(os, "kill", dead)
-            SharedChunkCache(2**20, root=root).close()
+            MachineChunkCache(2**20, root=root).close()
         assert folder.is_dir()  # its owner holds the lock
         owner.kill()  # no cleanup at all; its forked worker lives on
         owner.wait(timeout=60)
         real_kill(worker, 0)  # (alive)
         with monkeypatch.context() as m:
             m.setattr(os, "kill", dead)
-            SharedChunkCache(2**20, root=root).close()
+            MachineChunkCache(2**20, root=root).close()
         assert not folder.exists()  # the lock went with its owner; the worker did not keep it
     finally:
         owner.kill()
@@ -193,12 +193,12 @@ def test_a_folder_locked_by_another_process_survives_a_sweep(tmp_path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        SharedChunkCache(2**20, root=root).close()
+        MachineChunkCache(2**20, root=root).close()
         assert folder.is_dir()
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.wait(timeout=60) == 0
-        SharedChunkCache(2**20, root=root).close()
+        MachineChunkCache(2**20, root=root).close()
         assert not folder.exists()
     finally:
         holder.kill()
@@ -209,10 +209,10 @@ def test_a_folder_locked_by_another_process_survives_a_sweep(tmp_path):
 def test_a_failed_write_warns_once_and_returns_the_chunk(tmp_path, monkeypatch):
     import errno
 
-    from vesuvius_dask import shared_cache as sc
+    from vesuvius_dask.engine import machine_cache as sc
 
     monkeypatch.setattr(sc, "_warned_pid", None)
-    cache = SharedChunkCache(2**20, root=tmp_path)
+    cache = MachineChunkCache(2**20, root=tmp_path)
 
     def full(target, write):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
@@ -233,10 +233,10 @@ def test_a_failed_write_warns_once_and_returns_the_chunk(tmp_path, monkeypatch):
 def test_a_missing_or_unwritable_folder_is_the_same(tmp_path, monkeypatch):
     import shutil
 
-    from vesuvius_dask import shared_cache as sc
+    from vesuvius_dask.engine import machine_cache as sc
 
     monkeypatch.setattr(sc, "_warned_pid", None)
-    cache = SharedChunkCache(2**20, root=tmp_path)
+    cache = MachineChunkCache(2**20, root=tmp_path)
     shutil.rmtree(cache.path)  # e.g. swept once its owner was gone
     with pytest.warns(RuntimeWarning, match="No such file or directory"):
         arr, decoded = cache.get_or_load(("t", 1), lambda: np.arange(4))
@@ -250,7 +250,7 @@ def test_a_missing_or_unwritable_folder_is_the_same(tmp_path, monkeypatch):
         if os.access(ro, os.W_OK):
             return  # root ignores permissions; the rest is covered above
         with pytest.warns(RuntimeWarning, match="Permission denied"):
-            cache = SharedChunkCache(2**20, root=ro)  # cannot even make its folder
+            cache = MachineChunkCache(2**20, root=ro)  # cannot even make its folder
         assert not cache.usable
         assert cache.get_or_load(("t", 1), lambda: np.arange(4))[1]
     finally:
@@ -260,17 +260,17 @@ def test_a_missing_or_unwritable_folder_is_the_same(tmp_path, monkeypatch):
 def test_the_engine_reads_without_the_shared_cache_once_it_fails(tmp_path, monkeypatch):
     import errno
 
-    from vesuvius_dask import shared_cache as sc
-    from vesuvius_dask.engine import BatchEngine
-    from vesuvius_dask.volumes import resolve_volume
+    from vesuvius_dask.engine import machine_cache as sc
+    from vesuvius_dask.engine.batches import BatchEngine
+    from vesuvius_dask.io.open import resolve_volume
 
     data = _volume(tmp_path / "v.zarr", (8, 128, 128), (4, 32, 32))
     engine = BatchEngine([resolve_volume(tmp_path / "v.zarr")], (4, 16, 16), cache_bytes=2**16)
     monkeypatch.setattr(sc, "_warned_pid", None)
-    engine.shared, engine.shared_active = SharedChunkCache(2**20, root=tmp_path), True
+    engine.machine, engine.machine_active = MachineChunkCache(2**20, root=tmp_path), True
     calls = []
-    real = engine.shared.get_or_load
-    monkeypatch.setattr(engine.shared, "get_or_load", lambda *a: calls.append(1) or real(*a))
+    real = engine.machine.get_or_load
+    monkeypatch.setattr(engine.machine, "get_or_load", lambda *a: calls.append(1) or real(*a))
 
     def full(target, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
@@ -287,14 +287,14 @@ def test_the_engine_reads_without_the_shared_cache_once_it_fails(tmp_path, monke
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert 1 <= len(calls) <= engine.num_threads  # reads in flight when it failed, then none
     assert engine.stats.chunks_read > len(calls)
-    engine.shared.close()
+    engine.machine.close()
 
 
 # -- reads from many threads: our own header, no np.load ---------------------------------------
 def test_many_threads_read_many_entries(tmp_path, monkeypatch):
     import threading
 
-    cache = SharedChunkCache(2**26, root=tmp_path)
+    cache = MachineChunkCache(2**26, root=tmp_path)
     rng = np.random.default_rng(3)
     dtypes = ["u1", "<u2", ">i4", "<f4", "<f8", "?", ">u8"]
     sources = {}
@@ -331,7 +331,7 @@ def test_many_threads_read_many_entries(tmp_path, monkeypatch):
 
 
 def test_torn_or_foreign_files_are_misses(tmp_path):
-    cache = SharedChunkCache(2**20, root=tmp_path)
+    cache = MachineChunkCache(2**20, root=tmp_path)
     cache.get_or_load(("a",), lambda: np.arange(100, dtype="<u4"))
     good = cache._file(("a",)).read_bytes()
     for bad in (good[:-1], good + b"x", b"VDCHUNK2" + good[8:], good[:50], b""):

@@ -1,8 +1,8 @@
 """Files of a cache folder shared by processes: atomic writes, claims, and eviction by a byte budget.
 
 Both chunk caches that several processes share — decoded chunks in ``/dev/shm``
-(:mod:`~vesuvius_dask.shared_cache`) and fetched chunk bytes on disk
-(:mod:`~vesuvius_dask.disk_cache`) — are folders of files that follow these rules:
+(:mod:`~vesuvius_dask.engine.machine_cache`) and fetched chunk bytes on disk
+(:mod:`~vesuvius_dask.remote.disk_cache`) — are folders of files that follow these rules:
 
 * a file appears whole or not at all: it is written under a temporary name and
   renamed into place (:func:`write_atomic`), so a process killed mid-write leaves

@@ -4,7 +4,7 @@
 array, a path to an OME-Zarr multiscale group, a folder of TIFF layers or a
 multi-page TIFF, a segment folder, a URL, a ``zarr.Array``, a numpy array or
 ``np.memmap`` (wrapped, never copied) or an existing ``dask.array.Array``. What a
-path holds is decided once, by :func:`vesuvius_dask.paths.path_kind`.
+path holds is decided once, by :func:`vesuvius_dask.io.paths.path_kind`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .errors import InvalidTypeError, VolumeError
+from ..errors import InvalidTypeError, VolumeError
 from .paths import PathKind, path_kind
-from .segment import open_segment
+from .segments import open_segment
 from .tiff import tiff_volume
 from .volume import (
     DEFAULT_RAM_CHUNKS,
@@ -45,7 +45,7 @@ def resolve_volume(
     *,
     level: int | None = None,
     chunks: Any = None,
-    label: str | None = None,
+    name: str | None = None,
     storage_options: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Volume:
@@ -60,7 +60,7 @@ def resolve_volume(
     chunks : tuple of int, optional
         Dask chunking for numpy input (default ``(4, 512, 512)`` clipped to the shape);
         for Zarr input, a multiple of the stored chunks (default: the stored chunks).
-    label : str, optional
+    name : str, optional
         Name used in error messages when ``source`` is not a path.
     storage_options : dict, optional
         fsspec options for URLs (credentials, ``anon``, caching).
@@ -82,18 +82,18 @@ def resolve_volume(
     if is_pathlike(source):
         return _from_path(source, level, chunks, storage_options, cache_dir)
     if isinstance(source, zarr.Array):
-        lbl = label or f"zarr array {source.store_path}"
+        lbl = name or f"zarr array {source.store_path}"
         check_zarr(source, lbl)
         remote = remote_chunks(source, lbl, storage_options, cache_dir)
         return Volume(wrap_zarr(source, lbl, chunks, remote), lbl, zarr=source, remote=remote)
     if isinstance(source, np.ndarray):
-        lbl = label or "numpy array"
+        lbl = name or "numpy array"
         check_array(source.shape, source.dtype, lbl)
         return Volume(wrap_numpy(source, chunks), lbl, data=source)
     if isinstance(source, da.Array):
-        return _from_dask(source, label, chunks, cache_dir)
+        return _from_dask(source, name, chunks, cache_dir)
     raise InvalidTypeError(
-        f"{label or 'volume'}: cannot open an object of type {type(source).__name__}; expected a "
+        f"{name or 'volume'}: cannot open an object of type {type(source).__name__}; expected a "
         "path (Zarr array, OME-Zarr group, TIFF layers, segment folder), a zarr.Array, a numpy "
         "array or a dask array"
     )
@@ -114,9 +114,9 @@ def _from_path(source: str | os.PathLike, level: int | None, chunks: Any,
                        cache_dir=cache_dir)
 
 
-def _from_dask(source: da.Array, label: str | None, chunks: Any, cache_dir: Any) -> Volume:
+def _from_dask(source: da.Array, name: str | None, chunks: Any, cache_dir: Any) -> Volume:
     """A dask array's volume; one made by :func:`open_volume` keeps its Zarr or numpy origin."""
-    lbl = label or f"dask array {source.name}"
+    lbl = name or f"dask array {source.name}"
     check_array(source.shape, source.dtype, lbl)
     if any(np.isnan(c) for axis in source.chunks for c in axis):
         raise VolumeError(f"{lbl}: dask array has unknown chunk sizes; call compute_chunk_sizes()")
@@ -172,7 +172,7 @@ def open_volume(
         past a budget (dask config ``vesuvius-dask.remote.cache-dir-bytes``; default
         half the free disk space, at most 64 GiB). Ignored for local volumes.
         Requests in flight, retries and timeouts are set with dask config
-        ``vesuvius-dask.remote.*`` (see :class:`~vesuvius_dask.remote.RemoteSettings`).
+        ``vesuvius-dask.remote.*`` (see :class:`~vesuvius_dask.remote.fetch.RemoteSettings`).
 
     Returns
     -------
@@ -187,8 +187,8 @@ def open_volume(
         The path is not a Zarr array or multiscale group, the level does not exist,
         the array is not 3-D, or its dtype is not an integer or float type; or its
         metadata declares what no volume has (sizes that are not positive integers,
-        more than :data:`~vesuvius_dask.volume.MAX_STORED_CHUNKS` chunks, a chunk
-        above :data:`~vesuvius_dask.volume.MAX_CHUNK_BYTES`), checked before
+        more than :data:`~vesuvius_dask.io.volume.MAX_STORED_CHUNKS` chunks, a chunk
+        above :data:`~vesuvius_dask.io.volume.MAX_CHUNK_BYTES`), checked before
         anything is made from it.
     InvalidTypeError
         ``source`` is of an unsupported type.

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VolumeError, VolumeNotFoundError
+from ..errors import VolumeError, VolumeNotFoundError
 from .paths import TIFF_SUFFIXES, segment_volume_dirs
 from .tiff import TiffStack, tiff_volume
 from .volume import Volume, zarr_volume
@@ -207,6 +207,6 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
         if img.shape != (ny, nx):
             raise VolumeError(
                 f"{path}: image is {img.shape[0]}x{img.shape[1]} (height x width) but the volume "
-                f"{record.label} is {ny}x{nx}; they must match")
+                f"{record.name} is {ny}x{nx}; they must match")
         images[name] = img
     return Segment(root, record, **images)

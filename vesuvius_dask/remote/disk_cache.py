@@ -10,7 +10,7 @@ under ``cache_dir``, one file per chunk, in a folder per array::
 The array id is a digest of the array's URL *and* its metadata, so an array that
 changes on the server gets a new folder instead of stale chunks.
 
-Guarantees (see :mod:`~vesuvius_dask.cachefiles` for the mechanics):
+Guarantees (see :mod:`~vesuvius_dask.remote.cache_files` for the mechanics):
 
 * **A cache_dir owns only what it wrote.** A new or empty folder becomes a cache
   (the marker file ``.vesuvius-dask-cache`` is written); a folder that holds
@@ -71,7 +71,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cachefiles import (
+from ..errors import CacheDirError
+from .cache_files import (
     CLAIM_SUFFIX,
     TMP_SUFFIX,
     claim,
@@ -83,7 +84,6 @@ from .cachefiles import (
     walk_files,
     write_atomic,
 )
-from .errors import CacheDirError
 
 __all__ = ["DiskChunkCache", "default_budget", "array_id", "open_cache_dir", "MISSING", "MARKER"]
 
@@ -446,7 +446,7 @@ class DiskChunkCache:
 
         Only a process that misses and holds the claim fetches; one that finds
         another process fetching the chunk waits for it (at most ``timeout``
-        seconds, default :data:`~vesuvius_dask.cachefiles.CLAIM_TIMEOUT`, then
+        seconds, default :data:`~vesuvius_dask.remote.cache_files.CLAIM_TIMEOUT`, then
         fetches it too) and reads the file.
         """
         hit = self.get(key)
@@ -468,7 +468,7 @@ class DiskChunkCache:
         return self.claim(key, wait=False)
 
     def claim(self, key: str, *, wait: bool = True, timeout: float | None = None) -> int | None:
-        """The claim on ``key`` (a descriptor for :func:`~vesuvius_dask.cachefiles.release`), or None.
+        """The claim on ``key`` (a descriptor for :func:`~vesuvius_dask.remote.cache_files.release`), or None.
 
         None: another process holds it (``wait`` False), the wait timed out, or
         the claims file cannot be opened (one warning: the chunk is then fetched
@@ -516,7 +516,7 @@ class DiskChunkCache:
         """Bring the whole cache folder to 90% of the budget (skipped while another process does).
 
         Only files of the cache's array folders that start with its header are
-        removed (see :func:`~vesuvius_dask.cachefiles.evict`).
+        removed (see :func:`~vesuvius_dask.remote.cache_files.evict`).
         """
         try:
             fd = claim(self.root / ".evict", wait=False, mode=self.file_mode)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ._version import __version__
-from .checks import positive_triple
-from .errors import ConversionError, InvalidTypeError, SamplingError
-from .tiff import Layer, find_layers, inspect_stack, lazy_stack
+from .._version import __version__
+from ..arguments import positive_triple, renamed
+from ..errors import ConversionError, InvalidTypeError, SamplingError
+from ..io.tiff import Layer, find_layers, inspect_stack, lazy_stack
 
 __all__ = ["convert_tiffs", "convert_zarr", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR",
            "DEFAULT_CHUNKS"]
@@ -110,7 +110,7 @@ def _run_units(units: list[Any], scheduler: Any, quiet: bool, what: str,
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return
-    from .cluster import get_client
+    from ..engine.cluster import get_client
 
     client = get_client(scheduler)
     futures = client.compute(units)
@@ -205,9 +205,10 @@ def _fingerprint(layers: Sequence[Layer]) -> str:
     return h.hexdigest()
 
 
+@renamed(src="source", dst="output", scheduler="client")
 def convert_tiffs(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
     *,
     z: tuple[int | None, int | None] = (None, None),
     y: tuple[int | None, int | None] = (None, None),
@@ -221,17 +222,16 @@ def convert_tiffs(
     resume: bool = False,
     client: Any = None,
     quiet: bool = True,
-    scheduler: Any = None,
 ) -> Any:
     """Convert a TIFF stack to a Zarr array (or an OME-Zarr multiscale group).
 
     Parameters
     ----------
-    src : str or os.PathLike
+    source : str or os.PathLike
         A folder of 2-D TIFF layers (ordered by the number in the file name, e.g.
         ``00.tif`` … ``64.tif``), a segment folder (its ``surface_volume/`` or
         ``layers/``), a glob (``"layers/*.tif"``) or one multi-page TIFF.
-    dst : str or os.PathLike
+    output : str or os.PathLike
         Output path. Built in ``.NAME.partial/`` beside it and renamed into place on
         success. It may not be, contain, or lie inside the input (or the input's
         segment folder).
@@ -250,7 +250,7 @@ def convert_tiffs(
         Write an OME-Zarr multiscale group: level ``0`` plus 2× downsampled levels
         until a level fits in one chunk in y and x.
     overwrite : bool
-        Replace an existing ``dst`` (only once the new output is complete), and
+        Replace an existing ``output`` (only once the new output is complete), and
         discard an interrupted run's leftovers.
     resume : bool
         Continue a run that was killed (its ``.NAME.partial/`` folder): written units
@@ -260,24 +260,22 @@ def convert_tiffs(
         A dask.distributed client or scheduler address; default: local threads.
     quiet : bool
         No progress bar.
-    scheduler : str or distributed.Client, optional
-        Old name of ``client``.
 
     Returns
     -------
     dask.array.Array
-        The written volume (level 0), opened lazily from ``dst``.
+        The written volume (level 0), opened lazily from ``output``.
 
     Raises
     ------
     ConversionError
         Bad input (numbering, mismatched or unreadable layers, region of interest,
-        chunks, codec), or a read that failed during the conversion. ``dst`` is
+        chunks, codec), or a read that failed during the conversion. ``output`` is
         then left untouched.
     OutputError
-        ``dst`` is, contains or lies inside the input.
+        ``output`` is, contains or lies inside the input.
     OutputExistsError
-        ``dst`` exists and ``overwrite`` is false, or an interrupted run's leftovers
+        ``output`` exists and ``overwrite`` is false, or an interrupted run's leftovers
         are there and neither ``resume`` nor ``overwrite`` is given.
     ResumeError
         ``resume=True`` but the interrupted run had other inputs or options.
@@ -285,7 +283,7 @@ def convert_tiffs(
         SIGINT or SIGTERM: writer threads are stopped; the partial output is removed,
         or kept (and the message says how to resume it) once a chunk was recorded.
     """
-    client = client if client is not None else scheduler
+    src, dst = source, output
     src_text = os.fspath(src)
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
 
@@ -311,9 +309,10 @@ def convert_tiffs(
 
 
 
+@renamed(src="source", dst="output", scheduler="client")
 def convert_zarr(
-    src: Any,
-    dst: str | os.PathLike,
+    source: Any,
+    output: str | os.PathLike,
     *,
     level: int | None = None,
     z: tuple[int | None, int | None] = (None, None),
@@ -341,9 +340,9 @@ def convert_zarr(
 
     Parameters
     ----------
-    src : str, os.PathLike or zarr.Array
+    source : str, os.PathLike or zarr.Array
         A Zarr array, an OME-Zarr group (with ``level``), or a URL of either.
-    dst : str or os.PathLike
+    output : str or os.PathLike
         Output path; it may not be, contain, or lie inside a local ``src``.
     level : int, optional
         Level of an OME-Zarr group (default 0).
@@ -360,7 +359,7 @@ def convert_zarr(
     Returns
     -------
     dask.array.Array
-        The written volume (level 0), opened lazily from ``dst``.
+        The written volume (level 0), opened lazily from ``output``.
 
     Raises
     ------
@@ -369,25 +368,26 @@ def convert_zarr(
     ConversionError
         Bad region of interest, chunks, shards or codec.
     ChunkFetchError
-        A remote chunk could not be fetched, after retries (``dst`` is untouched;
+        A remote chunk could not be fetched, after retries (``output`` is untouched;
         with ``cache_dir`` the chunks fetched so far are kept for the next try).
     OutputError, OutputExistsError, ResumeError, Interrupted
         As for :func:`convert_tiffs`.
     """
+    src, dst = source, output
     import hashlib
     import json
 
+    from ..io.open import resolve_volume
+    from ..io.paths import is_url
+    from ..io.volume import REMOTE_GROUP, zarr_region
     from .outputs import source_stamp
-    from .paths import is_url
-    from .volume import REMOTE_GROUP, zarr_region
-    from .volumes import resolve_volume
 
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
     vol = resolve_volume(src, level=level, storage_options=storage_options, cache_dir=cache_dir)
     if vol.zarr is None:
-        raise ConversionError(f"{vol.label}: not a Zarr volume; convert TIFF stacks with convert_tiffs")
+        raise ConversionError(f"{vol.name}: not a Zarr volume; convert TIFF stacks with convert_tiffs")
     arr = vol.zarr
-    src_text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else vol.label
+    src_text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else vol.name
     roi = _roi(tuple(arr.shape), (z, y, x), src_text, noun="volume")
     out_shape = tuple(s.stop - s.start for s in roi)
     threads = None
@@ -408,7 +408,7 @@ def convert_zarr(
         "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
         "source_shape": list(arr.shape),
     }
-    stack = zarr_region(arr, roi, vol.label, vol.remote)
+    stack = zarr_region(arr, roi, vol.name, vol.remote)
     return _write_volume(lambda write: stack, out_shape, np.dtype(arr.dtype), dst,
                          inputs, identity, provenance, options, overwrite, resume,
                          f"copying {src_text} -> {dst} {out_shape}")
@@ -445,8 +445,8 @@ def _write_volume(source: Callable[[tuple[int, ...]], Any], out_shape: tuple[int
                   dst: str | os.PathLike, inputs: list, identity: dict, provenance: dict, opts: _Options,
                   overwrite: bool, resume: bool, what: str) -> Any:
     """Write ``source(write_chunks)`` (a lazy stack) safely to ``dst``; see :func:`convert_tiffs`."""
+    from ..io.open import open_volume
     from .outputs import OutputJob, interruptible
-    from .volumes import open_volume
 
     provenance = {**provenance, "tool": f"vesuvius-dask {__version__}",
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

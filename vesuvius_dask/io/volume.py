@@ -4,7 +4,7 @@ A Zarr-backed volume has one dask chunk per stored chunk, so reading a block tou
 only the stored chunks it overlaps; the record keeps what the batch engine needs to
 read stored chunks directly (the zarr array, or the in-RAM buffer). Reads of stored
 chunks go through :func:`read_stored`, whose errors name the store, the chunk index
-and its key. Path dispatch (what a path holds) lives in :mod:`vesuvius_dask.volumes`.
+and its key. Path dispatch (what a path holds) lives in :mod:`vesuvius_dask.io.open`.
 
 What array metadata declares is checked before anything is made from it
 (:func:`check_metadata_file` on the file, before zarr parses it;
@@ -30,8 +30,8 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from .errors import CorruptChunkError, VolumeError, VolumeNotFoundError
-from .lru import LRU
+from ..errors import CorruptChunkError, VolumeError, VolumeNotFoundError
+from ..lru import LRU
 
 __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "MemmapRef", "memmap_ref",
            "check_array", "wrap_numpy", "wrap_zarr", "multiscale_paths", "open_zarr_path",
@@ -86,7 +86,7 @@ class Volume:
     ----------
     array : dask.array.Array
         The lazy, chunk-aligned 3-D array.
-    label : str
+    name : str
         How errors name this volume (its path, or ``"array #i"``).
     zarr : zarr.Array or None
         The zarr array behind ``array`` when it is Zarr-backed.
@@ -95,16 +95,24 @@ class Volume:
     """
 
     array: da.Array
-    label: str
+    name: str
     zarr: Any = None
     data: np.ndarray | None = None
     token: str = field(default="")
-    #: Fetches stored chunks of a remote Zarr (:class:`~vesuvius_dask.remote.RemoteChunks`).
+    #: Fetches stored chunks of a remote Zarr (:class:`~vesuvius_dask.remote.fetch.RemoteChunks`).
     remote: Any = None
 
     def __post_init__(self) -> None:
         if not self.token:
             self.token = self.array.name
+
+    @property
+    def label(self) -> str:
+        """Deprecated: the volume's :attr:`name` (*label* now means ink labels only)."""
+        import warnings
+
+        warnings.warn("Volume.label is now Volume.name", DeprecationWarning, stacklevel=2)
+        return self.name
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -172,16 +180,16 @@ def memmap_ref(data: Any, chunks: tuple[tuple[int, ...], ...]) -> MemmapRef | No
                       chunks)
 
 
-def check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
+def check_array(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
     if len(shape) != 3:
         raise VolumeError(
-            f"{label}: volumes must be 3-D (z, y, x), got {len(shape)}-D with shape {_short(tuple(shape))}"
+            f"{name}: volumes must be 3-D (z, y, x), got {len(shape)}-D with shape {_short(tuple(shape))}"
         )
     if any(int(s) <= 0 for s in shape):
-        raise VolumeError(f"{label}: volume has an empty axis, shape {tuple(shape)}")
+        raise VolumeError(f"{name}: volume has an empty axis, shape {tuple(shape)}")
     if np.dtype(dtype).kind not in _SUPPORTED_KINDS:
         raise VolumeError(
-            f"{label}: unsupported dtype {np.dtype(dtype)}; volumes must be unsigned or signed "
+            f"{name}: unsupported dtype {np.dtype(dtype)}; volumes must be unsigned or signed "
             "integers or floats"
         )
 
@@ -240,23 +248,23 @@ def check_grid(shape: Any, chunks: Any, itemsize: int | None, where: str) -> Non
                           "are supported")
 
 
-def check_zarr(arr: Any, label: str) -> None:
+def check_zarr(arr: Any, name: str) -> None:
     """:func:`check_array` and :func:`check_grid` for an opened Zarr array (its inner chunks).
 
     Raises
     ------
     VolumeError
-        One line naming ``label`` and the bad value.
+        One line naming ``name`` and the bad value.
     """
     shape = tuple(arr.shape)
     if len(shape) != 3:
-        check_array(shape, arr.dtype, label)
+        check_array(shape, arr.dtype, name)
     try:
         itemsize = np.dtype(arr.dtype).itemsize
     except TypeError:
         itemsize = None
-    check_grid(list(shape), list(arr.chunks), itemsize, f"{label} (metadata)")
-    check_array(shape, arr.dtype, label)
+    check_grid(list(shape), list(arr.chunks), itemsize, f"{name} (metadata)")
+    check_array(shape, arr.dtype, name)
 
 
 def _metadata_file(folder: Path) -> tuple[Path, dict] | None:
@@ -336,14 +344,14 @@ def dask_chunking(shape: tuple[int, ...], stored: tuple[int, ...]) -> tuple[int,
         chunks[a] = min(chunks[a] * 2, int(shape[a]))
 
 
-def _check_dask_chunks(shape: tuple[int, ...], chunks: Any, label: str) -> None:
+def _check_dask_chunks(shape: tuple[int, ...], chunks: Any, name: str) -> None:
     """Refuse a ``chunks=`` that is not positive integers or makes too many dask chunks."""
     if (not isinstance(chunks, (list, tuple)) or len(chunks) != len(shape)
             or not all(_is_int(c) and c >= 1 for c in chunks)):
-        raise VolumeError(f"{label}: chunks={_short(chunks)} must be {len(shape)} positive integers")
+        raise VolumeError(f"{name}: chunks={_short(chunks)} must be {len(shape)} positive integers")
     per_axis = [-(-int(s) // int(c)) for s, c in zip(shape, chunks)]
     if max(per_axis) > MAX_DASK_CHUNKS_PER_AXIS or int(np.prod(per_axis, dtype=object)) > MAX_DASK_CHUNKS:
-        raise VolumeError(f"{label}: chunks={tuple(chunks)} make {per_axis} dask chunks per axis; at most "
+        raise VolumeError(f"{name}: chunks={tuple(chunks)} make {per_axis} dask chunks per axis; at most "
                           f"{MAX_DASK_CHUNKS} ({MAX_DASK_CHUNKS_PER_AXIS} per axis) are supported; pass "
                           "larger chunks, or chunks=None")
 
@@ -382,48 +390,48 @@ def open_zarr_path(source: str | os.PathLike, level: int | None,
                    storage_options: dict | None = None) -> tuple[Any, str]:
     import zarr
 
-    label = os.fspath(source)
-    if "://" not in label and not Path(label).exists():
-        raise VolumeNotFoundError(f"{label}: no such file or directory")
-    local = "://" not in label
+    name = os.fspath(source)
+    if "://" not in name and not Path(name).exists():
+        raise VolumeNotFoundError(f"{name}: no such file or directory")
+    local = "://" not in name
     if local:
-        check_metadata_file(Path(label))
+        check_metadata_file(Path(name))
     try:
         extra = {"storage_options": storage_options} if storage_options and not local else {}
-        node = zarr.open(label, mode="r", **extra)
+        node = zarr.open(name, mode="r", **extra)
     except Exception as err:  # zarr raises several types for "not a zarr node"
-        also = ("" if "://" in label else
+        also = ("" if "://" in name else
                 "; nor is it a folder of TIFF layers, a TIFF file or a segment folder")
-        raise VolumeError(f"{label}: cannot be opened as a Zarr array or group ({err}){also}") from err
+        raise VolumeError(f"{name}: cannot be opened as a Zarr array or group ({err}){also}") from err
     if isinstance(node, zarr.Array):
         if level not in (None, 0):
             raise VolumeError(
-                f"{label}: level={level} asked for, but this is a single Zarr array, "
+                f"{name}: level={level} asked for, but this is a single Zarr array, "
                 "not an OME-Zarr multiscale group"
             )
-        return node, label
+        return node, name
     paths = multiscale_paths(node.attrs.asdict())
     if paths is None:
         members = sorted(k for k, _ in node.arrays())
         raise VolumeError(
-            f"{label}: is a Zarr group but not an OME-Zarr multiscale image (no 'multiscales' "
+            f"{name}: is a Zarr group but not an OME-Zarr multiscale image (no 'multiscales' "
             f"metadata); its arrays are {members or 'none'} — open one of them by path"
         )
     lvl = 0 if level is None else level
     if not isinstance(lvl, (int, np.integer)) or not 0 <= lvl < len(paths):
         raise VolumeError(
-            f"{label}: level {level!r} does not exist; this multiscale image has levels "
+            f"{name}: level {level!r} does not exist; this multiscale image has levels "
             f"0..{len(paths) - 1} ({', '.join(paths)})"
         )
     if local:
-        check_metadata_file(Path(label) / paths[lvl])
+        check_metadata_file(Path(name) / paths[lvl])
     try:
         arr = node[paths[lvl]]
     except KeyError as err:
         raise VolumeError(
-            f"{label}: multiscale level {lvl} names dataset '{paths[lvl]}', which is missing"
+            f"{name}: multiscale level {lvl} names dataset '{paths[lvl]}', which is missing"
         ) from err
-    return arr, f"{label} (level {lvl})"
+    return arr, f"{name} (level {lvl})"
 
 
 def chunk_key(arr: Any, region: tuple[slice, ...]) -> tuple[tuple[int, ...], str]:
@@ -441,13 +449,13 @@ def chunk_key(arr: Any, region: tuple[slice, ...]) -> tuple[tuple[int, ...], str
     return index, key
 
 
-def read_stored(arr: Any, region: tuple[slice, ...], label: str, remote: Any = None) -> np.ndarray:
+def read_stored(arr: Any, region: tuple[slice, ...], name: str, remote: Any = None) -> np.ndarray:
     """``arr[region]`` as numpy; a chunk that fails to read names the store, index and key.
 
     A region that is one stored chunk of a local Zarr the fast path understands is
-    read by :mod:`vesuvius_dask.chunkio` (the file and the codecs, without
+    read by :mod:`vesuvius_dask.io.chunks` (the file and the codecs, without
     zarr-python's per-call machinery). With ``remote`` (a
-    :class:`~vesuvius_dask.remote.RemoteChunks` of ``arr``), the stored chunks the
+    :class:`~vesuvius_dask.remote.fetch.RemoteChunks` of ``arr``), the stored chunks the
     region covers are fetched concurrently (and through its disk cache) and
     decoded by the same codecs. Anything else goes through zarr.
 
@@ -461,27 +469,27 @@ def read_stored(arr: Any, region: tuple[slice, ...], label: str, remote: Any = N
     try:
         fast, codec = _readers(arr)
     except Exception as err:
-        raise _corrupt(arr, region, label, err) from err
+        raise _corrupt(arr, region, name, err) from err
     if remote is not None and codec is not None:
-        return _read_remote(arr, region, label, remote, codec)
+        return _read_remote(arr, region, name, remote, codec)
     try:
         if fast is not None and _one_chunk(arr, region):
             return fast(region)
         return np.asarray(arr[region])
     except Exception as err:
-        raise _corrupt(arr, region, label, err) from err
+        raise _corrupt(arr, region, name, err) from err
 
 
-def _corrupt(arr: Any, region: tuple[slice, ...], label: str, err: Exception) -> CorruptChunkError:
+def _corrupt(arr: Any, region: tuple[slice, ...], name: str, err: Exception) -> CorruptChunkError:
     if isinstance(err, CorruptChunkError):  # chunkio's: it names the chunk, key and store already
-        return CorruptChunkError(f"{label}: {err}")
+        return CorruptChunkError(f"{name}: {err}")
     index, key = chunk_key(arr, region)
     where = arr.store_path if getattr(arr, "store_path", None) is not None else "?"
-    return CorruptChunkError(f"{label}: chunk {index} (key {key!r} in store {where}) cannot be read: "
+    return CorruptChunkError(f"{name}: chunk {index} (key {key!r} in store {where}) cannot be read: "
                              f"{type(err).__name__}: {err}")
 
 
-def _read_remote(arr: Any, region: tuple[slice, ...], label: str, remote: Any, codec: Any) -> np.ndarray:
+def _read_remote(arr: Any, region: tuple[slice, ...], name: str, remote: Any, codec: Any) -> np.ndarray:
     """Fetch (concurrently) and decode the stored chunks a region covers, and assemble them."""
     region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape))
     chunks = codec.chunks
@@ -512,7 +520,7 @@ def _readers(arr: Any) -> tuple[Any, Any]:
     """The array's local fast chunk reader and its chunk codec (either may be None), made once."""
     entry = _FAST.get(id(arr))
     if entry is None or entry[0] is not arr:
-        from .chunkio import ChunkCodec, fast_reader
+        from .chunks import ChunkCodec, fast_reader
 
         codec = ChunkCodec.of(arr) if hasattr(arr, "metadata") else None
         entry = (arr, fast_reader(arr) if codec is not None else None, codec)
@@ -544,22 +552,22 @@ def is_remote(arr: Any) -> bool:
     return type(getattr(arr, "store", None)).__name__ == "FsspecStore"
 
 
-def remote_chunks(arr: Any, label: str, storage_options: dict | None = None,
+def remote_chunks(arr: Any, name: str, storage_options: dict | None = None,
                   cache_dir: str | os.PathLike | None = None) -> Any:
-    """The :class:`~vesuvius_dask.remote.RemoteChunks` of a remote zarr array, or None.
+    """The :class:`~vesuvius_dask.remote.fetch.RemoteChunks` of a remote zarr array, or None.
 
-    None for a local array, and for codecs :mod:`~vesuvius_dask.chunkio` does not
+    None for a local array, and for codecs :mod:`~vesuvius_dask.io.chunks` does not
     decode (zarr then reads it).
     """
     if not is_remote(arr):
         return None
     if _readers(arr)[1] is None:
         if cache_dir is not None:
-            warnings.warn(f"{label}: cache_dir is not used for this array: its layout or codecs "
+            warnings.warn(f"{name}: cache_dir is not used for this array: its layout or codecs "
                           "(sharding, for one) are read through zarr, one request per task",
                           stacklevel=4)
         return None
-    from .remote import RemoteChunks, RemoteSettings
+    from ..remote.fetch import RemoteChunks, RemoteSettings
 
     store = arr.store
     protocol = store.fs.protocol
@@ -567,7 +575,7 @@ def remote_chunks(arr: Any, label: str, storage_options: dict | None = None,
     base = "/".join(p for p in (str(store.path).rstrip("/"), arr.store_path.path) if p)
     settings = RemoteSettings.from_config()
     nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
-    remote = RemoteChunks(protocol, base, label, storage_options, settings, chunk_nbytes=nbytes)
+    remote = RemoteChunks(protocol, base, name, storage_options, settings, chunk_nbytes=nbytes)
     if cache_dir is not None:
         remote = remote.with_cache(disk_cache_for(remote, arr, cache_dir))
     return remote
@@ -577,7 +585,7 @@ def disk_cache_for(remote: Any, arr: Any, cache_dir: str | os.PathLike) -> Any:
     """The on-disk cache of ``arr``'s chunks in ``cache_dir`` (a folder per array and metadata)."""
     import dask
 
-    from .disk_cache import DiskChunkCache, array_id
+    from ..remote.disk_cache import DiskChunkCache, array_id
 
     budget = dask.config.get("vesuvius-dask.remote.cache-dir-bytes", None)
     if isinstance(budget, str):
@@ -593,20 +601,20 @@ def disk_cache_for(remote: Any, arr: Any, cache_dir: str | os.PathLike) -> Any:
 class _NamedRead:
     """dask getter for Zarr-backed arrays: errors name the chunk (see :func:`read_stored`)."""
 
-    def __init__(self, label: str, remote: Any = None) -> None:
-        self.label, self.remote = label, remote
+    def __init__(self, name: str, remote: Any = None) -> None:
+        self.name, self.remote = name, remote
 
     def __call__(self, a: Any, b: Any, asarray: bool = True, lock: Any = None) -> np.ndarray:
-        return _read_settled(a, b, self.label, self.remote)
+        return _read_settled(a, b, self.name, self.remote)
 
 
-def _read_settled(arr: Any, region: tuple[slice, ...], label: str, remote: Any) -> np.ndarray:
+def _read_settled(arr: Any, region: tuple[slice, ...], name: str, remote: Any) -> np.ndarray:
     """:func:`read_stored`, then wait until what was fetched is in ``cache_dir``.
 
     For dask tasks: once a compute returns, its chunks are cached (another process
     started then finds them). The stream waits once per epoch instead.
     """
-    out = read_stored(arr, region, label, remote)
+    out = read_stored(arr, region, name, remote)
     if remote is not None:
         remote.flush()
     return out
@@ -626,7 +634,7 @@ def _grouped(arr: Any) -> tuple[int, ...]:
     return cz, min(cy * g, int(arr.shape[1])), min(cx * g, int(arr.shape[2]))
 
 
-def wrap_zarr(arr: Any, label: str, chunks: Any, remote: Any = None) -> da.Array:
+def wrap_zarr(arr: Any, name: str, chunks: Any, remote: Any = None) -> da.Array:
     """A zarr array as a dask array, one task per stored chunk.
 
     For a remote array, one task per group of stored chunks, fetched concurrently.
@@ -638,7 +646,7 @@ def wrap_zarr(arr: Any, label: str, chunks: Any, remote: Any = None) -> da.Array
         coarse = dask_chunking(arr.shape, stored)
         chunks = None if coarse == stored else coarse
     else:
-        _check_dask_chunks(arr.shape, chunks, label)
+        _check_dask_chunks(arr.shape, chunks, name)
         chunks = tuple(int(c) for c in chunks)
         bad = [
             (axis, c, s) for axis, c, s in zip("zyx", chunks, stored)
@@ -647,26 +655,26 @@ def wrap_zarr(arr: Any, label: str, chunks: Any, remote: Any = None) -> da.Array
         if bad:
             axis, c, s = bad[0]
             warnings.warn(
-                f"{label}: chunks {chunks} are not multiples of the stored chunks {stored} "
+                f"{name}: chunks {chunks} are not multiples of the stored chunks {stored} "
                 f"(axis {axis}: {c} is not a multiple of {s}); a dask chunk will read several "
                 f"stored chunks partially. Pass chunks=None to use the stored chunks.",
                 stacklevel=3,
             )
-    name = "volume-zarr-" + tokenize(label, arr.shape, arr.dtype.str, stored, chunks)
-    out = da.from_array(arr, chunks=chunks or stored, name=name, getitem=_NamedRead(label, remote),
+    graph = "volume-zarr-" + tokenize(name, arr.shape, arr.dtype.str, stored, chunks)
+    out = da.from_array(arr, chunks=chunks or stored, name=graph, getitem=_NamedRead(name, remote),
                         meta=np.empty((0,) * arr.ndim, dtype=arr.dtype), asarray=False, fancy=False)
     setattr(out, ORIGIN_ATTR, ("zarr", arr, remote))
     return out
 
 
-def _read_region(arr: Any, label: str, remote: Any, origin: tuple[int, ...], dtype: np.dtype,
+def _read_region(arr: Any, name: str, remote: Any, origin: tuple[int, ...], dtype: np.dtype,
                  block_info: Any = None) -> np.ndarray:
     loc = block_info[None]["array-location"]
     region = tuple(slice(o + a, o + b) for o, (a, b) in zip(origin, loc))
-    return _read_settled(arr, region, label, remote).astype(dtype, copy=False)
+    return _read_settled(arr, region, name, remote).astype(dtype, copy=False)
 
 
-def zarr_region(arr: Any, roi: tuple[slice, ...], label: str, remote: Any = None) -> da.Array:
+def zarr_region(arr: Any, roi: tuple[slice, ...], name: str, remote: Any = None) -> da.Array:
     """``arr[roi]`` as a dask array whose tasks read only the stored chunks they cover.
 
     Task edges fall on the stored chunk grid (on groups of ``REMOTE_GROUP`` x
@@ -682,9 +690,9 @@ def zarr_region(arr: Any, roi: tuple[slice, ...], label: str, remote: Any = None
         chunks.append(tuple(int(b - a) for a, b in zip(edges[:-1], edges[1:])))
     origin = tuple(int(s.start) for s in roi)
     dtype = np.dtype(arr.dtype)
-    name = "zarr-region-" + tokenize(label, arr.shape, dtype.str, step, origin, chunks)
-    return da.map_blocks(_read_region, arr, label, remote, origin, dtype, chunks=tuple(chunks),
-                         dtype=dtype, meta=np.empty((0,) * arr.ndim, dtype=dtype), name=name)
+    graph = "zarr-region-" + tokenize(name, arr.shape, dtype.str, step, origin, chunks)
+    return da.map_blocks(_read_region, arr, name, remote, origin, dtype, chunks=tuple(chunks),
+                         dtype=dtype, meta=np.empty((0,) * arr.ndim, dtype=dtype), name=graph)
 
 
 def zarr_volume(source: str | os.PathLike, *, level: int | None = None, chunks: Any = None,

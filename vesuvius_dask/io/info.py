@@ -75,7 +75,7 @@ def _tiff_lines(path: Path, indent: str = "  ") -> list[str]:
 
 
 def _segment_lines(path: Path) -> list[str]:
-    from .segment import open_segment
+    from .segments import open_segment
 
     seg = open_segment(path)
     src = segment_volume_dirs(path)[0]  # the volume open_segment chose
@@ -108,15 +108,15 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     """
     import zarr
 
-    label = os.fspath(path)
+    name = os.fspath(path)
     kind = path_kind(path)
     if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
-        return "\n".join([label] + _tiff_lines(Path(label)))
+        return "\n".join([name] + _tiff_lines(Path(name)))
     if kind == PathKind.SEGMENT:
-        return "\n".join([label] + _segment_lines(Path(label)))
+        return "\n".join([name] + _segment_lines(Path(name)))
     arr, _ = open_zarr_path(path, level)  # validates the path and the level
-    node = zarr.open(label, mode="r")
-    lines = [label]
+    node = zarr.open(name, mode="r")
+    lines = [name]
     if isinstance(node, zarr.Array):
         lines += _array_lines(node)
     else:
@@ -127,8 +127,8 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
                 continue
             lines.append(f"  level {i} ('{p}'):")
             lines += _array_lines(node[p], indent="    ")
-    if "://" not in label:
-        lines.append(f"  stored  {stored_bytes(label):,} bytes on disk")
+    if "://" not in name:
+        lines.append(f"  stored  {stored_bytes(name):,} bytes on disk")
     attrs = dict(node.attrs)
     prov = attrs.get("vesuvius_dask")
     if prov:
@@ -136,7 +136,7 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]], remote: Any = None
+def _check_chunks(arr: Any, name: str, starts: list[tuple[int, int, int]], remote: Any = None
                   ) -> list[str]:
     from .volume import read_stored, stored_keys
 
@@ -147,7 +147,7 @@ def _check_chunks(arr: Any, label: str, starts: list[tuple[int, int, int]], remo
     for start in starts:
         region = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, arr.chunks, arr.shape))
         try:
-            read_stored(arr, region, label, remote)
+            read_stored(arr, region, name, remote)
         except Exception as err:  # every failure is reported, not only decode errors
             bad.append(str(err))
     if remote is not None:
@@ -186,7 +186,7 @@ def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[l
     import numpy as np
     import zarr
 
-    from .segment import open_segment
+    from .segments import open_segment
     from .tiff import inspect_layers
 
     kind = path_kind(path)
@@ -197,10 +197,10 @@ def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[l
     if kind == PathKind.SEGMENT:
         seg = open_segment(path)
         tasks, n, threads = _check_tasks(os.fspath(segment_volume_dirs(path)[0]), level)
-        for name in ("mask", "labels", "ir"):
-            img = getattr(seg, name)
+        for image in ("mask", "labels", "ir"):
+            img = getattr(seg, image)
             if img is not None:
-                tasks.append(dask.delayed(_check_image)(_Lazy(img), f"{path} {name}"))
+                tasks.append(dask.delayed(_check_image)(_Lazy(img), f"{path} {image}"))
                 n += 1
         return tasks, n, threads
     open_zarr_path(path, level)  # validates the path and the level
@@ -209,13 +209,13 @@ def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[l
         (f"{path} (level {i})", node[p]) for i, p in enumerate(multiscale_paths(node.attrs.asdict()) or [])
         if level is None or i == level]
     tasks, n, threads = [], 0, os.cpu_count() or 1
-    for label, arr in arrays:
-        remote = remote_chunks(arr, label, None, cache_dir)
+    for name, arr in arrays:
+        remote = remote_chunks(arr, name, None, cache_dir)
         starts = [tuple(int(i) * c for i, c in zip(idx, arr.chunks))
                   for idx in np.ndindex(*[-(-s // c) for s, c in zip(arr.shape, arr.chunks)])]
         n += len(starts)
         for i in range(0, len(starts), 64):
-            tasks.append(dask.delayed(_check_chunks)(arr, label, starts[i:i + 64], remote))
+            tasks.append(dask.delayed(_check_chunks)(arr, name, starts[i:i + 64], remote))
         if remote is not None:  # two tasks' chunks in flight: the next group while one decodes
             threads = max(threads, 2 * -(-remote.settings.concurrency // 64))
     return tasks, n, threads

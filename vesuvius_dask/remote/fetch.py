@@ -9,7 +9,7 @@ requests at once per volume and process:
   many threads as there are requests allowed in flight;
 * :meth:`RemoteChunks.prefetch` starts fetches and returns at once, so the chunks
   of the next batches are on their way while this one is cut
-  (:class:`~vesuvius_dask.readers.BatchReader` calls it).
+  (:class:`~vesuvius_dask.loaders.reader.BatchReader` calls it).
 
 A failed request — the server down, an HTTP error, a 404, nothing received for
 ``timeout`` seconds — is retried ``retries`` times with exponential backoff and
@@ -19,7 +19,7 @@ under Zarr's rules, but over HTTP it is also what a moved or broken server says;
 ``missing="error"`` (the default) treats it as a fault, ``missing="fill"`` as an
 absent chunk (for sparse arrays).
 
-With a ``cache_dir`` (:class:`~vesuvius_dask.disk_cache.DiskChunkCache`) fetched
+With a ``cache_dir`` (:class:`~vesuvius_dask.remote.disk_cache.DiskChunkCache`) fetched
 bytes are kept on disk for other processes and later runs; a chunk is fetched by
 one process while the others wait for it (at most ``claim_timeout`` seconds).
 
@@ -56,7 +56,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import ChunkFetchError, CorruptChunkError, VolumeError
+from ..errors import ChunkFetchError, CorruptChunkError, VolumeError
 
 __all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES", "stored_bound"]
 
@@ -214,7 +214,7 @@ class RemoteChunks:
         fsspec protocol (``http``, ``https``, ``s3``, ...).
     base : str
         The array's path in the filesystem (for HTTP, its URL).
-    label : str
+    name : str
         How errors name the volume.
     storage_options : dict, optional
         fsspec options.
@@ -230,7 +230,7 @@ class RemoteChunks:
         The bound on one response instead (default ``stored_bound(chunk_nbytes)``).
     """
 
-    def __init__(self, protocol: str, base: str, label: str, storage_options: dict | None = None,
+    def __init__(self, protocol: str, base: str, name: str, storage_options: dict | None = None,
                  settings: RemoteSettings | None = None, cache: Any = None,
                  chunk_nbytes: int | None = None, max_stored_bytes: int | None = None) -> None:
         self.chunk_nbytes = chunk_nbytes
@@ -238,7 +238,7 @@ class RemoteChunks:
                            else stored_bound(chunk_nbytes))
         self.protocol = protocol
         self.base = base.rstrip("/")
-        self.label = label
+        self.name = name
         self.storage_options = dict(storage_options or {})
         self.settings = settings or RemoteSettings.from_config()
         self.cache = cache
@@ -252,7 +252,7 @@ class RemoteChunks:
 
     def with_cache(self, cache: Any) -> RemoteChunks:
         """A copy fetching through ``cache``."""
-        return RemoteChunks(self.protocol, self.base, self.label, self.storage_options,
+        return RemoteChunks(self.protocol, self.base, self.name, self.storage_options,
                             self.settings, cache, self.chunk_nbytes, self.max_stored)
 
     def ahead_limit(self) -> int:
@@ -358,7 +358,7 @@ class RemoteChunks:
                     "to 'fill')" if isinstance(last, FileNotFoundError) else "")
             where = f"chunk {tuple(index)} " if index is not None else "chunk "
             error = ChunkFetchError(
-                f"{self.label}: {where}could not be fetched from {url}: {reason}, "
+                f"{self.name}: {where}could not be fetched from {url}: {reason}, "
                 f"{s.retries + 1} attempts over {time.monotonic() - t0:.1f} s{hint}")
             local.failure = (time.monotonic(), error)
             raise error from last
@@ -374,7 +374,7 @@ class RemoteChunks:
         """
         if self.cache is None:
             return _Got(await self._fetch(key, index))
-        from .cachefiles import release
+        from .cache_files import release
 
         loop = asyncio.get_running_loop()
         if self.cache.has(key):  # a hit needs no claim: files appear whole
@@ -400,7 +400,7 @@ class RemoteChunks:
         The claim is given back once the file is in place, so another process
         waiting for the chunk reads it from the cache; :meth:`flush` waits for it.
         """
-        from .cachefiles import release
+        from .cache_files import release
 
         local = self._here()
 
@@ -504,7 +504,7 @@ class RemoteChunks:
 
     def _through_cache(self, key: str, index: Any, decode: Any) -> Any:
         """A chunk from the disk cache, else fetched (under its claim) and then put there."""
-        from .cachefiles import release
+        from .cache_files import release
         from .disk_cache import MISSING
 
         cache = self.cache
@@ -529,7 +529,7 @@ class RemoteChunks:
 
     def _refetch(self, key: str, index: Any, decode: Any, got: _Got, err: Exception) -> Any:
         """Cached bytes did not decode: remove them and fetch the chunk again, once."""
-        from .cachefiles import release
+        from .cache_files import release
 
         self.cache.remove(key, got.data)
         bad = f"the copy read from cache_dir {got.path} cannot be decoded ({type(err).__name__}: {err})"
@@ -546,7 +546,7 @@ class RemoteChunks:
 
     def _undecodable(self, key: str, index: Any, err: Exception, source: str, note: str = "") -> Exception:
         where = f"chunk {tuple(index)}" if index is not None else f"chunk {key!r}"
-        return CorruptChunkError(f"{self.label}: {where} ({source}) cannot be decoded: "
+        return CorruptChunkError(f"{self.name}: {where} ({source}) cannot be decoded: "
                                  f"{type(err).__name__}: {err}{note}")
 
     def prefetch(self, keys: list[tuple[str, Any]], limit: int | None = None) -> int:

@@ -2,7 +2,7 @@
 
 :class:`BlockPlan` holds one start grid per volume (regular, strided, masked, or an
 inference grid) and turns ``(seed, epoch)`` into batches of ``(volume, start)``:
-the :class:`~vesuvius_dask.sampling.EpochPlan` picks the volume and the draw rank of
+the :class:`~vesuvius_dask.sampling.starts.EpochPlan` picks the volume and the draw rank of
 each sample, a per-volume permutation (Feistel, or locality runs) turns ranks into
 starts. Batches are split among consumers by index, so any split yields the same
 set. The stream, the viewer and ``predict`` all plan through it.
@@ -16,22 +16,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .checks import positive_int, positive_triple
-from .errors import SamplingError
-from .lru import LRU
-from .sampling import (
+from ..arguments import positive_int, positive_triple
+from ..errors import SamplingError
+from ..io.volume import Volume
+from ..lru import LRU
+from .starts import (
     SAMPLING_METHODS,
     BalancedEpochPlan,
     EpochPlan,
     FeistelPermutation,
-    GridStarts,
     LocalityPermutation,
     MaskedStartGrid,
     RankSlice,
     StartGrid,
+    Tiling,
     footprint_valid,
 )
-from .volume import Volume
 
 __all__ = ["BlockPlan", "Starts", "STARTS_GROUP"]
 
@@ -170,10 +170,10 @@ class BlockPlan:
         return pos + neg
 
     def _grid(self, i: int, vol: Volume, grid_mode: bool) -> Any:
-        label = f"files[{i}] ({vol.label})"
+        name = f"files[{i}] ({vol.name})"
         if grid_mode:
-            return GridStarts(vol.shape, self.block, self.overlap, label=label)
-        return StartGrid(vol.shape, self.block, self.stride, label=label)
+            return Tiling(vol.shape, self.block, self.overlap, name=name)
+        return StartGrid(vol.shape, self.block, self.stride, name=name)
 
     @property
     def _draw_grids(self) -> list[Any]:
@@ -194,11 +194,11 @@ class BlockPlan:
         return EpochPlan(self.starts_per_volume, self.samples_per_epoch, self.sampling_method,
                          self.seed, epoch)
 
-    def starts(self, labels: np.ndarray, ranks: np.ndarray, epoch: int) -> np.ndarray:
-        """``(k, 3)`` starts of the samples ``(labels[i], ranks[i])`` of ``epoch``."""
-        starts = np.empty((labels.size, 3), dtype=np.int64)
-        for v in np.unique(labels).tolist():
-            sel = labels == v
+    def starts(self, vols: np.ndarray, ranks: np.ndarray, epoch: int) -> np.ndarray:
+        """``(k, 3)`` starts of the samples ``(vols[i], ranks[i])`` of ``epoch``."""
+        starts = np.empty((vols.size, 3), dtype=np.int64)
+        for v in np.unique(vols).tolist():
+            sel = vols == v
             local = ranks[sel]
             if self.shuffle:
                 local = self.permutation(epoch, v)(local)
@@ -223,7 +223,7 @@ class BlockPlan:
         """``(volume_index, starts)`` of the batches of ``epoch`` that belong to ``part``.
 
         With ``world_size > 1`` the epoch is first split among torch.distributed
-        ranks as :class:`~vesuvius_dask.sampling.RankSlice` does (padded to equal
+        ranks as :class:`~vesuvius_dask.sampling.starts.RankSlice` does (padded to equal
         counts, except for inference grids). Then, of this rank's batches, batch
         ``b >= start_batch`` belongs to part ``(b - start_batch) % parts``: the parts
         together yield the rank's share exactly once, in order when read round-robin.
@@ -240,8 +240,8 @@ class BlockPlan:
             pending = list(itertools.islice(selected, group))
             if not pending:
                 return
-            labels = np.concatenate([lab for _, lab, _ in pending])
-            starts = self.starts(labels, np.concatenate([r for _, _, r in pending]), epoch)
+            vols = np.concatenate([lab for _, lab, _ in pending])
+            starts = self.starts(vols, np.concatenate([r for _, _, r in pending]), epoch)
             first = 0
             volumes = len(self.volumes)
             for _, lab, _ in pending:  # class grids map back to their volume
@@ -250,6 +250,6 @@ class BlockPlan:
 
     def epoch_coords(self, epoch: int | None = None) -> np.ndarray:
         """All ``(volume, z, y, x)`` starts of one epoch, in plan order, without reading."""
-        parts = [np.column_stack([labels, starts]) for labels, starts in self.batches(epoch or 0)]
+        parts = [np.column_stack([vols, starts]) for vols, starts in self.batches(epoch or 0)]
         return np.concatenate(parts).astype(np.int64)
 

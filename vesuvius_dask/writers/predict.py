@@ -15,12 +15,16 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ModelError, SamplingError, VesuviusDaskError
-from .lru import LRU
+from ..arguments import renamed
+from ..errors import ModelError, SamplingError, VesuviusDaskError
+from ..lru import LRU
+
+if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
 
 __all__ = ["PredictionWriter", "predict", "BLENDS"]
 
@@ -52,9 +56,9 @@ class PredictionWriter:
 
     Parameters
     ----------
-    path : str or os.PathLike
+    output : str or os.PathLike
         Output Zarr array; built in ``.NAME.partial/`` beside it and renamed into
-        place by :meth:`finalize` (see :class:`~vesuvius_dask.outputs.OutputJob`).
+        place by :meth:`finalize` (see :class:`~vesuvius_dask.writers.outputs.OutputJob`).
     shape : tuple of int
         Output shape: ``(Y, X)`` for 2-D maps (e.g. ink) or ``(Z, Y, X)``.
     block : tuple of int
@@ -90,14 +94,15 @@ class PredictionWriter:
     checkpoint commits them, so a kill never leaves a half-added batch behind.
     """
 
-    def __init__(self, path: str | os.PathLike, shape: Sequence[int], block: Sequence[int], *,
+    @renamed(path="output")
+    def __init__(self, output: str | os.PathLike, shape: Sequence[int], block: Sequence[int], *,
                  chunks: Sequence[int] | None = None, blend: str = "hann",
                  memory_bytes: int = 256 * 2**20, volume: int | None = None,
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
                  inputs: Sequence[Any] = (), identity: dict | None = None) -> None:
         from .outputs import OutputJob
 
-        self.path = Path(path)
+        self.path = Path(output)
         self.shape = tuple(int(s) for s in shape)
         self.block = tuple(int(b) for b in block)
         if len(self.shape) not in (2, 3) or len(self.block) != len(self.shape):
@@ -323,7 +328,7 @@ class PredictionWriter:
             is one, or this writer resumed one: finished work is never thrown away).
         error : BaseException, optional
             What stopped the job: when the checkpoint is kept, its message says so
-            (see :meth:`~vesuvius_dask.outputs.OutputJob.stopped`).
+            (see :meth:`~vesuvius_dask.writers.outputs.OutputJob.stopped`).
         """
         with self._lock:
             self._buffers.clear()
@@ -402,7 +407,7 @@ def _in_predict_words(err: Exception) -> Exception:
 
 def _source_name(source: Any) -> str:
     """How a job's identity names its source: the URL, the resolved path, or the object's kind."""
-    from .paths import is_url
+    from ..io.paths import is_url
 
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source) if is_url(source) else os.path.realpath(source)
@@ -413,7 +418,7 @@ def _source_name(source: Any) -> str:
 def _content(source: Any) -> str | None:
     """What changes when the source's voxels change: its files' stamps, or a token of an array.
 
-    Local paths: :func:`~vesuvius_dask.outputs.source_stamp` (every file's size and
+    Local paths: :func:`~vesuvius_dask.writers.outputs.source_stamp` (every file's size and
     modification time). Arrays in memory: dask's ``tokenize`` (a hash of the data
     for numpy, the graph's name for dask). URLs: None (the metadata is what a
     server says; see the README's notes on resuming from URLs).
@@ -453,14 +458,14 @@ def _load_model(model: Any) -> Any:
 
 
 def _masks(mask: Any, source: Any) -> Any:
-    from .segment import Segment
+    from ..io.segments import Segment
 
     if mask is None:
         return None
     masks = "segment" if isinstance(mask, str) and mask == "segment" else [mask]
     if masks == "segment" and not isinstance(source, Segment):
-        raise SamplingError("mask='segment' needs a segment folder as the source",
-                            cli={"mask='segment'": "--mask (with no value)"})
+        raise SamplingError("masks='segment' needs a segment folder as the source",
+                            cli={"masks='segment'": "--mask (with no value)"})
     if masks == "segment" and source.mask is None:
         raise SamplingError(f"{source.path}: the segment has no mask.png")
     return masks
@@ -473,13 +478,15 @@ def default_block(shape: Sequence[int], block: Sequence[int] | None) -> tuple[in
     return tuple(int(b) for b in block)  # type: ignore[return-value]
 
 
-def predict(model: Any, source: Any, out: str | os.PathLike, *,
+@renamed(out="output", mask="masks")
+def predict(model: Any, source: Any, output: str | os.PathLike, *,
             block: Sequence[int] | None = None, overlap: Sequence[int] | None = None,
-            batch_size: int = 32, mask: Any = None, mask_coverage: float = 1e-9,
+            batch_size: int = 32, masks: Any = None, mask_coverage: float = 1e-9,
             blend: str = "hann", png: str | os.PathLike | None = None, overwrite: bool = False,
             resume: bool = False, num_workers: int = 0, client: Any = None,
             quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS,
-            cache_dir: str | os.PathLike | None = None) -> Any:
+            cache_dir: str | os.PathLike | None = None,
+            storage_options: dict | None = None) -> da.Array:
     """Run a model over every grid block of a volume and write the blended prediction.
 
     Parameters
@@ -493,18 +500,19 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
         sees them.
     source : Segment, path or array
         A segment (folder path or :class:`~vesuvius_dask.Segment`) or any volume.
-    out : str or os.PathLike
+    output : str or os.PathLike
         Output Zarr path. It may not be, contain, or lie inside an input (the
         source, its segment folder, the model, the mask).
     block : tuple of int, optional
         Grid block (default 16×64×64, clipped to the volume).
     overlap : tuple of int, optional
-        Overlap between neighbouring blocks (see :class:`~vesuvius_dask.sampling.GridStarts`);
+        Overlap between neighbouring blocks (see :class:`~vesuvius_dask.sampling.starts.Tiling`);
         default a quarter of the block in y and x, none in z (16 for 64-pixel blocks).
     batch_size : int
         Blocks per model call.
-    mask : array, path, "segment" or None
-        Only blocks the mask touches are predicted (``mask_coverage``: fraction of
+    masks : array, path, "segment" or None
+        The source's mask (one, as the stream's ``masks`` has one per volume): only
+        blocks the mask touches are predicted (``mask_coverage``: fraction of
         the footprint, default: any voxel); elsewhere the output is 0.
     blend, png, overwrite : see :class:`PredictionWriter`.
     resume : bool
@@ -522,6 +530,8 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     cache_dir : str or os.PathLike, optional
         For a URL source: keep its fetched chunks in this folder (a resumed or
         repeated run reads them from there; see :func:`~vesuvius_dask.open_volume`).
+    storage_options : dict, optional
+        fsspec options for a URL source (e.g. ``{"anon": True}`` for S3).
 
     Returns
     -------
@@ -531,7 +541,7 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     Raises
     ------
     OutputError, OutputExistsError, ResumeError
-        See :class:`~vesuvius_dask.outputs.OutputJob`.
+        See :class:`~vesuvius_dask.writers.outputs.OutputJob`.
     ModelError
         The model file is missing, is a ``torch.save`` checkpoint (export it first),
         or cannot be loaded. A model file is code: loading it runs it.
@@ -539,10 +549,11 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
         SIGINT or SIGTERM: before the first checkpoint nothing is left behind; after
         it the checkpoint is kept and the message says how to resume it.
     """
+    from ..io.paths import PathKind, path_kind
+    from ..io.segments import open_segment
     from .outputs import check_destination, check_job, interruptible
-    from .paths import PathKind, path_kind
-    from .segment import open_segment
 
+    out, mask = output, masks[0] if isinstance(masks, (list, tuple)) and len(masks) == 1 else masks
     if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
         raise ModelError(f"{os.fspath(model)}: no such model file")
     segment_mask = isinstance(mask, str) and mask == "segment"
@@ -568,19 +579,21 @@ def predict(model: Any, source: Any, out: str | os.PathLike, *,
     with interruptible():
         return _predict(_load_model(model), source, out, block, overlap, batch_size, _masks(mask, source),
                         mask_coverage, blend, png, overwrite, resume, num_workers, client, quiet,
-                        checkpoint_blocks, inputs, identity, cache_dir)
+                        checkpoint_blocks, inputs, identity, cache_dir, storage_options)
 
 
 def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: Any,
-                 mask_coverage: float, client: Any, identity: dict, cache_dir: Any) -> tuple[Any, tuple]:
+                 mask_coverage: float, client: Any, identity: dict, cache_dir: Any,
+                 storage_options: dict | None) -> tuple[Any, tuple]:
     """The grid stream over predict's source, and the source's shape; errors in predict's words."""
     import torch
 
-    from .stream import DaskVesuviusStream
-    from .volumes import resolve_volume
+    from ..io.open import resolve_volume
+    from ..loaders.stream import DaskVesuviusStream
 
     if isinstance(source, (str, os.PathLike)) and "://" in os.fspath(source):
-        source = resolve_volume(source, cache_dir=cache_dir)  # opened once, fetched concurrently
+        # opened once, fetched concurrently
+        source = resolve_volume(source, cache_dir=cache_dir, storage_options=storage_options)
     vshape = resolve_volume(source).shape
     block = default_block(vshape, block)
     for axis, b, n in zip("zyx", block, vshape):
@@ -604,12 +617,13 @@ def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: 
 def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_size: int,
              masks: Any, mask_coverage: float, blend: str, png: Any, overwrite: bool,
              resume: bool, num_workers: int, client: Any, quiet: bool, checkpoint_blocks: int,
-             inputs: list, identity: dict, cache_dir: Any = None) -> Any:
+             inputs: list, identity: dict, cache_dir: Any = None,
+             storage_options: dict | None = None) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
     stream, vshape = _grid_stream(source, block, overlap, batch_size, masks, mask_coverage, client,
-                                  identity, cache_dir)
+                                  identity, cache_dir, storage_options)
     stream.set_epoch(0)  # a grid has one order: no epoch to advance, no warning in workers
     vol_dtype = stream.volumes[0].dtype
     scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidTypeError, SamplingError
+from ..errors import InvalidTypeError, SamplingError
+from .open import resolve_volume
 from .volume import Volume
-from .volumes import resolve_volume
 
 __all__ = ["per_volume", "load_mask", "label_volumes", "IMAGE_FILES"]
 
@@ -40,7 +40,7 @@ def per_volume(name: str, value: Any, files: Sequence[Any], attr: str) -> list[A
 
 def load_mask(source: Any, what: str, vol: Volume) -> np.ndarray:
     """A 2-D mask (or label image) as numpy, checked against the volume's (Y, X)."""
-    from .segment import read_image
+    from .segments import read_image
 
     if isinstance(source, (str, os.PathLike)):
         p = os.fspath(source)
@@ -54,7 +54,7 @@ def load_mask(source: Any, what: str, vol: Volume) -> np.ndarray:
     if arr.ndim != 2 or arr.shape != vol.shape[1:]:
         raise SamplingError(
             f"{what}: shape {arr.shape} does not match the (Y, X) = {vol.shape[1:]} of the "
-            f"volume {vol.label}; masks are 2-D images of the volume's height and width")
+            f"volume {vol.name}; masks are 2-D images of the volume's height and width")
     return arr
 
 
@@ -67,20 +67,20 @@ def label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume]
     dims = set()
     for i, (src, vol) in enumerate(zip(per_volume("labels", labels, files, "labels"), volumes)):
         if src is None:
-            raise SamplingError(f"labels[{i}]: volume {vol.label} has no labels; every volume needs them")
+            raise SamplingError(f"labels[{i}]: volume {vol.name} has no labels; every volume needs them")
         if isinstance(src, (str, os.PathLike)) and not os.fspath(src).lower().endswith(IMAGE_FILES):
             import zarr
 
             src = zarr.open(os.fspath(src), mode="r")  # a Zarr label array, 2-D or 3-D
         if isinstance(src, (str, os.PathLike)) or getattr(src, "ndim", 3) == 2:
             arr = load_mask(src, f"labels[{i}]", vol)
-            out.append(resolve_volume(arr[None], label=f"labels[{i}]"))
+            out.append(resolve_volume(arr[None], name=f"labels[{i}]"))
             dims.add(2)
             continue
-        lv = resolve_volume(src, label=f"labels[{i}]")
+        lv = resolve_volume(src, name=f"labels[{i}]")
         if lv.shape != vol.shape:
             raise SamplingError(
-                f"labels[{i}]: shape {lv.shape} does not match the volume {vol.label} "
+                f"labels[{i}]: shape {lv.shape} does not match the volume {vol.name} "
                 f"{vol.shape}; 3-D labels must have the volume's shape")
         out.append(lv)
         dims.add(3)

@@ -52,8 +52,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import Interrupted, OutputError, OutputExistsError, ResumeError
-from .paths import ZARR_MARKERS, is_url, protected_roots
+from ..errors import Interrupted, OutputError, OutputExistsError, ResumeError
+from ..io.paths import ZARR_MARKERS, is_url, protected_roots
 
 __all__ = ["check_output", "check_destination", "check_job", "interruptible", "critical", "OutputJob",
            "replace_path", "remove_path", "file_stamp", "source_stamp", "is_our_output", "PNG_SOFTWARE"]

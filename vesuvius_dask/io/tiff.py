@@ -5,8 +5,8 @@ order and checks the numbering; :func:`inspect_stack` checks every header (shape
 dtype, truncation); :func:`lazy_stack` is the region of interest as a dask array
 (one delayed read per layer or band of rows); :class:`TiffStack` is an array-like
 that reads blocks in place (memory maps, or tifffile's Zarr interface for compressed
-layers); :func:`tiff_volume` makes either into a :class:`~vesuvius_dask.volume.Volume`.
-Writing Zarr from them is :mod:`vesuvius_dask.convert`'s job.
+layers); :func:`tiff_volume` makes either into a :class:`~vesuvius_dask.io.volume.Volume`.
+Writing Zarr from them is :mod:`vesuvius_dask.writers.convert`'s job.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConversionError, VolumeError
-from .lru import LRU
+from ..errors import ConversionError, VolumeError
+from ..lru import LRU
 from .paths import LAYER_DIRS, TIFF_SUFFIXES
 from .volume import ORIGIN_ATTR, Volume, wrap_numpy
 
@@ -450,15 +450,15 @@ def tiff_volume(folder: Path, chunks: Any = None) -> Volume:
     from dask.base import tokenize
 
     info = inspect_layers(folder)
-    label = str(folder)
+    name = str(folder)
     if all(layer.page == 0 for layer in info.layers):
         stack = TiffStack([layer.path for layer in info.layers], info.shape, info.dtype,
                           memmap=info.memmappable)
         token = "volume-tiff-" + tokenize(stack.paths, [os.path.getmtime(p) for p in stack.paths])
         arr = wrap_numpy(stack, chunks, token)  # type: ignore[arg-type]
         setattr(arr, ORIGIN_ATTR, ("numpy", stack))
-        return Volume(arr, label, data=stack)  # type: ignore[arg-type]
+        return Volume(arr, name, data=stack)  # type: ignore[arg-type]
     full = tuple(slice(0, s) for s in info.shape)
     default = tuple(min(c, s) for c, s in zip((4, 512, 512), info.shape))
     arr = lazy_stack(info, full, band=512).rechunk(chunks or default)  # type: ignore[arg-type]
-    return Volume(arr, label)
+    return Volume(arr, name)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import InvalidTypeError, SamplingError
 
-__all__ = ["positive_int", "non_negative_int", "positive_triple", "int_triple"]
+__all__ = ["positive_int", "non_negative_int", "positive_triple", "int_triple", "renamed"]
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -55,3 +55,34 @@ def int_triple(name: str, value: Any, *, minimum: int = 1, broadcast: bool = Tru
 def positive_triple(name: str, value: Any, *, broadcast: bool = True) -> tuple[int, int, int]:
     """``(z, y, x)`` of positive ints (see :func:`int_triple`)."""
     return int_triple(name, value, minimum=1, broadcast=broadcast)
+
+
+#: (function, old keyword) pairs already warned about in this process.
+_WARNED: set[tuple[str, str]] = set()
+
+
+def renamed(**old_to_new: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Keep keyword arguments working under their old names, with one ``DeprecationWarning`` each.
+
+    ``@renamed(dst="output")`` lets ``f(dst=...)`` call ``f(output=...)``; giving both
+    is an error that names them.
+    """
+    import functools
+    import warnings
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs:
+                    raise InvalidTypeError(f"{fn.__qualname__}: pass {new}= only ({old}= is its old name)")
+                kwargs[new] = kwargs.pop(old)
+                if (fn.__qualname__, old) not in _WARNED:
+                    _WARNED.add((fn.__qualname__, old))
+                    warnings.warn(f"{fn.__qualname__}({old}=...) is now {new}=", DeprecationWarning,
+                                  stacklevel=2)
+            return fn(*args, **kwargs)
+        return call
+    return wrap

@@ -1,8 +1,8 @@
 """``DaskVesuviusStream``: a torch ``IterableDataset`` over the block plan and the batch reader.
 
-This is the only module (with :mod:`~vesuvius_dask.shm` and
-:mod:`~vesuvius_dask.readers`, which it uses) that imports torch. It checks the
-arguments, builds a :class:`~vesuvius_dask.plan.BlockPlan` and the engines, keeps
+This is the only module (with :mod:`~vesuvius_dask.loaders.batch_buffers` and
+:mod:`~vesuvius_dask.loaders.reader`, which it uses) that imports torch. It checks the
+arguments, builds a :class:`~vesuvius_dask.sampling.plan.BlockPlan` and the engines, keeps
 the epoch in shared memory so ``set_epoch`` reaches persistent workers, and turns
 the reader's arrays into tensors.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MissingExtraError
+from ..errors import MissingExtraError
 
 try:
     import torch
@@ -25,14 +25,14 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
     raise MissingExtraError(
         "DaskVesuviusStream needs PyTorch: pip install \"vesuvius-dask[torch]\"") from err
 
-from .checks import positive_int
-from .engine import DEFAULT_CACHE_BYTES, BatchEngine
-from .errors import InvalidTypeError, SamplingError
-from .labels import label_volumes, load_mask, per_volume
-from .plan import BlockPlan
-from .readers import BatchReader
-from .shm import count_worker_iteration, into_pool, pool_allowed
-from .volumes import Volume, resolve_volume
+from ..arguments import positive_int, renamed
+from ..engine.batches import DEFAULT_CACHE_BYTES, BatchEngine
+from ..errors import InvalidTypeError, SamplingError
+from ..io.labels import label_volumes, load_mask, per_volume
+from ..io.open import Volume, resolve_volume
+from ..sampling.plan import BlockPlan
+from .batch_buffers import count_worker_iteration, into_pool, pool_allowed
+from .reader import BatchReader
 
 __all__ = ["DaskVesuviusStream"]
 
@@ -61,7 +61,7 @@ def _output_dtype(volumes: list[Volume], dtype: Any) -> np.dtype:
     for i, v in enumerate(volumes):
         if not np.can_cast(v.dtype, out, casting="safe"):
             raise SamplingError(
-                f"files[{i}] ({v.label}) has dtype {v.dtype}, which dtype={dtype} cannot "
+                f"files[{i}] ({v.name}) has dtype {v.dtype}, which dtype={dtype} cannot "
                 f"hold without losing values; use a wider dtype (e.g. torch.float32) or "
                 "convert in `transform`")
     return out
@@ -85,13 +85,13 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(rank), world_size
 
 
-def _shared_cache(cache_bytes: int) -> Any:
+def _machine_cache(cache_bytes: int) -> Any:
     """The machine-wide decoded-chunk cache for DataLoader workers, where /dev/shm exists."""
-    from .shared_cache import SharedChunkCache, shared_memory_dir
+    from ..engine.machine_cache import MachineChunkCache, shared_memory_dir
 
     if cache_bytes <= 0 or shared_memory_dir() is None:
         return None
-    return SharedChunkCache(cache_bytes)
+    return MachineChunkCache(cache_bytes)
 
 
 def _check_options(batch_size: Any, transform: Any, prefetch: Any) -> None:
@@ -131,7 +131,7 @@ class DaskVesuviusStream(IterableDataset):
         with undrawn starts left), then an undrawn start in it. ``"proportional"``:
         volumes are picked with probability proportional to their undrawn starts.
         ``"grid"`` (for inference): every position of a regular grid that tiles each
-        volume (see ``overlap`` and :class:`~vesuvius_dask.sampling.GridStarts`),
+        volume (see ``overlap`` and :class:`~vesuvius_dask.sampling.starts.Tiling`),
         volume after volume, in raster order (z, then y, then x: consecutive blocks
         share stored chunks), each exactly once per epoch; ``samples_per_epoch=None``
         means all of them. Masks skip positions outside the mask.
@@ -180,7 +180,7 @@ class DaskVesuviusStream(IterableDataset):
     locality : int, optional
         Opt-in read locality for volumes far larger than the cache: draw blocks in
         runs of ``locality`` starts from the same stored chunk, ``locality_mix`` runs
-        interleaved at a time (see :class:`~vesuvius_dask.sampling.LocalityPermutation`).
+        interleaved at a time (see :class:`~vesuvius_dask.sampling.starts.LocalityPermutation`).
         Still without replacement and reproducible; less random: consecutive blocks
         come from a few chunks. Keep ``cache_bytes`` above ``locality_mix`` × 8
         chunks so that a run's chunks stay cached while it is drawn.
@@ -224,11 +224,11 @@ class DaskVesuviusStream(IterableDataset):
     cache_dir : str or os.PathLike, optional
         Keep the chunks fetched for URL volumes in this folder: DataLoader workers
         share it (each chunk is fetched by one process while the others wait for it)
-        and later runs start from it. See :func:`~vesuvius_dask.volumes.open_volume`
+        and later runs start from it. See :func:`~vesuvius_dask.io.open.open_volume`
         for its guarantees and budget. Remote chunks are fetched with many requests
         in flight: those of the next batches while this one is read (dask config
         ``vesuvius-dask.remote.concurrency``, default 32; see
-        :class:`~vesuvius_dask.remote.RemoteSettings`).
+        :class:`~vesuvius_dask.remote.fetch.RemoteSettings`).
     positive_fraction : float, optional
         Label-balanced sampling (needs 2-D ``labels``): exactly
         ``round(positive_fraction * samples_per_epoch)`` blocks of every epoch are
@@ -240,10 +240,11 @@ class DaskVesuviusStream(IterableDataset):
     positive_coverage : float
         Fraction of the label footprint that makes a start positive (default: any
         positive voxel).
-    shared_cache : bool
-        Inside DataLoader workers, share decoded chunks through ``/dev/shm``: a
+    machine_cache : bool
+        (Formerly ``shared_cache``.) Inside DataLoader workers, share decoded chunks
+        through ``/dev/shm``: a
         chunk is decoded once per machine, not once per worker (see
-        :class:`~vesuvius_dask.shared_cache.SharedChunkCache`). ``cache_bytes`` then
+        :class:`~vesuvius_dask.engine.machine_cache.MachineChunkCache`). ``cache_bytes`` then
         bounds the shared folder; each of ``k`` workers also keeps mappings of up to
         ``cache_bytes / k`` of chunks (pages of the same files, not copies; pages of
         files evicted meanwhile stay until the worker lets go), so the machine holds
@@ -271,9 +272,9 @@ class DaskVesuviusStream(IterableDataset):
     gets a fresh copy, so only :meth:`set_epoch` changes the order). ``set_epoch``
     reaches persistent workers too: the epoch is kept in shared memory.
 
-    The stream is a thin adapter: :class:`~vesuvius_dask.plan.BlockPlan` decides the
-    blocks, :class:`~vesuvius_dask.readers.BatchReader` reads them with the
-    :class:`~vesuvius_dask.engine.BatchEngine`, and this class turns them into tensors.
+    The stream is a thin adapter: :class:`~vesuvius_dask.sampling.plan.BlockPlan` decides the
+    blocks, :class:`~vesuvius_dask.loaders.reader.BatchReader` reads them with the
+    :class:`~vesuvius_dask.engine.batches.BatchEngine`, and this class turns them into tensors.
 
     Workers: under ``DataLoader(num_workers=k)`` worker ``w`` reads batches
     ``w, w+k, ...`` of the same plan, so the epoch yields ``samples_per_epoch``
@@ -281,6 +282,7 @@ class DaskVesuviusStream(IterableDataset):
     Fork and spawn are both safe: thread pools and caches are made per process.
     """
 
+    @renamed(shared_cache="machine_cache")
     def __init__(
         self,
         files: Sequence[Any],
@@ -315,7 +317,7 @@ class DaskVesuviusStream(IterableDataset):
         positive_coverage: float = 1e-9,
         rank: int | None = None,
         world_size: int | None = None,
-        shared_cache: bool = True,
+        machine_cache: bool = True,
         cache_dir: Any = None,
     ) -> None:
         super().__init__()
@@ -330,7 +332,7 @@ class DaskVesuviusStream(IterableDataset):
         self.return_coords = bool(return_coords)
         self.transform = transform
         self.volumes: list[Volume] = [
-            resolve_volume(f, level=level, label=f"files[{i}]", storage_options=storage_options,
+            resolve_volume(f, level=level, name=f"files[{i}]", storage_options=storage_options,
                            cache_dir=cache_dir)
             for i, f in enumerate(files)]
         masks_2d = [None if m is None else load_mask(m, f"masks[{i}]", self.volumes[i])
@@ -348,8 +350,8 @@ class DaskVesuviusStream(IterableDataset):
         self.label_engine = None if self.label_volumes is None else BatchEngine(
             self.label_volumes, (1,) + block[1:] if self.label_2d else block,
             cache_bytes=cache_bytes // 4, num_threads=num_threads)
-        if shared_cache and client is None:
-            self.engine.shared = _shared_cache(cache_bytes)
+        if machine_cache and client is None:
+            self.engine.machine = _machine_cache(cache_bytes)
         self.reader = BatchReader(self.engine, self.label_engine, self.label_2d,
                                   prefetch=None if prefetch is None else int(prefetch), client=client,
                                   retries=retries, shared=self.batch_size is not None)
@@ -450,11 +452,11 @@ class DaskVesuviusStream(IterableDataset):
         if info is not None:
             self._warn_once(info)
         count_worker_iteration()
-        if info is not None and self.engine.shared is not None and not self.engine.shared_active:
+        if info is not None and self.engine.machine is not None and not self.engine.machine_active:
             # workers share decoded chunks; each keeps mappings of at most its share of
-            # the budget, so the machine holds at most 2 x cache_bytes (see shared_cache)
-            self.engine.shared_active = True
-            self.engine.cache.budget = max(1, self.engine.shared.max_bytes // info.num_workers)
+            # the budget, so the machine holds at most 2 x cache_bytes (see machine_cache)
+            self.engine.machine_active = True
+            self.engine.cache.budget = max(1, self.engine.machine.max_bytes // info.num_workers)
         epoch = self.epoch
         self._iterations += 1
         batches = self.plan.batches(epoch, worker, num_workers, self.start_batch, self.rank,

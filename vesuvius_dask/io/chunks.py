@@ -12,7 +12,7 @@ with numcodecs directly:
 * fixed-size numeric dtypes; a missing chunk file is the fill value.
 
 :class:`ChunkCodec` is the decoding half, which remote reads share
-(:mod:`~vesuvius_dask.remote` fetches the bytes). Anything else (sharding,
+(:mod:`~vesuvius_dask.remote.fetch` fetches the bytes). Anything else (sharding,
 ``transpose``, ``crc32c``, several compressors in a row, other dtypes) gets
 ``None``, and the caller reads through zarr: zarr stays the source of truth, and
 the property tests check that both paths give the same bytes.
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptChunkError
+from ..errors import CorruptChunkError
 
 __all__ = ["ChunkCodec", "fast_reader", "read_file", "max_stored_bytes"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import VesuviusDaskError
+from ..errors import VesuviusDaskError
 
 __all__ = ["get_client", "DEFAULT_CONNECT_TIMEOUT"]
 
@@ -31,7 +31,7 @@ def get_client(scheduler: Any, timeout: float | None = None) -> Any:
     VesuviusDaskError
         distributed is not installed, or the scheduler cannot be reached in time.
     """
-    from .extras import require
+    from ..extras import require
 
     Client = require("distributed", "distributed").Client
     if isinstance(scheduler, Client):

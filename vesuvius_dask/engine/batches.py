@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SamplingError
-from .lru import LRU
-from .volume import Volume, read_stored, stored_keys
+from ..errors import SamplingError
+from ..io.volume import Volume, read_stored, stored_keys
+from ..lru import LRU
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
-           "remote_read", "DEFAULT_CACHE_BYTES"]
+           "cluster_read", "DEFAULT_CACHE_BYTES"]
 
 #: Default decoded-chunk cache budget per process (bytes).
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -225,7 +225,7 @@ class BatchEngine:
     Parameters
     ----------
     volumes : list of Volume
-        The volumes (see :func:`vesuvius_dask.volumes.resolve_volume`).
+        The volumes (see :func:`vesuvius_dask.io.open.resolve_volume`).
     block : tuple of int
         Block shape ``(z_size, y_size, x_size)``.
     dtype : numpy dtype, optional
@@ -257,10 +257,10 @@ class BatchEngine:
         self._proc_pid = os.getpid()
         self.uid = uuid.uuid4().hex  # identifies this engine's copies on cluster workers
         #: Decoded chunks shared by the DataLoader workers of a machine (see
-        #: :class:`~vesuvius_dask.shared_cache.SharedChunkCache`); used while
-        #: ``shared_active`` is set (by the stream, inside DataLoader workers).
-        self.shared: Any = None
-        self.shared_active = False
+        #: :class:`~vesuvius_dask.engine.machine_cache.MachineChunkCache`); used while
+        #: ``machine_active`` is set (by the stream, inside DataLoader workers).
+        self.machine: Any = None
+        self.machine_active = False
 
     # -- pickling: caches, pools and counters are per process -------------------
     def __getstate__(self) -> dict:
@@ -346,13 +346,13 @@ class BatchEngine:
     def _read_chunk(self, vol: Volume, chunk_id: tuple[int, int, int],
                     region: tuple[slice, ...]) -> np.ndarray:
         key = (vol.token,) + tuple(chunk_id)
-        if self.shared is not None and self.shared_active and self.shared.usable:
+        if self.machine is not None and self.machine_active and self.machine.usable:
             # the local LRU keeps the mapping (shared pages, no copy), so later batches
-            # cut it inline; see DaskVesuviusStream's shared_cache for the memory bound.
+            # cut it inline; see DaskVesuviusStream's machine_cache for the memory bound.
             # A cache this process cannot write (/dev/shm full) returns the chunk
             # uncached, warns once and is not used again here (``usable`` False).
-            chunk, decoded = self.shared.get_or_load(
-                key, lambda: read_stored(vol.zarr, region, vol.label, vol.remote))
+            chunk, decoded = self.machine.get_or_load(
+                key, lambda: read_stored(vol.zarr, region, vol.name, vol.remote))
             if decoded:
                 self._count_read(chunk)
             else:
@@ -360,7 +360,7 @@ class BatchEngine:
                     self.stats.shared_hits += 1
             self.cache.put(key, chunk)
             return chunk
-        chunk = read_stored(vol.zarr, region, vol.label, vol.remote)
+        chunk = read_stored(vol.zarr, region, vol.name, vol.remote)
         self._account_read(key, chunk)
         return chunk
 
@@ -385,8 +385,8 @@ class BatchEngine:
                 ids, _ = plan_pieces(self._bounds[v], starts[rows], self.block, rows)
                 wanted = [cid for cid in map(tuple, np.unique(ids, axis=0).tolist())
                           if (vol.token,) + cid not in self.cache and not (
-                              self.shared_active and self.shared.usable
-                              and self.shared.has((vol.token,) + cid))]
+                              self.machine_active and self.machine.usable
+                              and self.machine.has((vol.token,) + cid))]
                 vol.remote.prefetch(stored_keys(vol.zarr, wanted))
             pending += vol.remote.pending()
         return pending
@@ -572,7 +572,7 @@ _WORKER_ENGINES_MAX = 4
 _WORKER_ENGINES = LRU(_WORKER_ENGINES_MAX)
 
 
-def remote_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
+def cluster_read(engines: Sequence[BatchEngine], vol_index: np.ndarray,
                 starts: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Task run on a dask.distributed worker: read one batch (and its labels).
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SamplingError
+from ..errors import SamplingError
 
-__all__ = ["StartGrid", "GridStarts", "MaskedStartGrid", "footprint_valid", "FeistelPermutation",
+__all__ = ["StartGrid", "Tiling", "MaskedStartGrid", "footprint_valid", "FeistelPermutation",
            "LocalityPermutation",
            "EpochPlan", "BalancedEpochPlan", "RankSlice", "SAMPLING_METHODS"]
 
@@ -47,19 +47,19 @@ class StartGrid:
         Block shape ``(z_size, y_size, x_size)``.
     stride : tuple of int
         Step between starts along each axis.
-    label : str
+    name : str
         Volume name for error messages.
     """
 
     def __init__(self, shape: Sequence[int], block: Sequence[int],
-                 stride: Sequence[int], label: str = "volume") -> None:
+                 stride: Sequence[int], name: str = "volume") -> None:
         self.shape = tuple(int(s) for s in shape)
         self.block = tuple(int(b) for b in block)
         self.stride = tuple(int(s) for s in stride)
         for axis, size, bsize in zip("zyx", self.shape, self.block):
             if bsize > size:
                 raise SamplingError(
-                    f"{label}: block {axis}_size={bsize} is larger than the volume's {axis} "
+                    f"{name}: block {axis}_size={bsize} is larger than the volume's {axis} "
                     f"axis ({size}); volume shape {self.shape}, block {self.block}"
                 )
         self.counts = tuple(
@@ -155,7 +155,7 @@ def _feistel(x: np.ndarray, n: Any, keys: Sequence[Any]) -> np.ndarray:
     return y.astype(np.int64)
 
 
-class GridStarts(StartGrid):
+class Tiling(StartGrid):
     """Block starts that tile a volume completely, with overlap, each exactly once.
 
     Along each axis starts are ``0, step, 2*step, ...`` with ``step = block - overlap``
@@ -169,19 +169,19 @@ class GridStarts(StartGrid):
         Volume and block shapes.
     overlap : tuple of int
         Overlap between neighbouring blocks along z, y, x (``0 <= overlap < block``).
-    label : str
+    name : str
         Volume name for error messages.
     """
 
     def __init__(self, shape: Sequence[int], block: Sequence[int], overlap: Sequence[int],
-                 label: str = "volume") -> None:
-        super().__init__(shape, block, (1, 1, 1), label=label)
+                 name: str = "volume") -> None:
+        super().__init__(shape, block, (1, 1, 1), name=name)
         self.overlap = tuple(int(o) for o in overlap)
         self._starts = []
         for axis, size, b, o in zip("zyx", self.shape, self.block, self.overlap):
             if not 0 <= o < b:
                 raise SamplingError(
-                    f"{label}: overlap along {axis} must be in [0, {b}) for a block of {b}, got {o}")
+                    f"{name}: overlap along {axis} must be in [0, {b}) for a block of {b}, got {o}")
             starts = list(range(0, size - b + 1, b - o))
             if starts[-1] != size - b:
                 starts.append(size - b)
@@ -196,7 +196,7 @@ class GridStarts(StartGrid):
         return np.stack([self._starts[0][iz], self._starts[1][iy], self._starts[2][ix]], axis=-1)
 
     def __repr__(self) -> str:
-        return f"GridStarts(shape={self.shape}, block={self.block}, overlap={self.overlap}, n={self.n})"
+        return f"Tiling(shape={self.shape}, block={self.block}, overlap={self.overlap}, n={self.n})"
 
 
 class FeistelPermutation:
@@ -231,14 +231,14 @@ class FeistelPermutation:
         return _feistel(index, self.n, self.keys)
 
 
-def _ranks(labels: np.ndarray, n_groups: int) -> np.ndarray:
-    """For each position, how many earlier positions carry the same label."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    counts = np.bincount(sorted_labels, minlength=n_groups)
+def _ranks(vols: np.ndarray, n_groups: int) -> np.ndarray:
+    """For each position, how many earlier positions are of the same volume."""
+    order = np.argsort(vols, kind="stable")
+    sorted_vols = vols[order]
+    counts = np.bincount(sorted_vols, minlength=n_groups)
     group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ranks = np.empty(labels.size, dtype=np.int64)
-    ranks[order] = np.arange(labels.size, dtype=np.int64) - group_start[sorted_labels]
+    ranks = np.empty(vols.size, dtype=np.int64)
+    ranks[order] = np.arange(vols.size, dtype=np.int64) - group_start[sorted_vols]
     return ranks
 
 
@@ -303,17 +303,17 @@ class EpochPlan:
         for first in range(0, self.samples, _SEGMENT):
             size = min(_SEGMENT, self.samples - first)
             if self.method == "uniform":
-                labels = self._uniform_labels(rng, used, size)
+                vols = self._uniform_volumes(rng, used, size)
             elif self.method == "grid":
-                labels = np.searchsorted(offsets, np.arange(first, first + size), side="right") - 1
+                vols = np.searchsorted(offsets, np.arange(first, first + size), side="right") - 1
             else:
                 g = union(np.arange(first, first + size, dtype=np.int64))
-                labels = np.searchsorted(offsets, g, side="right") - 1
-            ranks = _ranks(labels, n_vol) + used[labels]
-            used += np.bincount(labels, minlength=n_vol)
-            yield first, labels, ranks
+                vols = np.searchsorted(offsets, g, side="right") - 1
+            ranks = _ranks(vols, n_vol) + used[vols]
+            used += np.bincount(vols, minlength=n_vol)
+            yield first, vols, ranks
 
-    def _uniform_labels(self, rng: np.random.Generator, used: np.ndarray, size: int) -> np.ndarray:
+    def _uniform_volumes(self, rng: np.random.Generator, used: np.ndarray, size: int) -> np.ndarray:
         remaining = self.n_starts - used
         out = np.empty(size, dtype=np.int64)
         filled = 0
@@ -345,8 +345,8 @@ class EpochPlan:
         empty = np.empty(0, dtype=np.int64)
         buf_l, buf_r = empty, empty
         batch = 0
-        for _, labels, ranks in self.segments():
-            lab = np.concatenate([buf_l, labels])
+        for _, vols, ranks in self.segments():
+            lab = np.concatenate([buf_l, vols])
             rnk = np.concatenate([buf_r, ranks])
             n_full = lab.size // batch_size
             for j in range(n_full):
@@ -676,8 +676,8 @@ class BalancedEpochPlan(EpochPlan):
 
     @staticmethod
     def _stream(plan: EpochPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for _, labels, ranks in plan.segments():
-            yield labels, ranks
+        for _, vols, ranks in plan.segments():
+            yield vols, ranks
 
     def segments(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         slots = FeistelPermutation(max(self.samples, 1), [self.seed, self.epoch, 5])
@@ -685,29 +685,29 @@ class BalancedEpochPlan(EpochPlan):
         for first in range(0, self.samples, _SEGMENT):
             size = min(_SEGMENT, self.samples - first)
             positive = slots(np.arange(first, first + size, dtype=np.int64)) < self.positives
-            labels = np.empty(size, dtype=np.int64)
+            vols = np.empty(size, dtype=np.int64)
             ranks = np.empty(size, dtype=np.int64)
             for taker, where, offset in ((takers[0], positive, 0), (takers[1], ~positive, self.volumes)):
                 lab, rnk = taker.take(int(where.sum()))
-                labels[where], ranks[where] = lab + offset, rnk
-            yield first, labels, ranks
+                vols[where], ranks[where] = lab + offset, rnk
+            yield first, vols, ranks
 
 
 class _Taker:
-    """Consume ``(labels, ranks)`` segments in pieces of any size."""
+    """Consume ``(vols, ranks)`` segments in pieces of any size."""
 
     def __init__(self, source: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
         self.source = source
-        self.labels = np.empty(0, dtype=np.int64)
+        self.vols = np.empty(0, dtype=np.int64)
         self.ranks = np.empty(0, dtype=np.int64)
 
     def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        while self.labels.size < k:
+        while self.vols.size < k:
             lab, rnk = next(self.source)
-            self.labels = np.concatenate([self.labels, lab])
+            self.vols = np.concatenate([self.vols, lab])
             self.ranks = np.concatenate([self.ranks, rnk])
-        out = self.labels[:k], self.ranks[:k]
-        self.labels, self.ranks = self.labels[k:], self.ranks[k:]
+        out = self.vols[:k], self.ranks[:k]
+        self.vols, self.ranks = self.vols[k:], self.ranks[k:]
         return out
 
 
@@ -737,23 +737,23 @@ class RankSlice:
         self.total = -(-n // self.world) * self.world if pad else n
         self.samples = len(range(self.rank, self.total, self.world))
 
-    def _mine(self, first: int, labels: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        keep = (np.arange(first, first + labels.size) % self.world) == self.rank
-        return labels[keep], ranks[keep]
+    def _mine(self, first: int, vols: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = (np.arange(first, first + vols.size) % self.world) == self.rank
+        return vols[keep], ranks[keep]
 
     def segments(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         out = 0
-        for first, labels, ranks in self.plan.segments():
-            lab, rnk = self._mine(first, labels, ranks)
+        for first, vols, ranks in self.plan.segments():
+            lab, rnk = self._mine(first, vols, ranks)
             yield out, lab, rnk
             out += lab.size
         extra = self.total - self.plan.samples  # positions n.. repeat samples 0..
         if extra > 0:
-            for first, labels, ranks in self.plan.segments():
-                size = min(labels.size, extra - first)
+            for first, vols, ranks in self.plan.segments():
+                size = min(vols.size, extra - first)
                 if size <= 0:
                     break
-                lab, rnk = self._mine(first + self.plan.samples, labels[:size], ranks[:size])
+                lab, rnk = self._mine(first + self.plan.samples, vols[:size], ranks[:size])
                 yield out, lab, rnk
                 out += lab.size
 
