@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # napari tests need a display: use a virtual one when xvfb-run is there (.ci/run installs it)
 XVFB   := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
-.PHONY: demo test lint docs bench venv clean example segment ink
+.PHONY: demo test test-fast lint docs bench venv clean example segment ink
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(VENV)/.installed
 ## test: set up, lint, then run the whole test suite
 test: lint
 	$(XVFB) $(VENV)/bin/pytest -q
+
+## test-fast: the fast lane while working (under a minute): no test that starts processes,
+## clusters, napari or subprocesses (the `slow` marker; tests/conftest.py marks them by their source)
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -m "not slow" -p no:cacheprovider
 
 ## lint: ruff, with the rules in pyproject.toml
 lint: $(VENV)/.installed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,28 @@ def real_crop() -> Path:
     if not REAL_CROP.exists():
         pytest.skip("../shared/data/example.zarr (real scroll crop) is not present")
     return REAL_CROP
+
+
+# ----------------------------------------------------------------------------- the fast lane
+#: What in a test's source starts another process, a cluster, a viewer or a subprocess:
+#: such tests are ``slow`` (``make test-fast`` leaves them out; ``make test`` runs them).
+STARTS_PROCESSES = re.compile(
+    r"subprocess\.|Popen\(|num_workers=(?!0\b)|get_context\(|\.Process\(|os\.fork\(|LocalCluster|"
+    r"Client\(|make_napari_viewer|napari\.|xvfb|torchrun|mp\.spawn|ProcessPool|run_cli_process|BIN\b")
+
+
+def _source(item) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test whose own source starts processes (see :data:`STARTS_PROCESSES`)."""
+    slow = pytest.mark.slow
+    for item in items:
+        if "slow" not in item.keywords and STARTS_PROCESSES.search(_source(item)):
+            item.add_marker(slow)

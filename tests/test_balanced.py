@@ -34,6 +34,7 @@ def _items(stream, workers):
                            multiprocessing_context="fork"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.5, 0.8])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_share_no_duplicates_blocks_equal_numpy(segment, fraction, workers):

@@ -2,6 +2,7 @@
 
 import numcodecs
 import numpy as np
+import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,7 @@ def arrays(draw, tmp):
     return zarr.open_array(tmp / "a.zarr", mode="r")
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fast_path_equals_zarr_for_every_chunk(tmp_path, data):

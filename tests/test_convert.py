@@ -69,6 +69,7 @@ def test_formats_open_everywhere(stack, stack_data, tmp_path, kwargs):
     np.testing.assert_array_equal(open_volume(tmp_path / "f.zarr").compute(), stack_data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_ome_pyramid(stack, stack_data, tmp_path, zarr_format):
     convert_tiffs(stack, tmp_path / "p.ome.zarr", chunks=(4, 16, 16), ome=True, zarr_format=zarr_format)
@@ -94,6 +95,7 @@ def test_ome_pyramid(stack, stack_data, tmp_path, zarr_format):
     assert levels[1]["coordinateTransformations"][0]["scale"] == [2.0, 2.0, 2.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zarr_format,version", [(2, "v04"), (3, "v05")])
 def test_ome_output_passes_an_independent_validator(stack, tmp_path, zarr_format, version):
     """ome-zarr-models validates NGFF 0.4 (Zarr v2) and 0.5 (Zarr v3, dimension names) output."""
@@ -253,6 +255,7 @@ def test_distributed_scheduler(stack, stack_data, tmp_path):
         np.testing.assert_array_equal(out.compute(), stack_data)
 
 
+@pytest.mark.slow
 def test_unreachable_scheduler(stack, tmp_path):
     pytest.importorskip("distributed")
     import dask

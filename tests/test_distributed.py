@@ -12,6 +12,9 @@ distributed = pytest.importorskip("distributed")
 from vesuvius_dask import DaskVesuviusStream  # noqa: E402
 from vesuvius_dask.errors import VesuviusDaskError  # noqa: E402
 
+#: Starts processes or a dask cluster: the fast lane leaves the whole module out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cluster():

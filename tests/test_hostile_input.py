@@ -233,12 +233,12 @@ def test_bad_metadata_is_one_line_naming_the_file_and_value(tmp_path, fields, sa
     assert str(info.value).startswith(f"{meta}: ") and "\n" not in str(info.value)
 
 
-def test_huge_metadata_file_is_not_read(tmp_path, monkeypatch):
-    from vesuvius_dask import volume as volume_mod
+def test_huge_metadata_file_is_not_read(tmp_path):
+    import dask
 
-    monkeypatch.setattr(volume_mod, "MAX_METADATA_BYTES", 1000)
     meta = _zarray(tmp_path / "fat.zarr", attributes="x" * 2000)
-    with pytest.raises(VolumeError, match=f"{meta}: .* bytes of metadata; at most 1000"):
+    with dask.config.set({"vesuvius-dask.limits.metadata-bytes": 1000}), \
+            pytest.raises(VolumeError, match=f"{meta}: .* bytes of metadata; at most 1000"):
         open_volume(tmp_path / "fat.zarr")
 
 
@@ -300,6 +300,7 @@ def test_sixteen_segments_of_65_layers_read_under_256_descriptors(tmp_path):
     assert ok == "ok" and int(blocks) == 64 and int(fds) < 256
 
 
+@pytest.mark.slow
 def test_compressed_layers_from_many_threads_with_few_open(tmp_path, monkeypatch):
     vols = _tiff_folders(tmp_path, 3, 12, compression="zlib")
     stacks = [resolve_volume(tmp_path / f"s{i:02d}").data for i in range(3)]

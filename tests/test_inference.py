@@ -35,6 +35,7 @@ def test_grid_bad_overlap():
         Tiling((4, 20, 20), (4, 8, 8), (0, 8, 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [(0, 0, 0), (1, 5, 3), (2, 7, 7)])
 @pytest.mark.parametrize("blend", ["mean", "hann"])
 def test_identity_3d_reconstructs_volume(tmp_path, rng_volume, overlap, blend):

@@ -78,6 +78,7 @@ def test_imports_point_down():
     assert not wrong, wrong
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heavy", HEAVY)
 def test_only_loaders_and_viewer_import_torch_or_napari_at_module_level(heavy):
     found = []

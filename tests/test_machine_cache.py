@@ -61,6 +61,7 @@ def _epoch(stream, workers):
         return list(DataLoader(stream, batch_size=None, num_workers=workers, **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("big", [False, True], ids=["fits the cache", "8x the cache, locality"])
 def test_four_workers_read_each_chunk_about_once(tmp_path, counted, big):
     shape, chunks = ((32, 512, 512), (4, 64, 64)) if big else ((16, 512, 512), (4, 128, 128))
@@ -291,6 +292,7 @@ def test_the_engine_reads_without_the_shared_cache_once_it_fails(tmp_path, monke
 
 
 # -- reads from many threads: our own header, no np.load ---------------------------------------
+@pytest.mark.slow
 def test_many_threads_read_many_entries(tmp_path, monkeypatch):
     import threading
 

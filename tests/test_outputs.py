@@ -281,6 +281,7 @@ def test_predict_resume_after_sigkill_is_bit_identical(tmp_path, rng_volume, sto
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), stop=st.integers(0, 30), every=st.integers(1, 6),
        budget=st.integers(1, 6))
+@pytest.mark.slow
 def test_writer_resumed_at_any_checkpoint_equals_one_pass(tmp_path_factory, seed, stop, every, budget):
     """Kill (drop the writer unflushed) after any batch; resume from the last checkpoint."""
     tmp = tmp_path_factory.mktemp("w")

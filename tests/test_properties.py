@@ -6,6 +6,7 @@ trip, each checked against plain numpy.
 
 import dask.array as da
 import numpy as np
+import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,6 +37,7 @@ def volumes_and_blocks(draw):
     return shape, block, starts, draw(chunk_grids(shape))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=volumes_and_blocks(), seed=st.integers(0, 2**16))
 def test_engine_blocks_equal_numpy_slices_on_any_chunk_grid(case, seed):
@@ -50,6 +52,7 @@ def test_engine_blocks_equal_numpy_slices_on_any_chunk_grid(case, seed):
             np.testing.assert_array_equal(blk, data[z:z + block[0], y:y + block[1], x:x + block[2]])
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(case=volumes_and_blocks(), seed=st.integers(0, 2**16), fmt=st.sampled_from([2, 3]))
 def test_engine_blocks_equal_numpy_slices_from_zarr(tmp_path_factory, case, seed, fmt):
@@ -86,6 +89,7 @@ def test_masked_start_counts_equal_brute_force(shape, data, coverage):
     assert [tuple(s) for s in masked.unravel(np.arange(masked.n)).tolist()] == valid
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), blend=st.sampled_from(["mean", "hann"]), two_d=st.booleans())
 def test_prediction_writer_round_trip(tmp_path_factory, data, blend, two_d):

@@ -9,6 +9,9 @@ from torch.utils.data import DataLoader
 
 from vesuvius_dask import DaskVesuviusStream, SamplingError
 
+#: Starts processes or a dask cluster: the fast lane leaves the whole module out.
+pytestmark = pytest.mark.slow
+
 KW = dict(samples_per_epoch=1001, batch_size=32, seed=4, return_coords=True)
 
 

@@ -54,6 +54,7 @@ def _check_blocks(blocks, coords, data, block):
         np.testing.assert_array_equal(b, data[z:z + block[0], y:y + block[1], x:x + block[2]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,plain", [("v3.zarr", False), ("v2.zarr", False), ("v3.zarr", True)])
 def test_many_requests_in_flight_and_each_chunk_fetched_once(served, name, plain):
     # small batches: latency is hidden only if later batches' chunks are requested early;
@@ -73,6 +74,7 @@ def test_many_requests_in_flight_and_each_chunk_fetched_once(served, name, plain
     assert len(counts) <= N_CHUNKS
 
 
+@pytest.mark.slow
 def test_a_stalled_connect_is_made_again_early_then_named():
     # A listening socket whose accept queue is full drops every new SYN: the connect
     # would wait for the kernel's 1 s retransmit. It is given up after 0.25 s and made
@@ -109,6 +111,7 @@ def test_a_stalled_connect_is_made_again_early_then_named():
         listener.close()
 
 
+@pytest.mark.slow
 def test_dask_compute_of_a_url_keeps_requests_in_flight(server, served):
     vol = open_volume(server.url("v3.zarr"))
     assert vol.chunks[1][0] == 4 * CHUNKS[1] and vol.chunks[2][0] == 4 * CHUNKS[2]  # 16 per task
@@ -193,6 +196,7 @@ def test_a_fault_mid_epoch_is_retried_then_named(served, fault, workers):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_missing_chunks_are_an_error_unless_the_array_is_sparse(served, tmp_path):
     import shutil
 
@@ -249,6 +253,7 @@ def test_disk_cache_never_returns_other_bytes(tmp_path_factory, data, cut, flip,
     assert got is None or (bytes(damaged) == bytes(raw) and got == data)
 
 
+@pytest.mark.slow
 def test_the_cache_budget_evicts_least_recently_used(server, tmp_path):
     budget = 40 * (2 * int(np.prod(CHUNKS)))  # about 40 raw chunks (random data: incompressible)
     with dask.config.set({"vesuvius-dask.remote.cache-dir-bytes": budget}):
@@ -341,6 +346,7 @@ def test_remote_settings_travel_to_spawned_workers(server, served):
     assert server.peak <= 3
 
 
+@pytest.mark.slow
 def test_convert_copies_a_remote_region_with_requests_in_flight_and_a_cache(server, served, tmp_path):
     from vesuvius_dask import convert_zarr
 
@@ -467,6 +473,7 @@ def test_a_cache_that_cannot_be_written_warns_once_and_reads_go_on(server, serve
     assert len([w for w in record if "cannot write" in str(w.message)]) == 1
 
 
+@pytest.mark.slow
 def test_volumes_on_one_server_share_its_session_and_threads(server, served):
     # a notebook that opens the same URL again and again holds one HTTP session,
     # not one per open (each with its keep-alive sockets and threads)

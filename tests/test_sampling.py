@@ -144,6 +144,7 @@ def test_locality_runs_stay_in_one_chunk():
     assert len(cells) <= 4 * 2  # 4 interleaved runs, each in one cell (or straddling two)
 
 
+@pytest.mark.slow
 def test_masked_locality_runs_stay_in_one_chunk_and_inside_the_mask():
     from vesuvius_dask.sampling.starts import LocalityPermutation, MaskedStartGrid
 

@@ -87,6 +87,7 @@ def test_segment_errors(tmp_path, segment):
         open_segment(root)
 
 
+@pytest.mark.slow
 def test_large_png_past_pillow_guard(tmp_path):
     import PIL.Image
 
@@ -129,6 +130,7 @@ def test_mask_rule_matches_brute_force(segment, coverage):
     assert [tuple(r) for r in all_starts.tolist()] == expected
 
 
+@pytest.mark.slow
 def test_labels_and_masks_match_numpy(segment):
     root, arrays = segment
     seg = open_segment(root)
@@ -204,6 +206,7 @@ def test_mask_errors(rng_volume):
         DaskVesuviusStream([rng_volume], 4, 8, 8, samples_per_epoch=4, masks=[None, None])
 
 
+@pytest.mark.slow
 def test_sparse_mask_on_huge_lazy_volume_reads_only_its_chunks():
     """Construction and the first batch of a 65x8000x8000 lazy volume compute only the chunks read.
 

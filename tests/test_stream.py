@@ -150,6 +150,7 @@ def _loader_coords(stream, workers, context=None, epoch=0):
     return [c for _, c in loader]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_split_the_epoch(mixed_files, context):
     stream = DaskVesuviusStream(mixed_files, *BLOCK, samples_per_epoch=600, seed=21,
@@ -307,6 +308,7 @@ def test_bad_volume_is_named(rng_volume, tmp_path):
         DaskVesuviusStream([rng_volume, tmp_path / "missing.zarr"], 4, 8, 8, samples_per_epoch=1)
 
 
+@pytest.mark.slow
 def test_huge_lazy_volume_first_batch_reads_little():
     calls = []
 
@@ -342,6 +344,7 @@ def _chunked_volume(path, seed):
     return data
 
 
+@pytest.mark.slow
 def test_locality_keeps_correctness_and_cuts_reads(tmp_path):
     data = _chunked_volume(tmp_path / "big.zarr", 5)
     kw = dict(samples_per_epoch=2048, seed=3, batch_size=64, return_coords=True, prefetch=0,
@@ -519,6 +522,7 @@ def test_dataloader_transform_outputs_are_pooled_and_kept_intact(mixed_files):
             np.testing.assert_array_equal(b, expected)
 
 
+@pytest.mark.slow
 def test_locality_with_a_mask(tmp_path):
     data = _chunked_volume(tmp_path / "seg.zarr", 8)
     yy, xx = np.mgrid[:256, :256]

@@ -132,6 +132,7 @@ def test_outlines_equal_boxes_drawn_one_by_one(rng_volume, n, thickness):
     np.testing.assert_array_equal(got, _naive_outlines(shape, starts, block, thickness))
 
 
+@pytest.mark.slow
 def test_a_million_samples_draw_one_slice(rng_volume):
     from vesuvius_dask.viewer import sample_outlines
 

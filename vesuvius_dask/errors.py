@@ -11,6 +11,7 @@ __all__ = [
     "VesuviusDaskError",
     "VolumeError",
     "VolumeNotFoundError",
+    "ArgumentError",
     "SamplingError",
     "InvalidTypeError",
     "ConversionError",
@@ -60,7 +61,17 @@ class VolumeNotFoundError(VolumeError, FileNotFoundError):
     """A volume path does not exist."""
 
 
-class SamplingError(VesuviusDaskError, ValueError):
+class ArgumentError(VesuviusDaskError, ValueError):
+    """An argument's value is not one vesuvius-dask can use (the message names it and the choices).
+
+    The three kinds of failure have a class each: a bad argument
+    (:class:`ArgumentError`, and :class:`InvalidTypeError` for a wrong type), bad data
+    (:class:`VolumeError`, :class:`CorruptChunkError`, :class:`ConversionError`) and
+    I/O (:class:`ChunkFetchError`, :class:`OutputError`, :class:`CacheDirError`).
+    """
+
+
+class SamplingError(ArgumentError):
     """Block sizes, strides or sample counts do not fit the volumes."""
 
 
