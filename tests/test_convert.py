@@ -9,14 +9,13 @@ from vesuvius_dask.cli.main import main
 import vesuvius_dask.io.tiff as tiff_mod
 import vesuvius_dask.writers.convert as convert_mod
 from vesuvius_dask import ConversionError, convert_tiffs, open_volume
+from vesuvius_dask.testing import write_tiff_stack
 
 
 def write_stack(folder, data, width=2, order_seed=0, compression=None, prefix=""):
-    folder.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(order_seed).permutation(data.shape[0])
-    for i in order:  # created in shuffled order: listing order is not z order
-        tifffile.imwrite(folder / f"{prefix}{i:0{width}d}.tif", data[i], compression=compression)
-    return folder
+    """Created in shuffled order: listing order is not z order."""
+    return write_tiff_stack(folder, data, width=width, order_seed=order_seed, compression=compression,
+                            prefix=prefix)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ from vesuvius_dask import (
     convert_tiffs,
     predict,
 )
-from vesuvius_dask.testing import write_segment
+from vesuvius_dask.testing import write_segment, write_tiff_stack
 
 from .conftest import write_zarr
 
@@ -47,10 +46,7 @@ def digest(path: Path) -> str:
 
 
 def write_stack(folder: Path, data: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, layer in enumerate(data):
-        tifffile.imwrite(folder / f"{i:02d}.tif", layer)
-    return folder
+    return write_tiff_stack(folder, data)
 
 
 @pytest.fixture()

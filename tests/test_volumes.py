@@ -148,12 +148,9 @@ def test_real_crop(real_crop):
 
 
 def _tiff_folder(path, volume, compression=None):
-    import tifffile
+    from vesuvius_dask.testing import write_tiff_stack
 
-    path.mkdir(parents=True)
-    for z in range(volume.shape[0]):
-        tifffile.imwrite(path / f"{z:05d}.tif", volume[z], compression=compression)
-    return path
+    return write_tiff_stack(path, volume, width=5, compression=compression)
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"])

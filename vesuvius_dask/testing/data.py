@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["synthetic_papyrus", "synthetic_ink"]
+__all__ = ["synthetic_papyrus", "synthetic_ink", "write_segment", "write_tiff_stack"]
 
 
 def synthetic_ink(shape_yx: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -84,7 +84,6 @@ def write_segment(folder, shape: tuple[int, int, int] = (16, 256, 256), seed: in
     """
     from pathlib import Path
 
-    import tifffile
     from PIL import Image
 
     root = Path(folder)
@@ -97,10 +96,46 @@ def write_segment(folder, shape: tuple[int, int, int] = (16, 256, 256), seed: in
     mask = (np.hypot(yy - h / 2, xx - w / 2) < radius).astype(np.uint8)
     ink = synthetic_ink((h, w), seed=seed + 1) * mask
     volume = synthetic_papyrus(shape, seed=seed, ink=ink)
-    width = max(2, len(str(shape[0] - 1)))
-    for z in range(shape[0]):
-        tifffile.imwrite(root / "surface_volume" / f"{z:0{width}d}.tif", volume[z],
-                         compression=compression)
+    write_tiff_stack(root / "surface_volume", volume, compression=compression)
     Image.fromarray(mask * 255).save(root / "mask.png")
     Image.fromarray(ink * 255).save(root / "inklabels.png")
     return {"volume": volume, "mask": mask, "labels": ink}
+
+
+def write_tiff_stack(folder, data: np.ndarray, *, width: int | None = None, prefix: str = "",
+                     compression: str | None = None, order_seed: int | None = None):
+    """Write a 3-D array as a folder of 2-D TIFF layers ``NN.tif`` (the one way tests make them).
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        Created if needed.
+    data : numpy.ndarray
+        ``(Z, Y, X)``; layer ``z`` goes to ``{prefix}{z:0{width}d}.tif``.
+    width : int, optional
+        Digits of the layer number (default: enough for ``Z - 1``, at least 2).
+    prefix : str
+        Before the number (``"layer_"``).
+    compression : str, optional
+        tifffile's ``compression`` (``"zlib"``); default uncompressed (memory-mappable).
+    order_seed : int, optional
+        Write the layers in a seeded shuffled order, so that listing order is not z
+        order (readers must sort by number).
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+    """
+    from pathlib import Path
+
+    import tifffile
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    width = width if width is not None else max(2, len(str(data.shape[0] - 1)))
+    order = range(data.shape[0]) if order_seed is None else \
+        np.random.default_rng(order_seed).permutation(data.shape[0]).tolist()
+    for z in order:
+        tifffile.imwrite(root / f"{prefix}{z:0{width}d}.tif", data[z], compression=compression)
+    return root
