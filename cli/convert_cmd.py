@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from vesuvius_dask.writers.convert import COMPRESSORS, DEFAULT_COMPRESSOR
+    from vesuvius_dask.writers.convert import COMPRESSORS, DEFAULT_CHUNKS, DEFAULT_COMPRESSOR
 
     p = sub.add_parser(
         "convert", help="convert a TIFF stack, or copy a (remote) Zarr region, to Zarr / OME-Zarr",
@@ -59,8 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{axis}-end", f"--{axis}_end", type=int, default=None,
                        help=f"end {axis}, exclusive (default: the stack's size)")
         p.add_argument(f"--{axis}_chunksize", type=positive, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--chunks", type=positive_triple, default=(4, 512, 512),
-                   help="Z,Y,X (default 4,512,512)")
+    p.add_argument("--chunks", type=positive_triple, default=DEFAULT_CHUNKS,
+                   help=f"Z,Y,X (default {','.join(map(str, DEFAULT_CHUNKS))}; "
+                        "config vesuvius-dask.chunks)")
     p.add_argument("--compressor", choices=COMPRESSORS, default=DEFAULT_COMPRESSOR,
                    help=f"codec (default {DEFAULT_COMPRESSOR}, bit-shuffled)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3)

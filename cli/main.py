@@ -17,10 +17,6 @@ from collections.abc import Sequence
 
 from .options import Parser, add_cache_dir, non_negative, positive
 
-#: Python modules of the optional extras, and the extra that installs each.
-EXTRAS = {"torch": "torch", "napari": "viewer", "distributed": "distributed", "fsspec": "remote",
-          "aiohttp": "remote", "qtpy": "viewer", "PyQt6": "viewer", "vispy": "viewer"}
-
 
 def cmd_info(args: argparse.Namespace) -> int:
     from vesuvius_dask.io.info import check, describe
@@ -119,11 +115,9 @@ def _one_line(err: BaseException, flags: Sequence[str] = ()) -> str:
 
 
 def _missing_extra(err: ImportError) -> str | None:
-    name = (getattr(err, "name", None) or "").split(".")[0]
-    extra = EXTRAS.get(name)
-    if extra is None:
-        return None
-    return f"this needs the '{extra}' extra ({name} is not installed): pip install \"vesuvius-dask[{extra}]\""
+    from vesuvius_dask.extras import missing
+
+    return missing(getattr(err, "name", None) or "")
 
 
 def _quiet_exit(signum: int, frame: object) -> None:

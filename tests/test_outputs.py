@@ -151,8 +151,9 @@ def test_signal_leaves_the_old_output_and_only_checkpointed_work(tmp_path, sig, 
     if not BIN.exists():
         pytest.skip("console script not installed")
     _big_stack(tmp_path / "tifs")
-    old = np.full((2, 8, 8), 7, np.uint16)
-    write_zarr(tmp_path / "out.zarr", old, chunks=(2, 8, 8))
+    old = np.full((2, 8, 8), 7, np.uint16)  # an earlier output of ours (--overwrite replaces only those)
+    convert_tiffs(tmp_path / "tifs", tmp_path / "out.zarr", z=(0, 2), y=(0, 8), x=(0, 8))
+    zarr.open(tmp_path / "out.zarr", mode="r+")[:] = old
     before = digest(tmp_path / "out.zarr")
     proc = subprocess.Popen([str(BIN), "convert", str(tmp_path / "tifs"), str(tmp_path / "out.zarr"),
                              "--overwrite", "--chunks", "4,128,128", "--quiet"],

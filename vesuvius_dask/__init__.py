@@ -1,18 +1,22 @@
 """vesuvius-dask: Herculaneum scroll volumes as lazy dask arrays, streamed into PyTorch.
 
-``import vesuvius_dask`` is light: numpy, dask and zarr load on first use of
-:func:`open_volume` and friends, and torch, napari or dask.distributed never load
-with it. ``DaskVesuviusStream`` (which
-needs torch) is loaded on first access.
+``import vesuvius_dask`` is light: it registers the settings table
+(:mod:`vesuvius_dask.config`, which loads dask's config and yaml); numpy, dask.array
+and zarr load on first use of :func:`open_volume` and friends, and torch, napari or
+dask.distributed never load with it. ``DaskVesuviusStream`` (which
+needs torch) is loaded on first access, as are the torch-free samplers
+(``UniformSampler``, ``GridSampler``, ...) and ``ReadOptions`` it takes.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import config  # noqa: F401 - registers the settings table with dask's config
 from . import moved as _moved
 from ._version import __version__
 from .errors import (
+    ArgumentError,
     CacheDirError,
     ChunkFetchError,
     ConversionError,
@@ -35,7 +39,16 @@ _moved.install()  # the old module paths (vesuvius_dask.stream, ...) keep workin
 if TYPE_CHECKING:  # pragma: no cover
     from .io.open import open_volume
     from .io.segments import Segment, open_segment
+    from .loaders.options import ReadOptions
     from .loaders.stream import DaskVesuviusStream
+    from .sampling.samplers import (
+        BalancedSampler,
+        GridSampler,
+        LocalitySampler,
+        ProportionalSampler,
+        Sampler,
+        UniformSampler,
+    )
     from .writers.convert import convert_tiffs, convert_zarr
     from .writers.predict import PredictionWriter, predict
 
@@ -43,6 +56,13 @@ __all__ = [
     "__version__",
     "open_volume",
     "DaskVesuviusStream",
+    "Sampler",
+    "UniformSampler",
+    "ProportionalSampler",
+    "LocalitySampler",
+    "BalancedSampler",
+    "GridSampler",
+    "ReadOptions",
     "convert_tiffs",
     "convert_zarr",
     "open_segment",
@@ -57,6 +77,7 @@ __all__ = [
     "ConversionError",
     "CorruptChunkError",
     "ChunkFetchError",
+    "ArgumentError",
     "CacheDirError",
     "ModelError",
     "OutputError",
@@ -69,6 +90,13 @@ __all__ = [
 _LAZY = {
     "open_volume": ("io.open", "open_volume"),
     "DaskVesuviusStream": ("loaders.stream", "DaskVesuviusStream"),
+    "Sampler": ("sampling.samplers", "Sampler"),
+    "UniformSampler": ("sampling.samplers", "UniformSampler"),
+    "ProportionalSampler": ("sampling.samplers", "ProportionalSampler"),
+    "LocalitySampler": ("sampling.samplers", "LocalitySampler"),
+    "BalancedSampler": ("sampling.samplers", "BalancedSampler"),
+    "GridSampler": ("sampling.samplers", "GridSampler"),
+    "ReadOptions": ("loaders.options", "ReadOptions"),
     "convert_tiffs": ("writers.convert", "convert_tiffs"),
     "convert_zarr": ("writers.convert", "convert_zarr"),
     "open_segment": ("io.segments", "open_segment"),
@@ -89,8 +117,9 @@ def __getattr__(name: str) -> Any:
             if err.name != "torch":
                 raise
             from .errors import MissingExtraError
+            from .extras import missing
 
-            raise MissingExtraError(f"{name} needs torch: pip install \"vesuvius-dask[torch]\"") from err
+            raise MissingExtraError(missing("torch", name)) from err
         globals()[name] = value
         return value
     raise AttributeError(f"module 'vesuvius_dask' has no attribute {name!r}")

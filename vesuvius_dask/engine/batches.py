@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import config
 from ..errors import SamplingError
 from ..io.volume import Volume, read_stored, stored_keys
 from ..lru import LRU
@@ -39,8 +40,9 @@ from ..lru import LRU
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
            "cluster_read", "DEFAULT_CACHE_BYTES"]
 
-#: Default decoded-chunk cache budget per process (bytes).
-DEFAULT_CACHE_BYTES = 512 * 2**20
+#: Default decoded-chunk cache budget per process (bytes): config ``vesuvius-dask.cache-bytes``,
+#: read when this module is imported (a default argument).
+DEFAULT_CACHE_BYTES = config.get_bytes("cache-bytes")
 
 _batch_counter = itertools.count()
 #: Released batch arrays kept for reuse per engine.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import config
 from ..errors import VesuviusDaskError
 
 __all__ = ["get_client", "DEFAULT_CONNECT_TIMEOUT"]
 
-#: Seconds to wait for a scheduler before giving up; override with
-#: ``dask.config.set({"vesuvius-dask.connect-timeout": seconds})``.
-DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for a scheduler before giving up: the default of config
+#: ``vesuvius-dask.connect-timeout`` (``dask.config.set({"vesuvius-dask.connect-timeout": seconds})``).
+DEFAULT_CONNECT_TIMEOUT = config.default("connect-timeout")
 
 _clients: dict[str, Any] = {}
 
@@ -24,7 +25,7 @@ def get_client(scheduler: Any, timeout: float | None = None) -> Any:
         A scheduler address (``"tcp://host:8786"``) or a connected client.
     timeout : float, optional
         Seconds to wait for the scheduler (default: the dask config value
-        ``vesuvius-dask.connect-timeout``, else 10).
+        ``vesuvius-dask.connect-timeout``, 10 unless set).
 
     Raises
     ------
@@ -37,9 +38,7 @@ def get_client(scheduler: Any, timeout: float | None = None) -> Any:
     if isinstance(scheduler, Client):
         return scheduler
     if timeout is None:
-        import dask
-
-        timeout = float(dask.config.get("vesuvius-dask.connect-timeout", DEFAULT_CONNECT_TIMEOUT))
+        timeout = float(config.get("connect-timeout"))
     import os
 
     address = str(scheduler)

@@ -33,7 +33,7 @@ Ownership and the stale-folder sweep
     remove the folder; if a sweep removed it after the owner died, their writes
     fail and they read without the shared cache. Folders made before this scheme
     (no ``owner.lock``) are removed only if their PID does not exist here and they
-    are more than a day old.
+    are more than a day old (config ``vesuvius-dask.machine-cache.stale-age``).
 
 When ``/dev/shm`` is full or not writable
     A failed write (no space — Docker's ``/dev/shm`` is 64 MB by default —, a
@@ -61,6 +61,7 @@ from typing import IO
 
 import numpy as np
 
+from .. import config
 from ..remote.cache_files import claim, evict, release, write_atomic
 
 __all__ = ["MachineChunkCache", "shared_memory_dir", "write_chunk", "map_chunk"]
@@ -69,8 +70,6 @@ _PREFIX = "vesuvius-dask-chunks-"
 #: A folder being set up (not yet locked): no sweep looks at this name.
 _NEW = ".vesuvius-dask-new-"
 _OWNER_LOCK = "owner.lock"
-#: A folder without ``owner.lock`` (older versions) is removed only past this age (seconds).
-_LEGACY_AGE = 86400.0
 _SUFFIX = ".chunk"
 
 #: Chunk file header: magic, dtype string (NUL-padded), ndim, shape (unused dims 0).
@@ -190,14 +189,14 @@ def _pid_gone(folder: Path) -> bool:
     return False
 
 
-def _sweep_one(folder: Path, now: float) -> None:
+def _sweep_one(folder: Path, now: float, stale_age: float) -> None:
     import fcntl
 
     lock = folder / _OWNER_LOCK
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)  # never created here: no lock file, no lock
     except FileNotFoundError:
-        if _pid_gone(folder) and now - folder.stat().st_mtime > _LEGACY_AGE:
+        if _pid_gone(folder) and now - folder.stat().st_mtime > stale_age:  # an older version's
             shutil.rmtree(folder, ignore_errors=True)
         return
     try:
@@ -215,14 +214,16 @@ def _sweep_one(folder: Path, now: float) -> None:
 def _sweep_stale(root: Path) -> None:
     """Remove chunk folders whose owner is gone (a killed main process); never raises."""
     now = time.time()
+    # a folder without owner.lock (older versions), or never finished, goes only past this age
+    stale_age = float(config.get("machine-cache.stale-age"))
     try:
         folders = list(root.glob(_PREFIX + "*"))
-        unfinished = [d for d in root.glob(_NEW + "*") if now - d.stat().st_mtime > _LEGACY_AGE]
+        unfinished = [d for d in root.glob(_NEW + "*") if now - d.stat().st_mtime > stale_age]
     except OSError:
         return
     for d in folders:
         with contextlib.suppress(OSError):
-            _sweep_one(d, now)
+            _sweep_one(d, now, stale_age)
     for d in unfinished:  # a process killed between mkdir and rename
         shutil.rmtree(d, ignore_errors=True)
 
@@ -270,6 +271,7 @@ class MachineChunkCache:
         except OSError:
             pass  # the folder is made next, and says what is wrong
         self.max_bytes = int(max_bytes)
+        self.claim_timeout = float(config.get("machine-cache.claim-timeout"))
         self.owner = os.getpid()
         self.path = root / f"{_PREFIX}{self.owner}-{uuid.uuid4().hex[:8]}"
         self.usable = True
@@ -283,10 +285,11 @@ class MachineChunkCache:
 
     def __getstate__(self) -> dict:
         return {"max_bytes": self.max_bytes, "owner": self.owner, "path": self.path,
-                "usable": self.usable}
+                "usable": self.usable, "claim_timeout": self.claim_timeout}
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("usable", True)
+        state.setdefault("claim_timeout", float(config.get("machine-cache.claim-timeout")))
         self.__dict__.update(state)
         self._written = 0
 
@@ -334,7 +337,7 @@ class MachineChunkCache:
             return hit, False
         target = self._file(key)
         try:
-            fd = claim(target)  # another process decoding it: wait for it
+            fd = claim(target, timeout=self.claim_timeout)  # another process decoding it: wait for it
         except OSError as err:
             self._give_up(err)
             return np.ascontiguousarray(load()), True

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import config
 from ..errors import VolumeError, VolumeNotFoundError
 from .paths import TIFF_SUFFIXES, segment_volume_dirs
 from .tiff import TiffStack, tiff_volume
@@ -33,8 +34,9 @@ from .volume import Volume, zarr_volume
 __all__ = ["Segment", "TiffStack", "open_segment", "read_image", "MAX_IMAGE_PIXELS"]
 
 #: Largest 2-D image (pixels) read from PNG; Pillow's own decompression-bomb guard
-#: (~89 Mpx) is lifted up to this size, because real masks and labels exceed it.
-MAX_IMAGE_PIXELS = 2**31
+#: (~89 Mpx) is lifted up to this size, because real masks and labels exceed it. The
+#: default of config ``vesuvius-dask.limits.image-pixels``, read for each image.
+MAX_IMAGE_PIXELS = config.default("limits.image-pixels")
 _PIL_LOCK = threading.Lock()
 
 _MASK_NAMES = ("mask.png", "mask.tif", "mask.tiff")
@@ -45,9 +47,10 @@ _IR_NAMES = ("ir.png", "ir.tif", "ir.tiff")
 def _open_image(path: Path) -> Any:
     from PIL import Image
 
+    limit = int(config.get("limits.image-pixels"))
     with _PIL_LOCK:
         old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max(old or 0, MAX_IMAGE_PIXELS)
+        Image.MAX_IMAGE_PIXELS = max(old or 0, limit)
         try:
             return Image.open(path)
         finally:
@@ -70,8 +73,9 @@ def _decode(path: str) -> np.ndarray:
 def read_image(path: str | os.PathLike) -> Any:
     """A 2-D PNG or TIFF image as a lazy dask array (header read now, pixels on use).
 
-    Large images (beyond Pillow's default decompression-bomb guard, up to
-    :data:`MAX_IMAGE_PIXELS`) are read; colour images are converted to grayscale.
+    Large images (beyond Pillow's default decompression-bomb guard, up to config
+    ``vesuvius-dask.limits.image-pixels``, :data:`MAX_IMAGE_PIXELS` by default) are
+    read; colour images are converted to grayscale.
 
     Raises
     ------

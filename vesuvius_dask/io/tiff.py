@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import config
 from ..errors import ConversionError, VolumeError
 from ..lru import LRU
 from .paths import LAYER_DIRS, TIFF_SUFFIXES
@@ -220,8 +221,9 @@ def lazy_stack(info: StackInfo, roi: tuple[slice, slice, slice], band: int) -> A
 #: TIFF layers kept open per process (memory maps, or tifffile Zarr stores of compressed
 #: layers), over every :class:`TiffStack`: each holds a file descriptor, a scroll has
 #: thousands of layers and ``ulimit -n`` is often 1024. The least recently used is closed
-#: first (once no read is using it).
-MAX_OPEN_LAYERS = 128
+#: first (once no read is using it). The default of config ``vesuvius-dask.tiff.max-open-layers``,
+#: which each :class:`TiffStack` reads when it is made.
+MAX_OPEN_LAYERS = config.default("tiff.max-open-layers")
 
 
 class _OpenLayer:
@@ -312,9 +314,9 @@ class TiffStack:
     those layers: uncompressed layers are memory-mapped; compressed (or tiled)
     ones are opened through tifffile's Zarr interface, which decodes only the
     strips or tiles the region touches. It pickles as its list of files (each
-    process opens them anew). At most :attr:`max_open` layers stay open in the
-    process, over all stacks (least recently used out): each holds a file
-    descriptor, and a whole scroll has thousands of layers.
+    process opens them anew). At most config ``vesuvius-dask.tiff.max-open-layers``
+    (128) layers stay open in the process, over all stacks (least recently used
+    out): each holds a file descriptor, and a whole scroll has thousands of layers.
 
     Parameters
     ----------
@@ -329,8 +331,9 @@ class TiffStack:
     """
 
     ndim = 3
-    #: Layers kept open at once, per process, over all stacks.
-    max_open = MAX_OPEN_LAYERS
+    #: Layers kept open at once, per process, over all stacks (None: config
+    #: ``vesuvius-dask.tiff.max-open-layers``, as it was when the stack was made).
+    max_open: int | None = None
 
     def __init__(self, paths: list[str], shape: tuple[int, int, int], dtype: Any,
                  memmap: bool = True) -> None:
@@ -338,6 +341,7 @@ class TiffStack:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.memmap = bool(memmap)
+        self._max_open = int(config.get("tiff.max-open-layers"))
         self._id = next(_STACK_IDS)
         weakref.finalize(self, _forget_stack, self._id)
 
@@ -351,7 +355,7 @@ class TiffStack:
 
     @property
     def _maps(self) -> dict[int, Any]:
-        """The layers of the stack open now, by z (the process keeps at most :attr:`max_open`)."""
+        """The layers of the stack open now, by z (the process keeps at most ``max_open``)."""
         layers = {key[1]: _LAYERS.get(key) for key in _LAYERS.keys() if key[0] == self._id}
         return {z: layer.obj for z, layer in layers.items() if layer is not None}
 
@@ -385,7 +389,7 @@ class TiffStack:
             layer.users = 0
             layer.close()
             return other
-        _LAYERS.budget = max(1, int(self.max_open))
+        _LAYERS.budget = max(1, int(self._max_open if self.max_open is None else self.max_open))
         _LAYERS.put(key, layer)
         with _LAYERS_LOCK:
             if _LAYERS.get(key) is not layer:  # another thread's, or already pushed out

@@ -12,7 +12,9 @@ What array metadata declares is checked before anything is made from it
 integers, 3-D, at most :data:`MAX_STORED_CHUNKS` stored chunks of at most
 :data:`MAX_CHUNK_BYTES` each. An array with more chunks than dask handles cheaply
 (:data:`MAX_DASK_CHUNKS`) gets dask chunks spanning several stored chunks
-(:func:`dask_chunking`); the batch engine still reads stored chunks.
+(:func:`dask_chunking`); the batch engine still reads stored chunks. The limits are
+config ``vesuvius-dask.limits.*`` (the ``MAX_*`` names here are their defaults), read
+at each check.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
+from .. import config
 from ..errors import CorruptChunkError, VolumeError, VolumeNotFoundError
 from ..lru import LRU
 
@@ -41,8 +44,9 @@ __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "Memma
            "MAX_CHUNK_BYTES", "MAX_AXIS_LENGTH", "MAX_METADATA_BYTES", "MAX_DASK_CHUNKS",
            "MAX_DASK_CHUNKS_PER_AXIS"]
 
-#: Default dask chunking for in-RAM numpy volumes (the converter's default too).
-DEFAULT_RAM_CHUNKS = (4, 512, 512)
+#: Default dask chunking for in-RAM numpy volumes (the converter's default too): config
+#: ``vesuvius-dask.chunks``, read when this module is imported.
+DEFAULT_RAM_CHUNKS = tuple(int(c) for c in config.get("chunks"))
 
 #: dtype kinds accepted as CT volumes: unsigned, signed integers and floats.
 _SUPPORTED_KINDS = "uif"
@@ -52,24 +56,34 @@ _SUPPORTED_KINDS = "uif"
 # millions of chunks, and dask's chunk tuples, the engine's chunk boundaries and the
 # decode buffers grow with what it says). For scale: Scroll 1 at level 0 is
 # 14376 x 7888 x 8096 voxels: about 450 000 stored chunks of 128^3 (4 MiB each in uint16).
-# A later issue gathers these into one configuration table.
+# Each is config ``vesuvius-dask.limits.<name>``, read at every check; these are the defaults.
 
-#: Stored chunks one array may have (16 M); more is refused.
-MAX_STORED_CHUNKS = 2**24
-#: Stored chunks along one axis (the engine keeps one boundary per chunk and axis: 8 MB).
-MAX_CHUNKS_PER_AXIS = 2**20
-#: Decoded bytes of one stored chunk (2 GiB); every read of a chunk allocates this much.
-MAX_CHUNK_BYTES = 2**31
-#: Voxels along one axis (far beyond any scan; keeps sizes and products exact and small).
-MAX_AXIS_LENGTH = 2**40
-#: Bytes of one Zarr metadata file (``.zarray``, ``zarr.json``...) read before zarr parses it.
-MAX_METADATA_BYTES = 2**24
+#: Stored chunks one array may have (16 M); more is refused (``limits.stored-chunks``).
+MAX_STORED_CHUNKS = config.default("limits.stored-chunks")
+#: Stored chunks along one axis (the engine keeps one boundary per chunk and axis: 8 MB)
+#: (``limits.chunks-per-axis``).
+MAX_CHUNKS_PER_AXIS = config.default("limits.chunks-per-axis")
+#: Decoded bytes of one stored chunk (2 GiB); every read of a chunk allocates this much
+#: (``limits.chunk-bytes``).
+MAX_CHUNK_BYTES = config.default_bytes("limits.chunk-bytes")
+#: Voxels along one axis (far beyond any scan; keeps sizes and products exact and small)
+#: (``limits.axis-length``).
+MAX_AXIS_LENGTH = config.default("limits.axis-length")
+#: Bytes of one Zarr metadata file (``.zarray``, ``zarr.json``...) read before zarr parses it
+#: (``limits.metadata-bytes``).
+MAX_METADATA_BYTES = config.default_bytes("limits.metadata-bytes")
 #: Dask chunks of an opened Zarr volume, and along one axis: above either, each dask chunk
 #: spans several stored chunks (a power of two along the longest axes; the batch engine
 #: still reads stored chunks). dask's per-chunk bookkeeping is about 100 bytes a chunk
-#: per axis, and some operations walk every chunk.
-MAX_DASK_CHUNKS = 2**20
-MAX_DASK_CHUNKS_PER_AXIS = 2**16
+#: per axis, and some operations walk every chunk (``limits.dask-chunks``,
+#: ``limits.dask-chunks-per-axis``).
+MAX_DASK_CHUNKS = config.default("limits.dask-chunks")
+MAX_DASK_CHUNKS_PER_AXIS = config.default("limits.dask-chunks-per-axis")
+
+
+def _dask_limits() -> tuple[int, int]:
+    """``(dask chunks, dask chunks per axis)`` allowed now."""
+    return int(config.get("limits.dask-chunks")), int(config.get("limits.dask-chunks-per-axis"))
 
 VolumeSource = Union[str, os.PathLike, np.ndarray, da.Array, Any]
 
@@ -231,20 +245,23 @@ def check_grid(shape: Any, chunks: Any, itemsize: int | None, where: str) -> Non
                           f"{_short(tuple(shape))}")
     if len(chunks) != 3:
         raise VolumeError(f"{where}: chunks {_short(list(chunks))} do not match the 3-D shape {list(shape)}")
+    axis_length = int(config.get("limits.axis-length"))
     for name, values in (("shape", shape), ("chunks", chunks)):
-        if not all(1 <= int(v) <= MAX_AXIS_LENGTH for v in values):
+        if not all(1 <= int(v) <= axis_length for v in values):
             raise VolumeError(f"{where}: {name} {[int(v) for v in values]} has a size outside "
-                              f"1..{MAX_AXIS_LENGTH}")
+                              f"1..{axis_length}")
     shape, chunks = [int(v) for v in shape], [int(v) for v in chunks]
     per_axis = [-(-s // c) for s, c in zip(shape, chunks)]
     total = per_axis[0] * per_axis[1] * per_axis[2]
-    if total > MAX_STORED_CHUNKS or max(per_axis) > MAX_CHUNKS_PER_AXIS:
+    most, most_per_axis = int(config.get("limits.stored-chunks")), int(config.get("limits.chunks-per-axis"))
+    if total > most or max(per_axis) > most_per_axis:
         raise VolumeError(
             f"{where}: shape {shape} in chunks {chunks} is {total} stored chunks ({per_axis} per axis); "
-            f"at most {MAX_STORED_CHUNKS} ({MAX_CHUNKS_PER_AXIS} per axis) are supported")
+            f"at most {most} ({most_per_axis} per axis) are supported")
     nbytes = chunks[0] * chunks[1] * chunks[2] * (itemsize or 1)
-    if nbytes > MAX_CHUNK_BYTES:
-        raise VolumeError(f"{where}: one chunk {chunks} holds {nbytes} bytes; at most {MAX_CHUNK_BYTES} "
+    chunk_bytes = config.get_bytes("limits.chunk-bytes")
+    if nbytes > chunk_bytes:
+        raise VolumeError(f"{where}: one chunk {chunks} holds {nbytes} bytes; at most {chunk_bytes} "
                           "are supported")
 
 
@@ -271,14 +288,15 @@ def _metadata_file(folder: Path) -> tuple[Path, dict] | None:
     """The array metadata a Zarr folder holds (``.zarray`` or ``zarr.json``), read within limits."""
     import json
 
+    limit = config.get_bytes("limits.metadata-bytes")
     for name in (".zarray", "zarr.json"):
         path = folder / name
         try:
             size = path.stat().st_size
         except OSError:
             continue
-        if size > MAX_METADATA_BYTES:
-            raise VolumeError(f"{path}: {size} bytes of metadata; at most {MAX_METADATA_BYTES} are read")
+        if size > limit:
+            raise VolumeError(f"{path}: {size} bytes of metadata; at most {limit} are read")
         try:
             meta = json.loads(path.read_bytes())
         except (OSError, ValueError):
@@ -292,8 +310,8 @@ def _declared_grid(meta: dict) -> tuple[Any, list[Any], Any]:
     if "chunk_grid" not in meta:  # Zarr v2
         return meta.get("shape"), [meta.get("chunks")], meta.get("dtype")
     grid = meta.get("chunk_grid")
-    config = grid.get("configuration") if isinstance(grid, dict) else None
-    chunks = [config.get("chunk_shape") if isinstance(config, dict) else grid]
+    grid_conf = grid.get("configuration") if isinstance(grid, dict) else None
+    chunks = [grid_conf.get("chunk_shape") if isinstance(grid_conf, dict) else grid]
     for codec in meta.get("codecs") or ():
         if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
             inner = codec.get("configuration")
@@ -335,10 +353,11 @@ def dask_chunking(shape: tuple[int, ...], stored: tuple[int, ...]) -> tuple[int,
     The axis with the most chunks is doubled until the counts fit.
     """
     chunks = [int(c) for c in stored]
+    most, most_per_axis = _dask_limits()
     while True:
         per_axis = [-(-int(s) // c) for s, c in zip(shape, chunks)]
         total = int(np.prod(per_axis, dtype=object))
-        if max(per_axis) <= MAX_DASK_CHUNKS_PER_AXIS and total <= MAX_DASK_CHUNKS:
+        if max(per_axis) <= most_per_axis and total <= most:
             return tuple(chunks)
         a = per_axis.index(max(per_axis))
         chunks[a] = min(chunks[a] * 2, int(shape[a]))
@@ -350,9 +369,10 @@ def _check_dask_chunks(shape: tuple[int, ...], chunks: Any, name: str) -> None:
             or not all(_is_int(c) and c >= 1 for c in chunks)):
         raise VolumeError(f"{name}: chunks={_short(chunks)} must be {len(shape)} positive integers")
     per_axis = [-(-int(s) // int(c)) for s, c in zip(shape, chunks)]
-    if max(per_axis) > MAX_DASK_CHUNKS_PER_AXIS or int(np.prod(per_axis, dtype=object)) > MAX_DASK_CHUNKS:
+    most, most_per_axis = _dask_limits()
+    if max(per_axis) > most_per_axis or int(np.prod(per_axis, dtype=object)) > most:
         raise VolumeError(f"{name}: chunks={tuple(chunks)} make {per_axis} dask chunks per axis; at most "
-                          f"{MAX_DASK_CHUNKS} ({MAX_DASK_CHUNKS_PER_AXIS} per axis) are supported; pass "
+                          f"{most} ({most_per_axis} per axis) are supported; pass "
                           "larger chunks, or chunks=None")
 
 
@@ -583,13 +603,9 @@ def remote_chunks(arr: Any, name: str, storage_options: dict | None = None,
 
 def disk_cache_for(remote: Any, arr: Any, cache_dir: str | os.PathLike) -> Any:
     """The on-disk cache of ``arr``'s chunks in ``cache_dir`` (a folder per array and metadata)."""
-    import dask
-
     from ..remote.disk_cache import DiskChunkCache, array_id
 
-    budget = dask.config.get("vesuvius-dask.remote.cache-dir-bytes", None)
-    if isinstance(budget, str):
-        budget = dask.utils.parse_bytes(budget)
+    budget = config.get_bytes("remote.cache-dir-bytes")  # None: DiskChunkCache's default
     url = remote.url("").rstrip("/")
     meta = arr.metadata.to_dict()
     try:
@@ -620,16 +636,22 @@ def _read_settled(arr: Any, region: tuple[slice, ...], name: str, remote: Any) -
     return out
 
 
-#: Stored chunks per dask chunk along y and x for remote Zarr arrays (see :func:`wrap_zarr`).
-REMOTE_GROUP = 4
+#: Stored chunks per dask chunk along y and x for remote Zarr arrays (see :func:`wrap_zarr`):
+#: the default of config ``vesuvius-dask.remote.group``, read when an array is opened.
+REMOTE_GROUP = config.default("remote.group")
 
 
 def _grouped(arr: Any) -> tuple[int, ...]:
-    """Dask chunks of ``REMOTE_GROUP`` x ``REMOTE_GROUP`` stored chunks in y, x (at most 256 MB)."""
+    """Dask chunks of ``g`` x ``g`` stored chunks in y, x, of at most ``remote.group-bytes``.
+
+    ``g`` is config ``vesuvius-dask.remote.group`` (4), halved while a dask chunk would
+    hold more than ``vesuvius-dask.remote.group-bytes`` (256 MiB) decoded.
+    """
     cz, cy, cx = (int(c) for c in arr.chunks)
     item = np.dtype(arr.dtype).itemsize
-    g = REMOTE_GROUP
-    while g > 1 and cz * cy * cx * g * g * item > 256 * 2**20:
+    g = int(config.get("remote.group"))
+    most = config.get_bytes("remote.group-bytes")
+    while g > 1 and cz * cy * cx * g * g * item > most:
         g //= 2
     return cz, min(cy * g, int(arr.shape[1])), min(cx * g, int(arr.shape[2]))
 
@@ -677,8 +699,8 @@ def _read_region(arr: Any, name: str, remote: Any, origin: tuple[int, ...], dtyp
 def zarr_region(arr: Any, roi: tuple[slice, ...], name: str, remote: Any = None) -> da.Array:
     """``arr[roi]`` as a dask array whose tasks read only the stored chunks they cover.
 
-    Task edges fall on the stored chunk grid (on groups of ``REMOTE_GROUP`` x
-    ``REMOTE_GROUP`` chunks in y and x for a remote array, whose tasks fetch their
+    Task edges fall on the stored chunk grid (on groups of ``remote.group`` x
+    ``remote.group`` chunks in y and x for a remote array, whose tasks fetch their
     chunks concurrently), clipped to ``roi``: unlike slicing :func:`wrap_zarr`'s
     array, nothing outside the chunks the region touches is read or fetched.
     """

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from .. import config
+
 __all__ = ["shared_tensor", "ShmBatchPool", "shm_pool", "pool_allowed", "into_pool",
            "count_worker_iteration", "SHM_POOL_BUFFERS", "SHM_POOL_BYTES"]
 
@@ -32,9 +34,11 @@ def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 #: Batch buffers a DataLoader worker keeps for reuse, and their total byte budget
-#: (never more than 1/8 of the free space in /dev/shm at the worker's start).
-SHM_POOL_BUFFERS = 16
-SHM_POOL_BYTES = 512 * 2**20
+#: (never more than 1/8 of the free space in /dev/shm at the worker's start): the defaults
+#: of config ``vesuvius-dask.shm-pool.buffers`` and ``vesuvius-dask.shm-pool.bytes``,
+#: read when a worker makes its pool.
+SHM_POOL_BUFFERS = config.default("shm-pool.buffers")
+SHM_POOL_BYTES = config.default_bytes("shm-pool.bytes")
 #: torch's refcounted shared-memory segments keep their cross-process reference count
 #: in an int this many bytes before the data (at the start of the mapping).
 _SHM_HEADER = 64
@@ -88,7 +92,8 @@ class ShmBatchPool:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, own storage uses)
-        self.max_bytes = SHM_POOL_BYTES
+        self.max_buffers = int(config.get("shm-pool.buffers"))
+        self.max_bytes = config.get_bytes("shm-pool.bytes")
         try:  # a small /dev/shm (64 MB in Docker by default) is shared by all workers
             st = os.statvfs("/dev/shm")
             self.max_bytes = min(self.max_bytes, st.f_bavail * st.f_frsize // 8)
@@ -154,7 +159,7 @@ class ShmBatchPool:
         buf = self._allocate(shape, dtype)
         self.buffers.append((buf, _storage_uses(buf)))
         while len(self.buffers) > 1 and (
-                len(self.buffers) > SHM_POOL_BUFFERS
+                len(self.buffers) > self.max_buffers
                 or sum(b.untyped_storage().nbytes() for b, _ in self.buffers) > self.max_bytes):
             self.buffers.pop(0)
         return buf

@@ -22,16 +22,19 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from .. import config
 from ..engine.batches import BatchEngine, read_together
 from ..io.volume import Volume, memmap_ref
 from .batch_buffers import pool_allowed, shared_tensor, shm_pool
 
 __all__ = ["BatchReader", "Batch"]
 
-#: Seconds a consumer spends on one batch above which the reader reads ahead.
-BUSY_CONSUMER = 1e-3
-#: Batches whose remote chunks may be on their way before the batch is read.
-REMOTE_AHEAD = 32
+#: Seconds a consumer spends on one batch above which the reader reads ahead: the default
+#: of config ``vesuvius-dask.reader.busy-consumer``, read once per epoch.
+BUSY_CONSUMER = config.default("reader.busy-consumer")
+#: Batches whose remote chunks may be on their way before the batch is read: the default
+#: of config ``vesuvius-dask.remote.ahead-batches``, read once per epoch.
+REMOTE_AHEAD = config.default("remote.ahead-batches")
 
 #: ``(blocks, labels or None, volume_index, starts)``.
 Batch = tuple[Any, Any, np.ndarray, np.ndarray]
@@ -131,22 +134,23 @@ class BatchReader:
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Pass batches on, having started fetching their remote chunks beforehand.
 
-        Batches are taken from the plan ahead of their reading (up to
-        :data:`REMOTE_AHEAD`) while fewer than 4 x the volumes' ``concurrency``
-        fetches are under way, so requests for the next batches are in flight while
-        this one waits for its slowest chunk, is cut and consumed: the server's
+        Batches are taken from the plan ahead of their reading (up to config
+        ``vesuvius-dask.remote.ahead-batches``) while fewer than 4 x the volumes'
+        ``concurrency`` fetches are under way, so requests for the next batches are in
+        flight while this one waits for its slowest chunk, is cut and consumed: the server's
         slots never run dry between batches, whatever the batch size. (With 2 x the
         server saw requests in waves, with 100 ms gaps; epoch times were within noise.)
         """
         engines = [e for e in (self.engine, self.label_engine) if e is not None and e.remote]
         want = max(v.remote.settings.concurrency for e in engines for v in e.volumes
                    if v.remote is not None)
+        most = int(config.get("remote.ahead-batches"))
         window: deque = deque()
         more = True
         try:
             while True:
                 pending = max(e.pending_fetches() for e in engines)
-                while more and (not window or (len(window) < REMOTE_AHEAD and pending < 4 * want)):
+                while more and (not window or (len(window) < most and pending < 4 * want)):
                     nxt = next(batches, None)
                     if nxt is None:
                         more = False
@@ -188,6 +192,7 @@ class BatchReader:
         Futures are collected in submission order.
         """
         pool: ThreadPoolExecutor | None = None  # made on first read-ahead
+        busy = float(config.get("reader.busy-consumer"))
         pending: deque = deque()
         lock = threading.Lock()
 
@@ -209,7 +214,7 @@ class BatchReader:
                         pending.append(pool.submit(read_next))
                 t_yield = time.perf_counter()
                 yield result
-                ahead = time.perf_counter() - t_yield > BUSY_CONSUMER
+                ahead = time.perf_counter() - t_yield > busy
         finally:
             for fut in pending:
                 fut.cancel()

@@ -12,33 +12,32 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import MissingExtraError
+from ..extras import missing
 
 try:
     import torch
     from torch.utils.data import IterableDataset, get_worker_info
 except ImportError as err:  # pragma: no cover - exercised only without torch
-    raise MissingExtraError(
-        "DaskVesuviusStream needs PyTorch: pip install \"vesuvius-dask[torch]\"") from err
+    raise MissingExtraError(missing("torch", "DaskVesuviusStream")) from err
 
 from ..arguments import positive_int, renamed
 from ..engine.batches import DEFAULT_CACHE_BYTES, BatchEngine
 from ..errors import InvalidTypeError, SamplingError
 from ..io.labels import label_volumes, load_mask, per_volume
 from ..io.open import Volume, resolve_volume
-from ..sampling.plan import BlockPlan
+from ..sampling.plan import ANY_VOXEL, DEFAULT_READ_BATCH, BlockPlan
+from ..sampling.samplers import PLAN_DEFAULTS, RandomSampler, Sampler
 from .batch_buffers import count_worker_iteration, into_pool, pool_allowed
+from .options import ReadOptions
 from .reader import BatchReader
 
 __all__ = ["DaskVesuviusStream"]
-
-#: Blocks read per dask graph when the stream yields single blocks.
-DEFAULT_READ_BATCH = 128
-
 
 def _numpy_dtype(dtype: Any) -> np.dtype:
     if isinstance(dtype, torch.dtype):
@@ -94,14 +93,65 @@ def _machine_cache(cache_bytes: int) -> Any:
     return MachineChunkCache(cache_bytes)
 
 
-def _check_options(batch_size: Any, transform: Any, prefetch: Any) -> None:
+def _check_options(batch_size: Any, transform: Any) -> None:
     if batch_size is not None:
         positive_int("batch_size", batch_size)
     if transform is not None and not callable(transform):
         raise InvalidTypeError(f"transform must be callable, got {type(transform).__name__}")
-    if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(
-            prefetch, (int, np.integer)) or prefetch < 0):
-        raise SamplingError(f"prefetch must be None or a non-negative integer, got {prefetch!r}")
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """``value`` is not the keyword's default (so the caller gave it)."""
+    if value is None or default is None:
+        return value is not default
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError):  # arrays and other values without a plain ==
+        return True
+
+
+def _not_both(what: str, obj: Any, given: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse an object (``sampler=``, ``reading=``) together with a keyword it replaces."""
+    for name, value in given.items():
+        if _differs(value, defaults[name]):
+            raise InvalidTypeError(
+                f"pass either {what}= or the keyword {name}=, not both: got {what}={obj!r} and "
+                f"{name}={value!r}")
+
+
+def _sampler_in_use(sampler: Any, samples_per_epoch: Any, keywords: dict[str, Any]) -> Sampler:
+    """The sampler given, or the one the sampling keywords describe; never both."""
+    if sampler is None:
+        return Sampler.from_options(samples_per_epoch, **keywords)
+    if not isinstance(sampler, Sampler):
+        raise InvalidTypeError(f"sampler must be a Sampler (UniformSampler, GridSampler, ...), got "
+                               f"{type(sampler).__name__}")
+    _not_both("sampler", sampler, keywords, PLAN_DEFAULTS)
+    if samples_per_epoch is not None and sampler.samples_per_epoch != samples_per_epoch:
+        if sampler.samples_per_epoch is not None:
+            raise InvalidTypeError(
+                f"samples_per_epoch={samples_per_epoch!r} differs from the sampler's: "
+                f"{sampler!r}; give it once")
+        sampler = replace(sampler, samples_per_epoch=samples_per_epoch)
+    return sampler
+
+
+def _reading_in_use(reading: Any, keywords: dict[str, Any]) -> ReadOptions:
+    """The read options given, or the reading keywords' (never both), with defaults filled in."""
+    def filled(options: ReadOptions) -> ReadOptions:
+        return replace(
+            options, read_batch=DEFAULT_READ_BATCH if options.read_batch is None else options.read_batch,
+            cache_bytes=DEFAULT_CACHE_BYTES if options.cache_bytes is None else options.cache_bytes)
+
+    given = filled(ReadOptions(**keywords))
+    if reading is None:
+        return given
+    if not isinstance(reading, ReadOptions):
+        raise InvalidTypeError(f"reading must be a ReadOptions, got {type(reading).__name__}")
+    defaults = filled(ReadOptions())
+    _not_both("reading", reading, {f.name: getattr(given, f.name) for f in fields(given)},
+              {f.name: getattr(defaults, f.name) for f in fields(defaults)})
+    return filled(reading)
 
 
 class DaskVesuviusStream(IterableDataset):
@@ -123,9 +173,29 @@ class DaskVesuviusStream(IterableDataset):
         Block shape.
     samples_per_epoch : int, optional
         Blocks per epoch, across all DataLoader workers together. At most the number
-        of available block starts. Required for random sampling; with
-        ``sampling_method="grid"`` the default (None) is every grid position. Every
-        option after it is keyword-only.
+        of available block starts. Required for random sampling (here or on the
+        sampler); with ``sampling_method="grid"`` the default (None) is every grid
+        position. Every option after it is keyword-only.
+    sampler : Sampler, optional
+        How the epoch picks its blocks, as one object:
+        :class:`~vesuvius_dask.sampling.samplers.UniformSampler`,
+        :class:`~vesuvius_dask.sampling.samplers.ProportionalSampler`,
+        :class:`~vesuvius_dask.sampling.samplers.LocalitySampler`,
+        :class:`~vesuvius_dask.sampling.samplers.BalancedSampler` or
+        :class:`~vesuvius_dask.sampling.samplers.GridSampler`. The sampling keywords
+        below (``sampling_method``, ``shuffle``, ``seed``, ``stride``, ``locality``,
+        ``locality_mix``, ``overlap``, ``mask_coverage``, ``positive_fraction``,
+        ``positive_coverage``) are a convenience that builds the same object
+        (:meth:`~vesuvius_dask.sampling.samplers.Sampler.from_options`); giving one of
+        them with a value other than its default together with ``sampler`` is an
+        error. ``stream.sampler`` is the sampler in use (with the drawn seed when it
+        had none).
+    reading : ReadOptions, optional
+        How blocks are read and cached, as one object
+        (:class:`~vesuvius_dask.loaders.options.ReadOptions`); the keywords
+        ``cache_bytes``, ``prefetch``, ``read_batch``, ``num_threads``, ``client``,
+        ``retries`` and ``machine_cache`` are its convenience form, refused together
+        with it. ``stream.reading`` holds the options in use.
     sampling_method : {"uniform", "proportional", "grid"}
         ``"uniform"``: each block picks a volume uniformly at random (among volumes
         with undrawn starts left), then an undrawn start in it. ``"proportional"``:
@@ -291,6 +361,8 @@ class DaskVesuviusStream(IterableDataset):
         x_size: int,
         samples_per_epoch: int | None = None,
         *,
+        sampler: Sampler | None = None,
+        reading: ReadOptions | None = None,
         sampling_method: str = "uniform",
         shuffle: bool = True,
         seed: int | None = None,
@@ -314,7 +386,7 @@ class DaskVesuviusStream(IterableDataset):
         retries: int = 2,
         storage_options: dict | None = None,
         positive_fraction: float | None = None,
-        positive_coverage: float = 1e-9,
+        positive_coverage: float = ANY_VOXEL,
         rank: int | None = None,
         world_size: int | None = None,
         machine_cache: bool = True,
@@ -327,7 +399,15 @@ class DaskVesuviusStream(IterableDataset):
             raise SamplingError("files is empty: give at least one volume")
         block = tuple(positive_int(n, v) for n, v in zip(("z_size", "y_size", "x_size"),
                                                            (z_size, y_size, x_size)))
-        _check_options(batch_size, transform, prefetch)
+        _check_options(batch_size, transform)
+        sampler = _sampler_in_use(sampler, samples_per_epoch, dict(
+            sampling_method=sampling_method, shuffle=shuffle, seed=seed, stride=stride, overlap=overlap,
+            mask_coverage=mask_coverage, locality=locality, locality_mix=locality_mix,
+            positive_fraction=positive_fraction, positive_coverage=positive_coverage))
+        #: The read options in use (defaults filled in).
+        self.reading = reading = _reading_in_use(reading, dict(
+            cache_bytes=cache_bytes, prefetch=prefetch, read_batch=read_batch, num_threads=num_threads,
+            client=client, retries=retries, machine_cache=machine_cache))
         self.batch_size = None if batch_size is None else int(batch_size)
         self.return_coords = bool(return_coords)
         self.transform = transform
@@ -339,22 +419,23 @@ class DaskVesuviusStream(IterableDataset):
                     for i, m in enumerate(per_volume("masks", masks, files, "mask"))]
         self.label_volumes, self.label_2d = label_volumes(labels, files, self.volumes)
         self.plan = BlockPlan(
-            self.volumes, block, samples_per_epoch, sampling_method=sampling_method, shuffle=shuffle,
-            seed=seed, stride=stride, overlap=overlap, masks=masks_2d, mask_coverage=mask_coverage,
-            locality=locality, locality_mix=locality_mix, read_batch=self.batch_size or read_batch,
-            labels_2d=[lv.data[0] for lv in self.label_volumes] if self.label_2d else None,
-            positive_fraction=positive_fraction, positive_coverage=positive_coverage)
+            self.volumes, block, **sampler.plan_options(), masks=masks_2d,
+            read_batch=self.batch_size or reading.read_batch,
+            labels_2d=[lv.data[0] for lv in self.label_volumes] if self.label_2d else None)
+        #: The sampler in use: the one given (or built from the keywords), with the plan's seed.
+        self.sampler = replace(sampler, seed=self.plan.seed) \
+            if isinstance(sampler, RandomSampler) and sampler.seed is None else sampler
         self.dtype = _output_dtype(self.volumes, dtype)
-        self.engine = BatchEngine(self.volumes, block, dtype=self.dtype, cache_bytes=cache_bytes,
-                                  num_threads=num_threads)
+        self.engine = BatchEngine(self.volumes, block, dtype=self.dtype, cache_bytes=reading.cache_bytes,
+                                  num_threads=reading.num_threads)
         self.label_engine = None if self.label_volumes is None else BatchEngine(
             self.label_volumes, (1,) + block[1:] if self.label_2d else block,
-            cache_bytes=cache_bytes // 4, num_threads=num_threads)
-        if machine_cache and client is None:
-            self.engine.machine = _machine_cache(cache_bytes)
+            cache_bytes=reading.cache_bytes // 4, num_threads=reading.num_threads)
+        if reading.machine_cache and reading.client is None:
+            self.engine.machine = _machine_cache(reading.cache_bytes)
         self.reader = BatchReader(self.engine, self.label_engine, self.label_2d,
-                                  prefetch=None if prefetch is None else int(prefetch), client=client,
-                                  retries=retries, shared=self.batch_size is not None)
+                                  prefetch=reading.prefetch, client=reading.client,
+                                  retries=reading.retries, shared=self.batch_size is not None)
         #: Batches of each epoch before this one are skipped (``predict`` resumes with it).
         self.start_batch = 0
         self.rank, self.world_size = _distributed(rank, world_size)

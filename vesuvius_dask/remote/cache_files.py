@@ -18,9 +18,9 @@ Both chunk caches that several processes share — decoded chunks in ``/dev/shm`
   Claim files are opened ``O_NOFOLLOW | O_CLOEXEC``; a forked child closes the
   claims its parent held (they would otherwise stay locked for as long as the
   child lives, through the shared open file description), and a wait for a claim
-  gives up after ``timeout`` seconds (:data:`CLAIM_TIMEOUT` by default, one
-  warning) so that a stuck holder only costs the waiter the work it would have
-  waited for;
+  gives up after ``timeout`` seconds (config ``vesuvius-dask.remote.claim-timeout``
+  by default, one warning) so that a stuck holder only costs the waiter the work
+  it would have waited for;
 * past the budget, the least recently used files go first (:func:`evict`; a hit
   touches its file, so modification time is last use). Eviction never follows a
   symlink, removes only temporary files of its own naming, and — given the
@@ -42,20 +42,20 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .. import config
+
 __all__ = ["write_atomic", "claim", "claim_key", "release", "evict", "make_dirs", "is_own_tmp",
            "walk_files", "TMP_SUFFIX", "CLAIM_SUFFIX", "CLAIM_TIMEOUT"]
 
 TMP_SUFFIX = ".tmp"
 CLAIM_SUFFIX = ".claim"
 
-#: Seconds a claim is waited for before going on without it (one warning).
-CLAIM_TIMEOUT = 60.0
+#: Seconds a claim is waited for before going on without it (one warning): the default of
+#: config ``vesuvius-dask.remote.claim-timeout``, which a claim without ``timeout`` reads.
+CLAIM_TIMEOUT = config.default("remote.claim-timeout")
 
 #: The name of :func:`write_atomic`'s temporary files: ``<name>.<pid>-<random hex>.tmp``.
 _TMP_NAME = re.compile(r".+\.\d+-[0-9a-f]+" + re.escape(TMP_SUFFIX) + r"\Z")
-
-#: A temporary file older than this (seconds) belongs to a dead writer.
-_STALE_TMP = 3600.0
 
 #: Longest pause between two tries of a claim that another holder has.
 _POLL_MAX = 0.02
@@ -194,7 +194,8 @@ def claim(entry: Path, *, wait: bool = True, timeout: float | None = None, mode:
     wait : bool
         False: None at once if another holder has it.
     timeout : float, optional
-        Seconds to wait (default :data:`CLAIM_TIMEOUT`; ``math.inf``: for ever);
+        Seconds to wait (default: config ``vesuvius-dask.remote.claim-timeout``;
+        ``math.inf``: for ever);
         then None, with one warning per folder and process.
     mode : int
         Permission bits of a claim file made here.
@@ -237,7 +238,7 @@ def _locked(fd: int, lock: Callable[[bool], Any], wait: bool, timeout: float | N
     Without ``wait`` one try; with it, tries spaced by a growing pause (up to
     :data:`_POLL_MAX`) until ``timeout``.
     """
-    timeout = CLAIM_TIMEOUT if timeout is None else float(timeout)
+    timeout = float(config.get("remote.claim-timeout") if timeout is None else timeout)
     try:
         if wait and math.isinf(timeout):
             lock(True)
@@ -345,18 +346,20 @@ def evict(roots: Iterable[Path], max_bytes: int, keep: Callable[[str], bool],
 
     Notes
     -----
-    Temporary files of dead writers (:func:`write_atomic`'s naming, older than an
-    hour) are removed too; no other file is.
+    Temporary files of dead writers (:func:`write_atomic`'s naming, older than
+    config ``vesuvius-dask.cache-files.stale-tmp-age``, an hour) are removed too; no
+    other file is.
     """
     files = []
     total = 0
     now = time.time()
+    stale = float(config.get("cache-files.stale-tmp-age"))  # a temporary file this old: a dead writer's
     for root in roots:
         for entry in walk_files(root):
             with contextlib.suppress(FileNotFoundError):
                 if entry.name.endswith(TMP_SUFFIX):
                     age = now - entry.stat(follow_symlinks=False).st_mtime
-                    if is_own_tmp(entry.name) and age > _STALE_TMP:
+                    if is_own_tmp(entry.name) and age > stale:
                         os.unlink(entry.path)
                     continue
                 if not keep(entry.name):

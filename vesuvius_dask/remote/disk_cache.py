@@ -446,7 +446,7 @@ class DiskChunkCache:
 
         Only a process that misses and holds the claim fetches; one that finds
         another process fetching the chunk waits for it (at most ``timeout``
-        seconds, default :data:`~vesuvius_dask.remote.cache_files.CLAIM_TIMEOUT`, then
+        seconds, default config ``vesuvius-dask.remote.claim-timeout``, then
         fetches it too) and reads the file.
         """
         hit = self.get(key)

@@ -56,6 +56,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .. import config
 from ..errors import ChunkFetchError, CorruptChunkError, VolumeError
 
 __all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES", "stored_bound"]
@@ -63,14 +64,17 @@ __all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES", "stor
 #: What a started fetch gives when another process is fetching the chunk (``get`` waits for it).
 _ELSEWHERE = object()
 
-#: Threads per process that read and write ``cache_dir`` files (writes are behind the reader).
-CACHE_THREADS = 4
+#: Threads per process that read and write ``cache_dir`` files (writes are behind the reader):
+#: the default of config ``vesuvius-dask.remote.cache-threads``, read when the pool is made.
+CACHE_THREADS = config.default("remote.cache-threads")
 
-#: Decoded bytes of the chunks that read-ahead may hold fetched and not yet used.
-AHEAD_BYTES = 256 * 2**20
+#: Decoded bytes of the chunks that read-ahead may hold fetched and not yet used: the
+#: default of config ``vesuvius-dask.remote.ahead-bytes``, read when a volume is opened.
+AHEAD_BYTES = config.default_bytes("remote.ahead-bytes")
 
-#: The response bound for a chunk whose decoded size is not known.
-UNKNOWN_CHUNK_BOUND = 2**30
+#: The response bound for a chunk whose decoded size is not known: the default of config
+#: ``vesuvius-dask.limits.unknown-chunk-bytes``.
+UNKNOWN_CHUNK_BOUND = config.default_bytes("limits.unknown-chunk-bytes")
 
 
 def stored_bound(chunk_nbytes: int | None) -> int:
@@ -79,10 +83,11 @@ def stored_bound(chunk_nbytes: int | None) -> int:
     Parameters
     ----------
     chunk_nbytes : int or None
-        Bytes of one decoded chunk (None: :data:`UNKNOWN_CHUNK_BOUND`).
+        Bytes of one decoded chunk (None: config ``vesuvius-dask.limits.unknown-chunk-bytes``,
+        default :data:`UNKNOWN_CHUNK_BOUND`).
     """
     if chunk_nbytes is None:
-        return UNKNOWN_CHUNK_BOUND
+        return config.get_bytes("limits.unknown-chunk-bytes")
     n = int(chunk_nbytes)
     return n + n // 16 + 64 * 2**10
 
@@ -117,6 +122,8 @@ class _Got:
 class RemoteSettings:
     """How remote chunks are fetched (dask config ``vesuvius-dask.remote.<name>``).
 
+    The defaults are those of the configuration table (``vesuvius_dask/vesuvius-dask.yaml``).
+
     Attributes
     ----------
     concurrency : int
@@ -145,20 +152,24 @@ class RemoteSettings:
         Seconds a process waits for a chunk another process of the same
         ``cache_dir`` is fetching (default 60); then it fetches the chunk itself,
         with one warning (a holder that hangs, or a claim kept by a forked process).
+    deadline_factor : float
+        A request's whole life (connects made again, a body that trickles in, each
+        read within ``timeout``) is bounded by ``timeout`` x this (default 6).
     """
 
-    concurrency: int = 32
-    retries: int = 4
-    backoff: float = 0.5
-    timeout: float = 5.0
-    missing: str = "error"
-    connect_interval: float = 0.002
-    claim_timeout: float = 60.0
+    concurrency: int = config.default("remote.concurrency")
+    retries: int = config.default("remote.retries")
+    backoff: float = config.default("remote.backoff")
+    timeout: float = config.default("remote.timeout")
+    missing: str = config.default("remote.missing")
+    connect_interval: float = config.default("remote.connect-interval")
+    claim_timeout: float = config.default("remote.claim-timeout")
+    deadline_factor: float = config.default("remote.deadline-factor")
 
     def __post_init__(self) -> None:
         if int(self.concurrency) < 1 or int(self.retries) < 0 or float(self.timeout) <= 0 \
                 or float(self.backoff) < 0 or float(self.connect_interval) < 0 \
-                or not float(self.claim_timeout) > 0:
+                or not float(self.claim_timeout) > 0 or not float(self.deadline_factor) >= 1:
             raise VolumeError(f"vesuvius-dask.remote settings out of range: {self}")
         if self.missing not in ("error", "fill"):
             raise VolumeError(f"vesuvius-dask.remote.missing must be 'error' or 'fill', "
@@ -166,12 +177,10 @@ class RemoteSettings:
 
     @classmethod
     def from_config(cls) -> RemoteSettings:
-        """The settings in dask's config now (defaults for what is not set)."""
-        import dask
-
+        """The settings in dask's config now (``vesuvius-dask.remote.<name>``, the table's defaults)."""
         values = {}
         for f in fields(cls):
-            v = dask.config.get(f"vesuvius-dask.remote.{f.name.replace('_', '-')}", None)
+            v = config.get(f"remote.{f.name.replace('_', '-')}")
             if v is not None:
                 values[f.name] = type(f.default)(v)
         return cls(**values)
@@ -224,8 +233,8 @@ class RemoteChunks:
         Where fetched bytes are kept.
     chunk_nbytes : int, optional
         Bytes of one decoded chunk: bounds the fetched chunks read-ahead holds
-        (:data:`AHEAD_BYTES`) and the bytes one response may bring
-        (:func:`stored_bound`).
+        (config ``vesuvius-dask.remote.ahead-bytes`` of them, read here) and the
+        bytes one response may bring (:func:`stored_bound`).
     max_stored_bytes : int, optional
         The bound on one response instead (default ``stored_bound(chunk_nbytes)``).
     """
@@ -234,6 +243,7 @@ class RemoteChunks:
                  settings: RemoteSettings | None = None, cache: Any = None,
                  chunk_nbytes: int | None = None, max_stored_bytes: int | None = None) -> None:
         self.chunk_nbytes = chunk_nbytes
+        self.ahead_bytes = config.get_bytes("remote.ahead-bytes")
         self.max_stored = (int(max_stored_bytes) if max_stored_bytes is not None
                            else stored_bound(chunk_nbytes))
         self.protocol = protocol
@@ -256,9 +266,9 @@ class RemoteChunks:
                             self.settings, cache, self.chunk_nbytes, self.max_stored)
 
     def ahead_limit(self) -> int:
-        """Started fetches kept until taken: ``AHEAD_BYTES`` of chunks, 2 to 8 x ``concurrency``."""
+        """Started fetches kept until taken: ``ahead_bytes`` of chunks, 2 to 8 x ``concurrency``."""
         c = self.settings.concurrency
-        fit = AHEAD_BYTES // max(1, self.chunk_nbytes or AHEAD_BYTES)
+        fit = self.ahead_bytes // max(1, self.chunk_nbytes or self.ahead_bytes)
         return int(min(8 * c, max(2 * c, fit)))
 
     def url(self, key: str) -> str:
@@ -287,7 +297,7 @@ class RemoteChunks:
         """
         fs = local.fs
         bound = self.max_stored
-        overall = self.settings.timeout * 6
+        overall = self.settings.timeout * self.settings.deadline_factor
         conns = local.connections
         if conns is None:
             if getattr(fs, "async_impl", False):
@@ -433,7 +443,7 @@ class RemoteChunks:
 
     def _cache_io(self) -> Any:
         """The threads of this process that read hits and write fetched chunks to the cache."""
-        return _process_pool("cache", CACHE_THREADS)
+        return _process_pool("cache", "remote.cache-threads")
 
     def _cached(self, key: str) -> Any:
         """A cached chunk (a :class:`_Got`; data None: absent on the server), or :data:`_ELSEWHERE`."""
@@ -739,13 +749,14 @@ def _make_filesystem(protocol: str, storage_options: dict, settings: RemoteSetti
     return fs, loop, connections
 
 
-def _process_pool(name: str, threads: int) -> Any:
-    """A thread pool of this process, made on first use."""
+def _process_pool(name: str, threads_key: str) -> Any:
+    """A thread pool of this process, made on first use with config ``threads_key`` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     with _PROCESS_LOCK:
         state = _process_state()
         if ("pool", name) not in state:
+            threads = int(config.get(threads_key))
             state[("pool", name)] = ThreadPoolExecutor(threads, thread_name_prefix=f"vesuvius-dask-{name}")
         return state[("pool", name)]
 

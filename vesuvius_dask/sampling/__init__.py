@@ -1,7 +1,18 @@
 """Which blocks an epoch reads (torch-free).
 
-Start grids, permutations, epoch plans, rank and worker splits.
+Samplers (the objects the stream takes), start grids, permutations, epoch plans,
+rank and worker splits.
 """
+
+from .samplers import (
+    BalancedSampler,
+    GridSampler,
+    LocalitySampler,
+    ProportionalSampler,
+    RandomSampler,
+    Sampler,
+    UniformSampler,
+)
 
 # the names of the former module vesuvius_dask.sampling
 from .starts import (
@@ -18,6 +29,13 @@ from .starts import (
 )
 
 __all__ = [
+    "Sampler",
+    "RandomSampler",
+    "UniformSampler",
+    "ProportionalSampler",
+    "LocalitySampler",
+    "BalancedSampler",
+    "GridSampler",
     "StartGrid",
     "Tiling",
     "MaskedStartGrid",

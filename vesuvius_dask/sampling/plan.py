@@ -16,11 +16,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .. import config
 from ..arguments import positive_int, positive_triple
 from ..errors import SamplingError
 from ..io.volume import Volume
 from ..lru import LRU
 from .starts import (
+    ANY_VOXEL,
+    SALTS,
     SAMPLING_METHODS,
     BalancedEpochPlan,
     EpochPlan,
@@ -33,10 +36,14 @@ from .starts import (
     footprint_valid,
 )
 
-__all__ = ["BlockPlan", "Starts", "STARTS_GROUP"]
+__all__ = ["BlockPlan", "Starts", "STARTS_GROUP", "DEFAULT_READ_BATCH", "ANY_VOXEL"]
 
-#: Block starts computed per vectorised call (rounded to whole batches).
-STARTS_GROUP = 4096
+#: Block starts computed per vectorised call (rounded to whole batches): the default of
+#: config ``vesuvius-dask.sampling.starts-group``, read by each :meth:`BlockPlan.batches`.
+STARTS_GROUP = config.default("sampling.starts-group")
+#: Samples per batch of a plan by default: config ``vesuvius-dask.read-batch``, read when
+#: this module is imported.
+DEFAULT_READ_BATCH = int(config.get("read-batch"))
 
 
 class Starts(Protocol):
@@ -106,8 +113,8 @@ class BlockPlan:
                  sampling_method: str = "uniform", shuffle: bool = True, seed: int | None = None,
                  stride: Any = None, overlap: Any = None, masks: Sequence[Any] | None = None,
                  mask_coverage: float = 1.0, locality: int | None = None, locality_mix: int = 8,
-                 read_batch: int = 128, labels_2d: Sequence[Any] | None = None,
-                 positive_fraction: float | None = None, positive_coverage: float = 1e-9) -> None:
+                 read_batch: int = DEFAULT_READ_BATCH, labels_2d: Sequence[Any] | None = None,
+                 positive_fraction: float | None = None, positive_coverage: float = ANY_VOXEL) -> None:
         _check_method(sampling_method, samples_per_epoch, stride, overlap)
         grid_mode = sampling_method == "grid"
         self.volumes = list(volumes)
@@ -209,7 +216,7 @@ class BlockPlan:
         """The order in which ``epoch`` draws volume ``v``'s starts (memoised)."""
         perm = self._perms.get((epoch, v))
         if perm is None:
-            grid, key = self._draw_grids[v], [self.seed, epoch, 3, v]
+            grid, key = self._draw_grids[v], [self.seed, epoch, SALTS["volume-order"], v]
             if self.locality is None:
                 perm = FeistelPermutation(grid.n, key)
             else:
@@ -235,7 +242,7 @@ class BlockPlan:
             self.read_batch, select=lambda b: b >= start_batch and (b - start_batch) % parts == part)
         # Starts are computed for several batches at once: the permutations are
         # vectorised, so fewer, larger calls cost less per block.
-        group = max(1, STARTS_GROUP // self.read_batch)
+        group = max(1, int(config.get("sampling.starts-group")) // self.read_batch)
         while True:
             pending = list(itertools.islice(selected, group))
             if not pending:

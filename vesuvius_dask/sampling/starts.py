@@ -15,6 +15,7 @@ of workers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,27 @@ from ..errors import SamplingError
 
 __all__ = ["StartGrid", "Tiling", "MaskedStartGrid", "footprint_valid", "FeistelPermutation",
            "LocalityPermutation",
-           "EpochPlan", "BalancedEpochPlan", "RankSlice", "SAMPLING_METHODS"]
+           "EpochPlan", "BalancedEpochPlan", "RankSlice", "SAMPLING_METHODS", "ANY_VOXEL", "SALTS"]
 
 SAMPLING_METHODS = ("uniform", "proportional", "grid")
+
+#: A coverage that any one voxel meets: the least fraction above 0 of a block's footprint
+#: (``mask_coverage`` / ``positive_coverage`` meaning "any voxel"; :func:`footprint_valid`
+#: needs at least one voxel for any coverage above 0).
+ANY_VOXEL = 1e-9
+
+#: The salts of an epoch's random streams, all in one place: each stream is seeded with
+#: ``[seed, epoch, salt, ...]`` so that the streams are independent of one another. Not a
+#: setting: a plan is a pure function of ``(seed, epoch)``, and changing a value here
+#: changes every plan drawn with it.
+SALTS = MappingProxyType({
+    "uniform-volumes": 1,   # EpochPlan, "uniform": the volume of each sample
+    "proportional": 2,      # EpochPlan, "proportional": the permutation of all volumes' starts
+    "volume-order": 3,      # BlockPlan: the order of one volume's starts (key + [volume])
+    "class-slots": 5,       # BalancedEpochPlan: which slots of the epoch are positive
+    "locality-runs": 11,    # LocalityPermutation: the order of the runs (after the volume's key)
+    "locality-cells": 12,   # LocalityPermutation: the order of the starts inside each cell (likewise)
+})
 
 # Plans are generated in fixed segments, so the random stream (and therefore the
 # plan) does not depend on the batch size or on the number of workers.
@@ -294,12 +313,12 @@ class EpochPlan:
         n_vol = self.n_starts.size
         used = np.zeros(n_vol, dtype=np.int64)
         if self.method == "uniform":
-            rng = np.random.default_rng([self.seed, self.epoch, 1])
+            rng = np.random.default_rng([self.seed, self.epoch, SALTS["uniform-volumes"]])
         elif self.method == "grid":  # volume after volume, each in its own order
             offsets = np.concatenate([[0], np.cumsum(self.n_starts)])
         else:
             offsets = np.concatenate([[0], np.cumsum(self.n_starts)])
-            union = FeistelPermutation(int(offsets[-1]), [self.seed, self.epoch, 2])
+            union = FeistelPermutation(int(offsets[-1]), [self.seed, self.epoch, SALTS["proportional"]])
         for first in range(0, self.samples, _SEGMENT):
             size = min(_SEGMENT, self.samples - first)
             if self.method == "uniform":
@@ -423,7 +442,7 @@ class LocalityPermutation:
         self.n = grid.n
         group = self.run * self.mix
         self.n_groups = self.n // group
-        self.runs = FeistelPermutation(max(1, self.n_groups * self.mix), self.key + [11])
+        self.runs = FeistelPermutation(max(1, self.n_groups * self.mix), self.key + [SALTS["locality-runs"]])
 
     def __call__(self, d: np.ndarray) -> np.ndarray:
         """Map draw ranks ``d`` (in ``[0, n)``) to start indices of ``grid``."""
@@ -440,7 +459,7 @@ class LocalityPermutation:
         cell = np.searchsorted(self.cum, m, side="right") - 1
         off = m - self.cum[cell]
         size = self.cum[cell + 1] - self.cum[cell]
-        off = _feistel_many(off, size, cell, self.key + [12])
+        off = _feistel_many(off, size, cell, self.key + [SALTS["locality-cells"]])
         n_yx_cells = self.cell_shape[1] * self.cell_shape[2]
         cz, cyx = np.divmod(cell, n_yx_cells)
         cy, cx = np.divmod(cyx, self.cell_shape[2])
@@ -680,7 +699,7 @@ class BalancedEpochPlan(EpochPlan):
             yield vols, ranks
 
     def segments(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        slots = FeistelPermutation(max(self.samples, 1), [self.seed, self.epoch, 5])
+        slots = FeistelPermutation(max(self.samples, 1), [self.seed, self.epoch, SALTS["class-slots"]])
         takers = [_Taker(self._stream(self.pos)), _Taker(self._stream(self.neg))]
         for first in range(0, self.samples, _SEGMENT):
             size = min(_SEGMENT, self.samples - first)

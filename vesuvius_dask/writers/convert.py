@@ -18,19 +18,25 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import config
 from .._version import __version__
 from ..arguments import positive_triple, renamed
 from ..errors import ConversionError, InvalidTypeError, SamplingError
 from ..io.tiff import Layer, find_layers, inspect_stack, lazy_stack
 
+if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
+
 __all__ = ["convert_tiffs", "convert_zarr", "find_layers", "COMPRESSORS", "DEFAULT_COMPRESSOR",
            "DEFAULT_CHUNKS"]
 
-DEFAULT_CHUNKS = (4, 512, 512)
+#: Chunks written by default: config ``vesuvius-dask.chunks`` (the in-RAM volumes' dask chunks
+#: too), read when this module is imported.
+DEFAULT_CHUNKS = tuple(int(c) for c in config.get("chunks"))
 #: See the README ("Choosing the default codec") for the measurements behind it.
 DEFAULT_COMPRESSOR = "blosc-lz4"
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
@@ -222,7 +228,7 @@ def convert_tiffs(
     resume: bool = False,
     client: Any = None,
     quiet: bool = True,
-) -> Any:
+) -> da.Array:
     """Convert a TIFF stack to a Zarr array (or an OME-Zarr multiscale group).
 
     Parameters
@@ -329,7 +335,7 @@ def convert_zarr(
     quiet: bool = True,
     cache_dir: str | os.PathLike | None = None,
     storage_options: dict | None = None,
-) -> Any:
+) -> da.Array:
     """Copy a region of a Zarr volume — local, or a URL such as the scroll server's — to a new Zarr.
 
     The way to work on a crop of a scroll that is too large to download: the
@@ -379,7 +385,7 @@ def convert_zarr(
 
     from ..io.open import resolve_volume
     from ..io.paths import is_url
-    from ..io.volume import REMOTE_GROUP, zarr_region
+    from ..io.volume import zarr_region
     from .outputs import source_stamp
 
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
@@ -392,7 +398,8 @@ def convert_zarr(
     out_shape = tuple(s.stop - s.start for s in roi)
     threads = None
     if vol.remote is not None:  # tasks fetch their chunks concurrently: keep two groups in flight
-        threads = max(os.cpu_count() or 1, 2 * -(-vol.remote.settings.concurrency // REMOTE_GROUP ** 2))
+        group = int(config.get("remote.group"))
+        threads = max(os.cpu_count() or 1, 2 * -(-vol.remote.settings.concurrency // group ** 2))
     options = _Options(*_fitted(chunks, shards, out_shape), compressor, zarr_format, bool(ome), client,
                        quiet, threads)
     local = isinstance(src, (str, os.PathLike)) and not is_url(src_text)

@@ -52,6 +52,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from ..errors import Interrupted, OutputError, OutputExistsError, ResumeError
 from ..io.paths import ZARR_MARKERS, is_url, protected_roots
 
@@ -66,15 +67,13 @@ _LOCK_FILE = "lock"
 _PUBLISH_FILE = "publish.json"
 #: The ``Software`` text of the PNG previews we write (how ``overwrite`` recognises one).
 PNG_SOFTWARE = "vesuvius-dask"
-#: Seconds between flushes of the done-log (each flush first syncs written data); dask
-#: config ``vesuvius-dask.journal-interval`` (env ``DASK_VESUVIUS_DASK__JOURNAL_INTERVAL``).
-JOURNAL_INTERVAL = 2.0
+#: Seconds between flushes of the done-log (each flush first syncs written data): the default
+#: of config ``vesuvius-dask.journal-interval`` (env ``DASK_VESUVIUS_DASK__JOURNAL_INTERVAL``).
+JOURNAL_INTERVAL = config.default("journal-interval")
 
 
 def _journal_interval() -> float:
-    import dask
-
-    return float(dask.config.get("vesuvius-dask.journal-interval", JOURNAL_INTERVAL))
+    return float(config.get("journal-interval"))
 
 
 # ---------------------------------------------------------------------- inputs are sacred

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import config
 from ..arguments import renamed
-from ..errors import ModelError, SamplingError, VesuviusDaskError
+from ..errors import ArgumentError, ModelError, SamplingError, VesuviusDaskError
 from ..lru import LRU
+from ..sampling.starts import ANY_VOXEL
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
@@ -39,7 +41,7 @@ def blend_window(block: Sequence[int], blend: str) -> np.ndarray:
     predictions are least reliable, so seams between blocks fade out.
     """
     if blend not in BLENDS:
-        raise SamplingError(f"unknown blend {blend!r}; expected one of {BLENDS}")
+        raise ArgumentError(f"unknown blend {blend!r}; expected one of {BLENDS}")
     w = np.ones(tuple(block), dtype=np.float32)
     if blend == "mean":
         return w
@@ -97,7 +99,7 @@ class PredictionWriter:
     @renamed(path="output")
     def __init__(self, output: str | os.PathLike, shape: Sequence[int], block: Sequence[int], *,
                  chunks: Sequence[int] | None = None, blend: str = "hann",
-                 memory_bytes: int = 256 * 2**20, volume: int | None = None,
+                 memory_bytes: int = config.get_bytes("predict.memory-bytes"), volume: int | None = None,
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
                  inputs: Sequence[Any] = (), identity: dict | None = None) -> None:
         from .outputs import OutputJob
@@ -267,7 +269,7 @@ class PredictionWriter:
         return s, w
 
     # ------------------------------------------------------------------ output
-    def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3) -> Any:
+    def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3) -> da.Array:
         """Divide by the weights, write the output chunk by chunk, rename it into place.
 
         Parameters
@@ -349,7 +351,7 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 #: Blocks between two checkpoints of ``predict`` (a resumed run restarts from the last one).
-CHECKPOINT_BLOCKS = 4096
+CHECKPOINT_BLOCKS = int(config.get("predict.checkpoint-blocks"))
 
 
 def _model_identity(model: Any) -> str:
@@ -481,7 +483,7 @@ def default_block(shape: Sequence[int], block: Sequence[int] | None) -> tuple[in
 @renamed(out="output", mask="masks")
 def predict(model: Any, source: Any, output: str | os.PathLike, *,
             block: Sequence[int] | None = None, overlap: Sequence[int] | None = None,
-            batch_size: int = 32, masks: Any = None, mask_coverage: float = 1e-9,
+            batch_size: int = 32, masks: Any = None, mask_coverage: float = ANY_VOXEL,
             blend: str = "hann", png: str | os.PathLike | None = None, overwrite: bool = False,
             resume: bool = False, num_workers: int = 0, client: Any = None,
             quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS,
@@ -590,6 +592,7 @@ def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: 
 
     from ..io.open import resolve_volume
     from ..loaders.stream import DaskVesuviusStream
+    from ..sampling.samplers import GridSampler
 
     if isinstance(source, (str, os.PathLike)) and "://" in os.fspath(source):
         # opened once, fetched concurrently
@@ -605,10 +608,9 @@ def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: 
         overlap = (0, block[1] // 4, block[2] // 4)
     identity["block"], identity["overlap"] = list(block), [int(o) for o in overlap]
     try:
-        stream = DaskVesuviusStream(
-            [source], *block, samples_per_epoch=None, sampling_method="grid", overlap=overlap,
-            batch_size=batch_size, return_coords=True, dtype=torch.float32, masks=masks,
-            mask_coverage=mask_coverage, client=client)
+        grid = GridSampler(overlap=overlap, mask_coverage=mask_coverage)  # every position once
+        stream = DaskVesuviusStream([source], *block, sampler=grid, batch_size=batch_size,
+                                    return_coords=True, dtype=torch.float32, masks=masks, client=client)
     except VesuviusDaskError as err:
         raise _in_predict_words(err) from None
     return stream, tuple(vshape)
