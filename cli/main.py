@@ -127,6 +127,23 @@ def _quiet_exit(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def console() -> None:
+    """The ``vesuvius-dask`` script: :func:`main`, and after an interrupt an immediate exit.
+
+    By the time an interrupt's line is printed the job has cleaned up (or kept its
+    checkpoint, see :mod:`vesuvius_dask.writers.outputs`); threads still waiting on a
+    slow server would keep the interpreter alive until their requests time out, so
+    the script does not wait for them (what they were writing to ``cache_dir`` is
+    atomic: at worst a temporary file that a later run sweeps).
+    """
+    code = main()
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     early = {}

@@ -361,3 +361,84 @@ def test_stream_throughput_leaves_out_start_up(work, capsys):
                               "--x-size", "8", "--batch-size", "4", "--batches", "3"], capsys)
     assert code == 0, err
     assert "12 blocks" in out and "after start-up 8 in" in out
+
+
+def test_a_source_behind_a_folder_link_is_stamped_through_it(tmp_path, rng_volume):
+    real = write_stack(tmp_path / "real_layers", rng_volume[:4, :16, :16])
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "layers").symlink_to(real)
+    (tmp_path / "seg" / "layers_again").symlink_to(tmp_path / "seg")  # a loop: walked once
+    stamp = source_stamp(tmp_path / "seg")
+    import tifffile
+
+    tifffile.imwrite(real / "00.tif", np.zeros((16, 16), np.uint16))
+    assert source_stamp(tmp_path / "seg") != stamp
+
+
+def test_a_time_set_back_after_a_rewrite_still_changes_the_stamp(tmp_path, rng_volume):
+    path = write_stack(tmp_path / "tifs", rng_volume[:2, :8, :8]) / "00.tif"
+    st = path.stat()
+    stamp = source_stamp(path.parent)
+    path.write_bytes(path.read_bytes())  # same bytes, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the old time back
+    assert source_stamp(path.parent) != stamp  # the change time moved
+
+
+def test_a_png_at_the_output_path_is_refused(work):
+    with pytest.raises(OutputError, match="path of its own"):
+        predict(_identity, work / "seg", work / "p.zarr", block=(3, 20, 20), png=work / "p.zarr")
+
+
+def test_a_run_writing_the_output_is_named_as_such(work):
+    first = PredictionWriter(work / "p.zarr", (6, 40, 50), (3, 10, 10))
+    with pytest.raises(OutputExistsError, match="another run is writing it"):
+        predict(_identity, work / "seg", work / "p.zarr", block=(3, 20, 20))
+    first.abort(keep=False)
+
+
+@pytest.mark.slow
+def test_the_script_exits_at_once_after_an_interrupt(tmp_path):
+    """A read-only check waiting on a server that answers one byte a second still stops on SIGINT."""
+    if not BIN.exists():
+        pytest.skip("console script not installed")
+    import http.server
+    import threading
+
+    write_zarr(tmp_path / "v.zarr", np.ones((4, 16, 16), np.uint16), chunks=(4, 16, 16), zarr_format=2)
+    root = tmp_path
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            path = root / self.path.lstrip("/")
+            body = path.read_bytes() if path.is_file() else b""
+            if not path.is_file():
+                self.send_response(404)
+                self.end_headers()
+                return
+            metadata = path.name in (".zarray", ".zattrs", ".zgroup")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) + (0 if metadata else 50000)))
+            self.end_headers()
+            self.wfile.write(body if metadata else body[:1])
+            if not metadata:
+                asked.set()
+                stop.wait(120)  # a trickle that never completes
+
+    stop, asked = threading.Event(), threading.Event()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v.zarr"
+        proc = subprocess.Popen([str(BIN), "info", url, "--check", "--quiet"], stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        assert asked.wait(120)  # the check is waiting on a chunk now
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)  # not the minutes its retries would take
+        assert proc.returncode == 130, err
+        assert len(err.strip().splitlines()) == 1 and "interrupted" in err
+    finally:
+        stop.set()
+        server.shutdown()

@@ -258,6 +258,8 @@ def check(path: str | os.PathLike, *, level: int | None = None, quiet: bool = Tr
 
             with ProgressBar(dt=0.5, out=sys.stderr):
                 results = dask.compute(*tasks, scheduler="threads", pool=pool)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # Ctrl-C, or a failure: a read-only check need not wait for its readers
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return n, [line for r in results for line in r]

@@ -57,7 +57,8 @@ from ..errors import Interrupted, OutputError, OutputExistsError, ResumeError
 from ..io.paths import ZARR_MARKERS, is_url, protected_roots
 
 __all__ = ["check_output", "check_destination", "check_job", "interruptible", "critical", "OutputJob",
-           "replace_path", "remove_path", "file_stamp", "source_stamp", "is_our_output", "PNG_SOFTWARE"]
+           "replace_path", "remove_path", "file_stamp", "source_stamp", "is_our_output", "PNG_SOFTWARE",
+           "same_or_inside"]
 
 logger = logging.getLogger("vesuvius_dask")
 
@@ -84,30 +85,41 @@ def file_stamp(path: str | os.PathLike) -> str:
 
 
 def source_stamp(path: str | os.PathLike) -> str | None:
-    """A digest of a local input's content stamps: every file's name, size and modification time.
+    """A digest of a local input's content stamps: every file's name, size, modification and change time.
 
     For a folder (a Zarr, an OME-Zarr, a segment, a folder of TIFF layers) every
-    file below it counts (symbolic links are followed for files, not for folders);
-    for a file, the file. A changed voxel means a rewritten chunk file, which
-    changes its size or modification time, so a resumed job can tell that its
-    source changed since the interrupted run. URLs (None) have no local stamp:
-    their metadata is compared instead.
+    file below it counts, symbolic links followed (a segment's ``layers`` is often a
+    link to the real folder; a folder reached twice counts once); for a file, the
+    file. A changed voxel means a rewritten chunk file, which changes its size or
+    modification time, and its change time even when the modification time is set
+    back (``touch -r``), so a resumed job can tell that its source changed since the
+    interrupted run. URLs (None) have no local stamp: their metadata is compared
+    instead.
     """
     if is_url(path):
         return None
     root = os.path.realpath(os.fspath(path))
     h = hashlib.sha256()
+
+    def stamp(rel: str, st: os.stat_result) -> None:
+        h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
+
     if os.path.isfile(root):
-        st = os.stat(root)
-        h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+        stamp("", os.stat(root))
         return h.hexdigest()
-    for dirpath, dirnames, names in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+        with contextlib.suppress(OSError):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: once is enough
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         rel = os.path.relpath(dirpath, root)
         for name in sorted(names):
             with contextlib.suppress(OSError):  # a file removed while walking: no stamp
-                st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{rel}/{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                stamp(f"{rel}/{name}", os.stat(os.path.join(dirpath, name)))
     return h.hexdigest()
 
 
@@ -177,6 +189,12 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Any]) -> None:
             raise OutputError(
                 f"output {os.fspath(out)} {why} {shown}{extra}; inputs are never overwritten "
                 "or written into: choose an output path outside it")
+
+
+def same_or_inside(path: str | os.PathLike, other: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``other`` or lies inside it (folders resolved; neither need exist)."""
+    a, b = _destination(path), _destination(other)
+    return a == b or b in a.parents
 
 
 def _zarr_attributes(path: Path) -> dict:
@@ -510,6 +528,23 @@ def _left_by_a_run(shown: str, partial: Path) -> OutputExistsError:
         cli={"resume=True": "--resume", "overwrite=True": "--overwrite"})
 
 
+def _locked_by_a_run(partial: Path) -> bool:
+    """Whether a live run holds the partial folder's lock (taken and dropped at once to see)."""
+    try:
+        import fcntl
+
+        fd = os.open(partial / _LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def check_job(dst: str | os.PathLike, inputs: Iterable[Any] = (), *, overwrite: bool = False,
               resume: bool = False) -> None:
     """What :class:`OutputJob` would refuse, checked before any work starts; nothing is created.
@@ -523,6 +558,9 @@ def check_job(dst: str | os.PathLike, inputs: Iterable[Any] = (), *, overwrite: 
         return
     if _read_job(partial) is None:
         raise _in_the_way(os.fspath(dst), partial)
+    if _locked_by_a_run(partial):
+        raise OutputExistsError(
+            f"{os.fspath(dst)}: another run is writing it right now ({partial} is locked)")
     if not (resume or overwrite):
         raise _left_by_a_run(os.fspath(dst), partial)
 

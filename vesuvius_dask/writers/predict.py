@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import config
 from ..arguments import renamed
-from ..errors import ArgumentError, ModelError, SamplingError, VesuviusDaskError
+from ..errors import ArgumentError, ModelError, OutputError, SamplingError, VesuviusDaskError
 from ..lru import LRU
 from ..sampling.starts import ANY_VOXEL
 
@@ -553,7 +553,7 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
     """
     from ..io.paths import PathKind, path_kind
     from ..io.segments import open_segment
-    from .outputs import check_destination, check_job, interruptible
+    from .outputs import check_destination, check_job, interruptible, same_or_inside
 
     out, mask = output, masks[0] if isinstance(masks, (list, tuple)) and len(masks) == 1 else masks
     if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
@@ -567,6 +567,9 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
     check_job(out, inputs, overwrite=overwrite, resume=resume)
     if png is not None:
         check_destination(png, inputs + [out], overwrite=overwrite, what="png")
+        if same_or_inside(png, out):
+            raise OutputError(f"png {os.fspath(png)} is the output {os.fspath(out)} or inside it; "
+                              "give the PNG a path of its own")
     identity = {"source": _source_name(source), "source_stamp": _content(source),
                 "overlap": None if overlap is None else [int(o) for o in overlap],
                 "batch_size": int(batch_size),
