@@ -289,3 +289,19 @@ def test_samplers_are_exported_lazily_and_torch_free():
             "vesuvius_dask.UniformSampler(10, seed=0); vesuvius_dask.ReadOptions(prefetch=0); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_block_shape_by_its_api_wide_name():
+    import numpy as np
+
+    from vesuvius_dask import DaskVesuviusStream, InvalidTypeError
+
+    vol = np.arange(8 * 32 * 32, dtype=np.uint16).reshape(8, 32, 32)
+    by_name = DaskVesuviusStream([vol], block=(4, 16, 16), samples_per_epoch=7, seed=3)
+    by_sizes = DaskVesuviusStream([vol], 4, 16, 16, 7, seed=3)
+    assert by_name.block == (4, 16, 16)
+    np.testing.assert_array_equal(by_name.epoch_coords(0), by_sizes.epoch_coords(0))
+    with pytest.raises(InvalidTypeError, match="once"):
+        DaskVesuviusStream([vol], 4, 16, 16, block=4)
+    with pytest.raises(InvalidTypeError, match="missing"):
+        DaskVesuviusStream([vol], samples_per_epoch=3)

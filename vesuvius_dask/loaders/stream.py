@@ -26,7 +26,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without torch
     raise MissingExtraError(missing("torch", "DaskVesuviusStream")) from err
 
-from ..arguments import positive_int, renamed
+from ..arguments import positive_int, positive_triple, renamed
 from ..engine.batches import DEFAULT_CACHE_BYTES, BatchEngine
 from ..errors import InvalidTypeError, SamplingError
 from ..io.labels import label_volumes, load_mask, per_volume
@@ -68,6 +68,18 @@ def _output_dtype(volumes: list[Volume], dtype: Any) -> np.dtype:
 
 def _as_tensor(array: Any) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+
+
+def _block_shape(block: Any, sizes: tuple[Any, Any, Any]) -> tuple[int, int, int]:
+    """The block shape from ``block=`` or from ``z_size, y_size, x_size`` (exactly one of the two)."""
+    given = [v is not None for v in sizes]
+    if block is not None:
+        if any(given):
+            raise InvalidTypeError("give the block shape once: block=(z, y, x) or z_size, y_size, x_size")
+        return positive_triple("block", block)
+    if not all(given):
+        raise InvalidTypeError("the block shape is missing: give z_size, y_size, x_size or block=(z, y, x)")
+    return tuple(positive_int(n, v) for n, v in zip(("z_size", "y_size", "x_size"), sizes))  # type: ignore[return-value]
 
 
 def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -170,7 +182,10 @@ class DaskVesuviusStream(IterableDataset):
         arrays or OME-Zarr groups, ``zarr.Array``, numpy arrays or memmaps, dask
         arrays), mixed freely.
     z_size, y_size, x_size : int
-        Block shape.
+        Block shape, as the original ``VesuviusStream`` takes it; or give ``block``.
+    block : int or (int, int, int), optional
+        Block shape ``(z, y, x)`` by the name the rest of the API uses (``predict``,
+        ``PredictionWriter``); give either it or the three sizes.
     samples_per_epoch : int, optional
         Blocks per epoch, across all DataLoader workers together. At most the number
         of available block starts. Required for random sampling (here or on the
@@ -356,11 +371,12 @@ class DaskVesuviusStream(IterableDataset):
     def __init__(
         self,
         files: Sequence[Any],
-        z_size: int,
-        y_size: int,
-        x_size: int,
+        z_size: int | None = None,
+        y_size: int | None = None,
+        x_size: int | None = None,
         samples_per_epoch: int | None = None,
         *,
+        block: int | Sequence[int] | None = None,
         sampler: Sampler | None = None,
         reading: ReadOptions | None = None,
         sampling_method: str = "uniform",
@@ -397,8 +413,7 @@ class DaskVesuviusStream(IterableDataset):
             files = [files]
         if len(files) == 0:
             raise SamplingError("files is empty: give at least one volume")
-        block = tuple(positive_int(n, v) for n, v in zip(("z_size", "y_size", "x_size"),
-                                                           (z_size, y_size, x_size)))
+        block = _block_shape(block, (z_size, y_size, x_size))
         _check_options(batch_size, transform)
         sampler = _sampler_in_use(sampler, samples_per_epoch, dict(
             sampling_method=sampling_method, shuffle=shuffle, seed=seed, stride=stride, overlap=overlap,
