@@ -11,11 +11,13 @@ BIN = Path(sys.executable).parent / "vesuvius-dask"
 
 
 def test_console_script_entry_point_resolves_to_main():
-    """pyproject's [project.scripts] names an importable function: the CLI's main."""
+    """pyproject's [project.scripts] names an importable function: the CLI's console(), around main."""
     from importlib.metadata import entry_points
 
+    from vesuvius_dask.cli.main import console
+
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "vesuvius-dask"]
-    assert script.load() is main
+    assert script.load() is console
 
 
 def test_console_script_info(zarr_v2):
