@@ -237,7 +237,7 @@ def _destination(dst: str | os.PathLike) -> Path:
 
 
 def check_destination(dst: str | os.PathLike, inputs: Iterable[Any] = (), *, overwrite: bool = False,
-                      what: str = "output", partial: bool = True) -> Path:
+                      what: str = "output") -> Path:
     """Check an output path before any work starts; the absolute path to write.
 
     Parameters
@@ -250,10 +250,8 @@ def check_destination(dst: str | os.PathLike, inputs: Iterable[Any] = (), *, ove
         Whether an existing output may be replaced (only one of ours, see
         :func:`is_our_output`).
     what : str
-        How messages name the output (``"output"``, ``"png"``).
-    partial : bool
-        Whether the output is built in a ``.NAME.partial/`` folder whose leftovers are
-        checked by :class:`OutputJob` (a side output like a PNG preview is not).
+        How messages name the output (``"output"``, ``"png"``). Leftovers of an
+        interrupted run are :func:`check_job`'s to check.
 
     Raises
     ------
