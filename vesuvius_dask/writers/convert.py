@@ -379,7 +379,6 @@ def convert_zarr(
     OutputError, OutputExistsError, ResumeError, Interrupted
         As for :func:`convert_tiffs`.
     """
-    src, dst = source, output
     import hashlib
     import json
 
@@ -388,6 +387,7 @@ def convert_zarr(
     from ..io.volume import zarr_region
     from .outputs import source_stamp
 
+    src, dst = source, output
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
     vol = resolve_volume(src, level=level, storage_options=storage_options, cache_dir=cache_dir)
     if vol.zarr is None:

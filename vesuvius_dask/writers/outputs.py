@@ -657,7 +657,8 @@ class OutputJob:
                 return
             remove_path(aside)
             (self.partial / _PUBLISH_FILE).unlink(missing_ok=True)
-        legacy = self.dst.parent / f".{self.dst.name}.old"  # left by versions before 0.9
+        # the aside of the publish before the partial folder held it (earlier releases)
+        legacy = self.dst.parent / f".{self.dst.name}.old"
         if legacy.is_dir() and not self.dst.exists() and is_our_output(legacy):
             os.rename(legacy, self.dst)
             logger.warning("%s: restored the previous output from %s", self.shown, legacy.name)
