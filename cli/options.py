@@ -55,9 +55,9 @@ def _as_int(text: str) -> Any:
 
 
 def _checks() -> Any:
-    from vesuvius_dask import checks
+    from vesuvius_dask import arguments
 
-    return checks
+    return arguments
 
 
 triple = _argument(lambda t: _checks().int_triple("value", t, minimum=0, broadcast=False), "value")

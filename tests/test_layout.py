@@ -12,11 +12,12 @@ LAYERS = {
     "base": 0,      # errors, config, arguments, lru, extras, moved (top-level modules)
     "remote": 1,
     "io": 2,
-    "sampling": 3,
-    "engine": 4,
-    "loaders": 5,
-    "writers": 6,
-    "viewer": 7,
+    "surfaces": 3,  # tifxyz meshes, normals, lazy renders (reads through io)
+    "sampling": 4,
+    "engine": 5,
+    "loaders": 6,
+    "writers": 7,
+    "viewer": 8,
     "testing": 2,   # data makers and the test server: io at most
 }
 HEAVY = ("torch", "napari", "distributed")
