@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from .options import Parser, add_cache_dir, non_negative, positive
+from .options import Parser, add_cache_dir, add_catalog, add_stream_plan, non_negative, resolve_names
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -75,24 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="stream random blocks and print throughput")
     p.add_argument("paths", nargs="+", help="volumes (Zarr, OME-Zarr, TIFF stacks, segments)")
-    p.add_argument("--z-size", type=positive, default=4)
-    p.add_argument("--y-size", type=positive, default=64)
-    p.add_argument("--x-size", type=positive, default=64)
-    p.add_argument("--batch-size", type=positive, default=128)
-    p.add_argument("--batches", type=positive, default=8, help="batches to read (default 8)")
+    add_stream_plan(p)  # the options prefetch shares (cli/options.py)
     p.add_argument("--num-workers", type=non_negative, default=0, help="DataLoader workers")
-    p.add_argument("--sampling-method", choices=("uniform", "proportional"), default="uniform")
-    p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address (default: local threads)")
     add_cache_dir(p)
     p.set_defaults(func=cmd_stream)
 
-    from . import convert_cmd, predict_cmd, view_cmd
+    from . import convert_cmd, ls_cmd, predict_cmd, prefetch_cmd, view_cmd
 
     convert_cmd.add_parser(sub)
     predict_cmd.add_parser(sub)
+    prefetch_cmd.add_parser(sub)
     view_cmd.add_parser(sub)
+    ls_cmd.add_parser(sub)
+    for name in ("info", "stream", "convert", "predict", "prefetch", "view"):  # volumes by name too
+        add_catalog(sub.choices[name])
     return parser
 
 
@@ -173,6 +171,7 @@ def _main(argv: Sequence[str] | None) -> int:
     where = f"vesuvius-dask {args.command}"
     try:
         with interruptible():  # SIGTERM too ends in one line (exit 143), after cleanup
+            resolve_names(args)  # scroll names and segment ids to their URLs (offline)
             return int(args.func(args) or 0)
     except Interrupted as err:  # a job that kept its finished part says where and how to resume
         print(f"{where}: {err.cli_message()}{'' if err.kept else '; stopped cleanly'}", file=sys.stderr)

@@ -71,3 +71,62 @@ def add_cache_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None,
                    help="keep chunks fetched from URLs in this folder (shared by workers and later "
                         "runs; a new or empty folder, or one vesuvius-dask made)")
+
+
+def add_catalog(p: argparse.ArgumentParser) -> None:
+    """``--catalog FILE``, as every command that takes volumes by name takes it."""
+    p.add_argument("--catalog", default=None, metavar="FILE",
+                   help="a catalogue YAML (the official scrolls.yaml structure) over the recorded "
+                        "one; `replace: true` in it uses it alone (default: $VESUVIUS_DASK_CATALOG)")
+
+
+#: The arguments that hold volumes (one path, or a list of them), in every command.
+VOLUME_ARGS = ("paths", "src", "source")
+
+
+def resolve_names(args: argparse.Namespace) -> None:
+    """Replace scroll names and segment ids in the volume arguments by their URLs (offline).
+
+    Only for commands that took ``--catalog`` (:func:`add_catalog`); a path that
+    exists, a URL or a string that cannot be a name stays as given.
+    """
+    if not hasattr(args, "catalog"):
+        return
+    from vesuvius_dask.io.catalog import load_catalog, looks_like_name, resolve_source
+
+    cat = load_catalog(args.catalog) if args.catalog is not None else None  # a bad file: one line
+    for dest in VOLUME_ARGS:
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, list) else [value]
+        if not any(looks_like_name(v) for v in values):
+            continue
+        cat = cat or load_catalog()
+        done = [resolve_source(v, catalog=cat) for v in values]
+        setattr(args, dest, done if isinstance(value, list) else done[0])
+
+
+#: What ``vesuvius-dask stream`` plans its blocks with, and the defaults (``prefetch`` takes the same).
+STREAM_PLAN = {"z_size": 4, "y_size": 64, "x_size": 64, "batch_size": 128, "batches": 8,
+               "sampling_method": "uniform", "seed": 0}
+
+
+def add_stream_plan(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The options that decide which blocks ``stream`` reads (block, batches, sampling, seed).
+
+    ``defaults=False`` leaves them None, so that a command can tell whether they were
+    given (:func:`stream_plan` fills the defaults in).
+    """
+    d = STREAM_PLAN if defaults else dict.fromkeys(STREAM_PLAN)
+    p.add_argument("--z-size", type=positive, default=d["z_size"])
+    p.add_argument("--y-size", type=positive, default=d["y_size"])
+    p.add_argument("--x-size", type=positive, default=d["x_size"])
+    p.add_argument("--batch-size", type=positive, default=d["batch_size"])
+    p.add_argument("--batches", type=positive, default=d["batches"],
+                   help=f"batches per epoch (default {STREAM_PLAN['batches']})")
+    p.add_argument("--sampling-method", choices=("uniform", "proportional"), default=d["sampling_method"])
+    p.add_argument("--seed", type=non_negative, default=d["seed"])
+
+
+def stream_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`add_stream_plan` options given, with the defaults for those that were not."""
+    return {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in STREAM_PLAN.items()}

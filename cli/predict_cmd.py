@@ -11,14 +11,34 @@ def run(args: argparse.Namespace) -> int:
     from vesuvius_dask.extras import require
 
     require("torch", "torch")
-    from vesuvius_dask.writers.predict import predict
+    from vesuvius_dask.errors import ArgumentError
+    from vesuvius_dask.writers.predict import part_path, predict, predict_join
 
+    if args.join or args.part is not None:
+        if args.parts is None:
+            raise ArgumentError(f"--{'join' if args.join else 'part'} needs --parts N")
+        if args.join and args.part is not None:
+            raise ArgumentError("give --part K (to run a part) or --join (to publish the parts), not both")
+    elif args.parts is not None:
+        raise ArgumentError("--parts N needs --part K (0..N-1) or --join")
+    if args.join:
+        out = predict_join(args.out, args.parts, png=args.png, overwrite=args.overwrite,
+                           model=args.model, source=args.source)
+        print(f"joined {args.parts} parts into {args.out}: shape {tuple(out.shape)} {out.dtype}"
+              + (f", {args.png}" if args.png else ""))
+        return 0
+    part = None if args.part is None else (args.part, args.parts)
     out = predict(
         args.model, args.source, args.out, block=args.block, overlap=args.overlap,
         batch_size=args.batch_size, masks=args.mask, blend=args.blend, png=args.png,
         overwrite=args.overwrite, resume=args.resume, num_workers=args.num_workers,
         client=args.scheduler, quiet=args.quiet, cache_dir=args.cache_dir,
+        normalization=args.normalization, part=part, chunks=args.chunks,
     )
+    if part is not None:
+        print(f"wrote part {args.part} of {args.parts} of {args.out} into {part_path(args.out, *part)}; "
+              f"publish with --parts {args.parts} --join once every part is done")
+        return 0
     print(f"wrote {args.out}: shape {tuple(out.shape)} {out.dtype}"
           + (f", {args.png}" if args.png else ""))
     return 0
@@ -56,5 +76,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace an existing output (once the new one is complete)")
     p.add_argument("--resume", action="store_true", help="continue a killed run")
     p.add_argument("--quiet", action="store_true", help="no progress")
+    p.add_argument("--normalization", default=None,
+                   choices=("none", "instance_zscore", "global_zscore", "instance_minmax",
+                            "percentile_minmax", "ct"),
+                   help="how blocks are scaled for the model (default: the model file's metadata, "
+                        "else integer volumes scaled to [0, 1])")
+    p.add_argument("--chunks", type=positive_triple, default=None,
+                   help="output chunks Z,Y,X (a 2-D output uses Y,X); parts split the output by them")
+    p.add_argument("--parts", type=positive, default=None,
+                   help="split the job into N parts (with --part K, or --join)")
+    p.add_argument("--part", type=non_negative, default=None,
+                   help="run part K (0..N-1) of --parts N, e.g. one task of a job array")
+    p.add_argument("--join", action="store_true",
+                   help="check that every part of --parts N is complete and publish OUT")
     add_cache_dir(p)
     p.set_defaults(func=run)

@@ -37,9 +37,11 @@ from .errors import (
 _moved.install()  # the old module paths (vesuvius_dask.stream, ...) keep working
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .io.catalog import Catalog, load_catalog
     from .io.open import open_volume
     from .io.segments import Segment, open_segment
     from .loaders.options import ReadOptions
+    from .loaders.prefetch import PrefetchPlan, predict_stream, prefetch
     from .loaders.stream import DaskVesuviusStream
     from .sampling.samplers import (
         BalancedSampler,
@@ -49,6 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover
         Sampler,
         UniformSampler,
     )
+    from .surfaces.render import render_segment, render_surface
+    from .surfaces.tifxyz import Surface, open_surface
     from .writers.convert import convert_tiffs, convert_zarr
     from .writers.predict import PredictionWriter, predict
 
@@ -67,8 +71,17 @@ __all__ = [
     "convert_zarr",
     "open_segment",
     "Segment",
+    "open_surface",
+    "Surface",
+    "render_surface",
+    "render_segment",
+    "load_catalog",
+    "Catalog",
     "PredictionWriter",
     "predict",
+    "prefetch",
+    "PrefetchPlan",
+    "predict_stream",
     "VesuviusDaskError",
     "VolumeError",
     "VolumeNotFoundError",
@@ -102,7 +115,16 @@ _LAZY = {
     "open_segment": ("io.segments", "open_segment"),
     "PredictionWriter": ("writers.predict", "PredictionWriter"),
     "predict": ("writers.predict", "predict"),
+    "prefetch": ("loaders.prefetch", "prefetch"),
+    "PrefetchPlan": ("loaders.prefetch", "PrefetchPlan"),
+    "predict_stream": ("loaders.prefetch", "predict_stream"),
     "Segment": ("io.segments", "Segment"),
+    "open_surface": ("surfaces.tifxyz", "open_surface"),
+    "Surface": ("surfaces.tifxyz", "Surface"),
+    "render_surface": ("surfaces.render", "render_surface"),
+    "render_segment": ("surfaces.render", "render_segment"),
+    "load_catalog": ("io.catalog", "load_catalog"),
+    "Catalog": ("io.catalog", "Catalog"),
 }
 
 

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from .. import config
-from ..errors import SamplingError
-from ..io.volume import Volume, read_stored, stored_keys
+from ..errors import CorruptChunkError, SamplingError
+from ..io.partial import cut_pieces
+from ..io.volume import Volume, read_stored, stored_keys, stored_reader
 from ..lru import LRU
 
 __all__ = ["BatchEngine", "ChunkCache", "EngineStats", "plan_pieces", "read_together",
@@ -103,6 +104,8 @@ class EngineStats:
     shared_hits: int = 0  # chunks another process of this machine had decoded
     bytes_decoded: int = 0
     bytes_delivered: int = 0
+    #: Stored bytes the partial read paths read (shard indexes included).
+    bytes_read: int = 0
 
     @property
     def amplification(self) -> float:
@@ -166,19 +169,7 @@ def plan_pieces(bounds: Sequence[np.ndarray], starts: np.ndarray, block: Sequenc
     return chunk_ids, pieces
 
 
-def _cut(chunk: np.ndarray, out: np.ndarray, pieces: np.ndarray) -> None:
-    """``out[row, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[sz:.., sy:.., sx:..]`` per piece."""
-    bz, by, bx = out.shape[1:]
-    whole = ((pieces[:, 2] - pieces[:, 1] == bz) & (pieces[:, 4] - pieces[:, 3] == by)
-             & (pieces[:, 6] - pieces[:, 5] == bx))
-    if whole.any():  # pieces that are whole blocks: the cheapest indexing
-        for b, sz, sy, sx in pieces[whole][:, [0, 7, 8, 9]].tolist():
-            out[b] = chunk[sz:sz + bz, sy:sy + by, sx:sx + bx]
-        pieces = pieces[~whole]
-    for b, dz0, dz1, dy0, dy1, dx0, dx1, sz, sy, sx in pieces.tolist():
-        out[b, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[
-            sz:sz + dz1 - dz0, sy:sy + dy1 - dy0, sx:sx + dx1 - dx0
-        ]
+_cut = cut_pieces
 
 
 class _CutCached:
@@ -203,6 +194,36 @@ class _ReadCut:
     def __call__(self) -> None:
         chunk = self.engine._read_chunk(self.vol, self.chunk_id, self.region)
         _cut(chunk, self.out, self.pieces)
+
+
+class _ReadPieces:
+    """Task: write the pieces of one read unit (a chunk, or a shard) straight into the batch.
+
+    For the partial read paths (:mod:`vesuvius_dask.io.partial`): only the bytes the
+    pieces need are read; inner chunks decoded whole are kept in the chunk cache.
+    """
+
+    def __init__(self, engine: BatchEngine, vol: Volume, reader: Any,
+                 items: list[tuple[tuple[int, int, int], np.ndarray]], out: np.ndarray) -> None:
+        self.engine, self.vol, self.reader, self.items, self.out = engine, vol, reader, items, out
+
+    def __call__(self) -> None:
+        try:
+            decoded, nbytes = self.reader.read_pieces(self.items, self.out)
+        except CorruptChunkError as err:  # it names the chunk, its key and store already
+            raise CorruptChunkError(f"{self.vol.name}: {err}") from None
+        except OSError as err:
+            cid = self.items[0][0]
+            raise CorruptChunkError(f"{self.vol.name}: chunk {cid} (key {self.reader.codec.key(cid)!r} in "
+                                    f"store {self.reader.codec.where}) cannot be read: "
+                                    f"{type(err).__name__}: {err}") from err
+        engine = self.engine
+        for cid, chunk in decoded:
+            engine.cache.put((self.vol.token,) + cid, chunk)
+        with engine._lock:
+            engine.stats.chunks_read += len(self.items)
+            engine.stats.bytes_read += nbytes
+            engine.stats.bytes_decoded += nbytes + sum(c.nbytes for _, c in decoded)
 
 
 class _CutComputed:
@@ -433,15 +454,26 @@ class BatchEngine:
         in_memory: list[tuple[np.ndarray, np.ndarray]] = []
         n_reads = 0
         hits = 0
+        readers: dict[int, Any] = {}
+        units: dict[tuple[int, ...], list[tuple[tuple[int, int, int], np.ndarray]]] = {}
         for v, cid, region, pieces in self._work(vol_index, starts):
             vol = self.volumes[v]
             if cid is None:  # in RAM or memory-mapped
                 in_memory.append((vol.data, pieces))
                 continue
+            if v not in readers:
+                readers[v] = self._piece_reader(vol)
+            reader = readers[v]
+            if reader is not None and reader.path == "partial-uncompressed":  # nothing decoded, nothing cached
+                units.setdefault((v,) + cid, []).append((cid, pieces))
+                continue
             cached = self.cache.get((vol.token,) + cid)
             if cached is not None:
                 in_memory.append((cached, pieces))
                 hits += 1
+                continue
+            if reader is not None:  # a shard: one task reads its index once, then its inner chunks
+                units.setdefault((v,) + tuple(c // u for c, u in zip(cid, reader.unit)), []).append((cid, pieces))
                 continue
             key = (f"vd-read-{tag}", v) + cid
             if vol.zarr is not None:
@@ -450,6 +482,11 @@ class BatchEngine:
                 src_key = (vol.array.name,) + cid
                 graph.update(self._culled(v, src_key))
                 graph[key] = (_CutComputed(self, (vol.token,) + cid, out, pieces), src_key)
+            deps.append(key)
+            n_reads += 1
+        for unit, items in units.items():
+            key = (f"vd-unit-{tag}",) + unit
+            graph[key] = (_ReadPieces(self, self.volumes[unit[0]], readers[unit[0]], items, out),)
             deps.append(key)
             n_reads += 1
         if in_memory:
@@ -461,6 +498,20 @@ class BatchEngine:
         with self._lock:
             self.stats.cache_hits += hits
         return graph, out_key, out, n_reads
+
+    def _piece_reader(self, vol: Volume) -> Any:
+        """The volume's partial reader (:mod:`vesuvius_dask.io.partial`), or None (whole chunks).
+
+        A sharded volume reads inner chunks one by one through the machine-wide cache
+        while that is active (decoded inner chunks are shared by the workers).
+        """
+        if vol.zarr is None or vol.remote is not None:
+            return None
+        reader = stored_reader(vol.zarr).pieces
+        if (reader is not None and reader.path == "sharded" and self.machine is not None
+                and self.machine_active and self.machine.usable):
+            return None
+        return reader
 
     def _work(self, vol_index: np.ndarray, starts: np.ndarray
               ) -> list[tuple[int, tuple[int, int, int] | None, tuple[slice, ...] | None, np.ndarray]]:

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import CorruptChunkError
 
-__all__ = ["ChunkCodec", "fast_reader", "read_file", "max_stored_bytes"]
+__all__ = ["ChunkCodec", "fast_reader", "read_file", "max_stored_bytes", "strip_crc32c"]
 
 _V3_CODECS = {"BloscCodec": "Blosc", "ZstdCodec": "Zstd", "GzipCodec": "GZip"}
 
@@ -57,13 +57,17 @@ class _BadSize(Exception):
     """A compressed chunk declares, or decodes to, another size than the array's chunk (internal)."""
 
 
-def _v3_decoders(meta: Any) -> tuple[list[Any], str] | None:
+def _v3_decoders(codecs: Any) -> tuple[list[Any], str, bool] | None:
+    """``(decompressors, byte order, crc32c last)`` of a v3 codec list, or None (zarr reads it)."""
     import numcodecs
 
-    codecs = list(meta.codecs)
+    codecs = list(codecs)
     if not codecs or type(codecs[0]).__name__ != "BytesCodec":
         return None
     endian = getattr(codecs[0].endian, "value", codecs[0].endian) or "little"
+    checksum = type(codecs[-1]).__name__ == "Crc32cCodec"
+    if checksum:
+        codecs = codecs[:-1]
     if len(codecs) > 2:  # several compressors in a row: only the last one's size is known
         return None
     decoders = []
@@ -72,7 +76,25 @@ def _v3_decoders(meta: Any) -> tuple[list[Any], str] | None:
         if name is None:
             return None
         decoders.append(getattr(numcodecs, name)())  # blosc, zstd, gzip frames are self-describing
-    return decoders, ("<" if endian == "little" else ">")
+    return decoders, ("<" if endian == "little" else ">"), checksum
+
+
+def strip_crc32c(data: Any) -> Any:
+    """``data`` without its trailing crc32c (Zarr v3 ``crc32c`` codec), checked.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 4 bytes, or the checksum does not match.
+    """
+    import numcodecs
+
+    if len(data) < 4:
+        raise ValueError(f"{len(data)} bytes cannot hold a crc32c checksum")
+    try:
+        return numcodecs.CRC32C().decode(data)
+    except RuntimeError as err:
+        raise ValueError(f"crc32c mismatch ({err})") from None
 
 
 def _v2_decoders(meta: Any) -> list[Any] | None:
@@ -264,16 +286,31 @@ class ChunkCodec:
         Decoded bytes of one stored chunk.
     """
 
-    def __init__(self, arr: Any, decoders: list[Any], stored: np.dtype, order: str) -> None:
+    def __init__(self, arr: Any, decoders: list[Any], stored: np.dtype, order: str,
+                 checksum: bool = False, chunks: Any = None, key: Any = None, kind: str = "chunk") -> None:
         self.dtype = np.dtype(arr.dtype)
-        self.chunks = tuple(int(c) for c in arr.chunks)
+        self.chunks = tuple(int(c) for c in (chunks or arr.chunks))
         self.fill = arr.metadata.fill_value
-        self.decoders, self.stored, self.order = decoders, stored, order
-        self._encode = arr.metadata.encode_chunk_key
+        self.decoders, self.stored, self.order, self.checksum = decoders, stored, order, checksum
+        self._encode = key or arr.metadata.encode_chunk_key
+        self.kind = kind
         self.where = str(getattr(arr, "store_path", "?"))
         self.count = int(np.prod(self.chunks, dtype=object))
         self.nbytes = self.count * self.stored.itemsize
         self._steps = self._plan(decoders)
+
+    @property
+    def uncompressed(self) -> bool:
+        """Whether a stored chunk is its values as they are, in C order (readable in part)."""
+        return not self.decoders and not self.checksum and self.order == "C"
+
+    @property
+    def stored_limit(self) -> int:
+        """The most bytes a stored chunk of this array can take."""
+        extra = 4 if self.checksum else 0
+        if not self.decoders:
+            return self.nbytes + extra
+        return (self._limit if self._limit is not None else max_stored_bytes(self.nbytes)) + extra
 
     def _plan(self, decoders: list[Any]) -> list[Callable[[Any], Any]]:
         """One function per decoder; a known compressor (the first) decodes to a bounded size."""
@@ -298,14 +335,33 @@ class ChunkCodec:
             return None
         if getattr(meta, "zarr_format", 3) == 2:
             decoders = _v2_decoders(meta)
-            stored, order = dtype, meta.order
-        else:
-            v3 = _v3_decoders(meta)
-            if v3 is None or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding":
-                return None
-            decoders, byteorder = v3
-            stored, order = dtype.newbyteorder(byteorder), "C"
-        return None if decoders is None else cls(arr, decoders, stored, order)
+            return None if decoders is None else cls(arr, decoders, dtype, meta.order)
+        v3 = _v3_decoders(meta.codecs)
+        if v3 is None or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding":
+            return None
+        decoders, byteorder, checksum = v3
+        return cls(arr, decoders, dtype.newbyteorder(byteorder), "C", checksum)
+
+    @classmethod
+    def inner(cls, arr: Any, sharding: Any) -> ChunkCodec | None:
+        """The codec of the inner chunks of a sharded array (``sharding``: its ``ShardingCodec``).
+
+        Errors name the inner chunk and its shard's key.
+        """
+        dtype = np.dtype(arr.dtype)
+        v3 = _v3_decoders(sharding.codecs)
+        if (v3 is None or dtype.kind not in "biuf" or dtype.hasobject
+                or type(arr.metadata.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding"):
+            return None
+        inner = tuple(int(c) for c in sharding.chunk_shape)
+        per = tuple(int(s) // c for s, c in zip(arr.shards, inner))
+        encode = arr.metadata.encode_chunk_key
+
+        def key(coords: tuple[int, ...]) -> str:
+            return encode(tuple(c // p for c, p in zip(coords, per)))
+
+        decoders, byteorder, checksum = v3
+        return cls(arr, decoders, dtype.newbyteorder(byteorder), "C", checksum, inner, key, "inner chunk")
 
     def coords(self, region: tuple[slice, ...]) -> tuple[int, ...]:
         """The chunk index of a region that is one stored chunk."""
@@ -330,6 +386,11 @@ class ChunkCodec:
         if data is None:
             return np.full(shape, self.fill, dtype=self.dtype)
         try:
+            if self.checksum:
+                try:
+                    data = strip_crc32c(data)
+                except ValueError as err:
+                    raise _BadSize(str(err)) from None
             if self._limit is not None and len(data) > self._limit:
                 raise _BadSize(f"{len(data)} stored bytes are more than any compressed chunk takes")
             for step in self._steps:
@@ -345,11 +406,14 @@ class ChunkCodec:
         return np.ascontiguousarray(out)
 
     def _refused(self, region: tuple[slice, ...], what: str) -> CorruptChunkError:
-        coords = self.coords(region)
+        return self.corrupt(self.coords(region), what)
+
+    def corrupt(self, coords: tuple[int, ...], what: str) -> CorruptChunkError:
+        """The one-line error for stored chunk ``coords``: its index, key and store, ``what`` is wrong."""
         shape = "x".join(map(str, self.chunks))
         return CorruptChunkError(
-            f"chunk {coords} (key {self.key(coords)!r} in store {self.where}): {what}; "
-            f"the array's chunks hold {self.nbytes} bytes ({shape} {self.dtype})")
+            f"{self.kind} {tuple(coords)} (key {self.key(coords)!r} in store {self.where}): {what}; "
+            f"the array's {self.kind}s hold {self.nbytes} bytes ({shape} {self.dtype})")
 
 
 def fast_reader(arr: Any) -> Callable[[tuple[slice, ...]], np.ndarray] | None:

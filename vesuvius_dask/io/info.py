@@ -7,10 +7,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .paths import PathKind, path_kind, segment_volume_dirs
+from .paths import PathKind, is_url, path_kind, remote_storage_options, segment_volume_dirs
 from .volume import multiscale_paths, open_zarr_path, remote_chunks
 
 __all__ = ["describe", "stored_bytes", "check"]
+
+
+def _zarr_node(path: str | os.PathLike) -> Any:
+    """The Zarr array or group at a path or URL (``s3://`` with its defaults: anonymous, region)."""
+    import zarr
+
+    opts = remote_storage_options(path) if is_url(path) else None
+    return zarr.open(os.fspath(path), mode="r", **({"storage_options": opts} if opts else {}))
 
 
 def stored_bytes(path: str | os.PathLike) -> int:
@@ -44,8 +52,18 @@ def _array_lines(arr: Any, indent: str = "  ") -> list[str]:
         f"{indent}shards  {tuple(shards) if shards else 'none'}",
         f"{indent}format  Zarr v{arr.metadata.zarr_format}",
         f"{indent}codecs  {_codecs(arr)}",
+        f"{indent}read    {_read_path(arr)}",
         f"{indent}logical {logical:,} bytes",
     ]
+
+
+def _read_path(arr: Any) -> str:
+    """The read path the batch engine takes for ``arr``, and what it means."""
+    from .partial import READ_PATHS
+    from .volume import read_path
+
+    path = read_path(arr)
+    return f"{path} ({READ_PATHS[path]})"
 
 
 def _tiff_lines(path: Path, indent: str = "  ") -> list[str]:
@@ -78,12 +96,16 @@ def _segment_lines(path: Path) -> list[str]:
     from .segments import open_segment
 
     seg = open_segment(path)
-    src = segment_volume_dirs(path)[0]  # the volume open_segment chose
-    lines = [f"  segment, volume from {src}"]
-    if seg.record.zarr is not None:
-        lines += describe(src).splitlines()[1:]
+    found = segment_volume_dirs(seg.path)  # the first is the volume open_segment chose
+    if not found:
+        lines = [f"  segment, no rendered volume; tifxyz surface {seg.tifxyz} (render_segment)"]
+    elif seg.record is not None and seg.record.zarr is not None:
+        lines = [f"  segment, volume from {found[0]}"] + describe(found[0]).splitlines()[1:]
     else:
-        lines += _tiff_lines(Path(src))
+        lines = [f"  segment, volume from {found[0]}"] + _tiff_lines(Path(found[0]))
+    if found and seg.tifxyz is not None:
+        lines.append(f"  surface {seg.tifxyz}")
+    lines += [f"  {kind}.zarr {where}" for kind, where in seg.label_zarrs.items()]
     for name in ("mask", "labels", "ir"):
         img = getattr(seg, name)
         lines.append(f"  {name:<7} " + (f"{img.shape[0]}x{img.shape[1]} {img.dtype}"
@@ -115,7 +137,7 @@ def describe(path: str | os.PathLike, *, level: int | None = None) -> str:
     if kind == PathKind.SEGMENT:
         return "\n".join([name] + _segment_lines(Path(name)))
     arr, _ = open_zarr_path(path, level)  # validates the path and the level
-    node = zarr.open(name, mode="r")
+    node = _zarr_node(name)
     lines = [name]
     if isinstance(node, zarr.Array):
         lines += _array_lines(node)
@@ -204,7 +226,7 @@ def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[l
                 n += 1
         return tasks, n, threads
     open_zarr_path(path, level)  # validates the path and the level
-    node = zarr.open(path, mode="r")
+    node = _zarr_node(path)
     arrays = [(path, node)] if isinstance(node, zarr.Array) else [
         (f"{path} (level {i})", node[p]) for i, p in enumerate(multiscale_paths(node.attrs.asdict()) or [])
         if level is None or i == level]

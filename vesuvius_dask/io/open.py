@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import InvalidTypeError, VolumeError
+from .catalog import resolve_source
 from .paths import PathKind, path_kind
 from .segments import open_segment
 from .tiff import tiff_volume
@@ -48,6 +49,9 @@ def resolve_volume(
     name: str | None = None,
     storage_options: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
+    catalog: Any = None,
+    energy: float | str | None = None,
+    resolution: float | str | None = None,
 ) -> Volume:
     """Open ``source`` and return the :class:`Volume` record behind :func:`open_volume`.
 
@@ -67,6 +71,8 @@ def resolve_volume(
     cache_dir : str or os.PathLike, optional
         Keep the chunks fetched from a URL in this folder, for other processes and
         later runs (see :func:`open_volume`).
+    catalog, energy, resolution : optional
+        For a scroll name or segment id (see :func:`open_volume`).
 
     Returns
     -------
@@ -79,7 +85,8 @@ def resolve_volume(
     hook = getattr(source, "__vesuvius_volume__", None)
     if hook is not None:  # e.g. a Segment
         return hook()
-    if is_pathlike(source):
+    if is_pathlike(source):  # a scroll name or segment id becomes its URL; an existing path wins
+        source = resolve_source(source, catalog=catalog, energy=energy, resolution=resolution)
         return _from_path(source, level, chunks, storage_options, cache_dir)
     if isinstance(source, zarr.Array):
         lbl = name or f"zarr array {source.store_path}"
@@ -104,7 +111,7 @@ def _from_path(source: str | os.PathLike, level: int | None, chunks: Any,
     """A path's volume: a segment, a TIFF stack, or a Zarr (local or a URL)."""
     kind = path_kind(source)
     if kind == PathKind.SEGMENT:
-        return open_segment(source, level=level).record
+        return open_segment(source, level=level).__vesuvius_volume__()
     if kind in (PathKind.TIFF_FILE, PathKind.TIFF_FOLDER):
         if level not in (None, 0):
             raise VolumeError(f"{os.fspath(source)}: level={level} applies to OME-Zarr "
@@ -141,6 +148,9 @@ def open_volume(
     chunks: Any = None,
     storage_options: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
+    catalog: Any = None,
+    energy: float | str | None = None,
+    resolution: float | str | None = None,
 ) -> da.Array:
     """Open a volume as a lazy, chunk-aligned 3-D dask array.
 
@@ -154,7 +164,11 @@ def open_volume(
         order; uncompressed layers are memory-mapped, not converted) or a multi-page
         TIFF, a segment folder (its volume, see :func:`open_segment`), a
         ``zarr.Array``, a numpy array or ``np.memmap`` (wrapped without copying), or
-        a dask array (returned as is, after validation).
+        a dask array (returned as is, after validation). Or a name from the
+        catalogue (:mod:`vesuvius_dask.io.catalog`): a scroll (``"scroll1"``,
+        ``"Scroll 1"``, ``"1"``, ``"PHercParis4:78keV:2.4um"``) or a segment id
+        (``"20230530164535"``), resolved offline to its URL. A local path that exists
+        always wins over a name.
     level : int, optional
         Resolution level of an OME-Zarr multiscale group (default 0, the finest).
     chunks : tuple of int, optional
@@ -173,6 +187,13 @@ def open_volume(
         half the free disk space, at most 64 GiB). Ignored for local volumes.
         Requests in flight, retries and timeouts are set with dask config
         ``vesuvius-dask.remote.*`` (see :class:`~vesuvius_dask.remote.fetch.RemoteSettings`).
+    catalog : str, os.PathLike or mapping, optional
+        A user's catalogue file (the official ``scrolls.yaml`` structure) over the
+        recorded one (default: the file in ``$VESUVIUS_DASK_CATALOG``, if set); see
+        :func:`~vesuvius_dask.io.catalog.load_catalog`.
+    energy, resolution : float or str, optional
+        For a scroll name: the volume at this energy (keV) and resolution (µm).
+        Default: the scroll's first volume in the catalogue.
 
     Returns
     -------
@@ -182,7 +203,8 @@ def open_volume(
     Raises
     ------
     VolumeNotFoundError
-        The path does not exist.
+        The path does not exist; a name the catalogue does not know (the message
+        names the nearest known ones).
     VolumeError
         The path is not a Zarr array or multiscale group, the level does not exist,
         the array is not 3-D, or its dtype is not an integer or float type; or its
@@ -200,4 +222,5 @@ def open_volume(
     (4, 64, 64)
     """
     return resolve_volume(source, level=level, chunks=chunks, storage_options=storage_options,
-                          cache_dir=cache_dir).array
+                          cache_dir=cache_dir, catalog=catalog, energy=energy,
+                          resolution=resolution).array

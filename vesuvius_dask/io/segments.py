@@ -9,6 +9,14 @@
       inklabels.png   2-D, non-zero = ink                  (optional; or <id>_inklabels.png)
       ir.png          2-D infrared photograph              (optional; or <id>_ir.png)
 
+and both published trees of new segments: ``<volpkg>/paths/<id>/`` (the above plus a
+tifxyz surface ``x.tif, y.tif, z.tif, meta.json``) and ``<sample>/segments/<id>/``
+(``mesh/tifxyz/`` and ``surface-volumes/<name>.zarr`` or ``<name>.tifs/NN.tif``), with
+their label Zarrs (``<id>_inklabels.zarr``, ``<id>_supervision_mask.zarr``,
+``<id>_validation_mask.zarr``) in the segment folder or beside the tifxyz files. A
+segment whose surface was never rendered has no volume; ``render_segment`` renders it
+from the scroll (:mod:`vesuvius_dask.surfaces`).
+
 The volume is read lazily: uncompressed TIFF layers are memory-mapped
 (:class:`TiffStack`, a block read touches only its rows of each layer), compressed
 ones become a lazy dask stack. The 2-D images are lazy dask arrays decoded on first
@@ -27,11 +35,13 @@ import numpy as np
 
 from .. import config
 from ..errors import VolumeError, VolumeNotFoundError
-from .paths import TIFF_SUFFIXES, segment_volume_dirs
+from .catalog import resolve_source
+from .label_zarrs import find_label_zarrs, open_label_zarr
+from .paths import TIFF_SUFFIXES, segment_volume_dirs, tifxyz_dir
 from .tiff import TiffStack, tiff_volume
 from .volume import Volume, zarr_volume
 
-__all__ = ["Segment", "TiffStack", "open_segment", "read_image", "MAX_IMAGE_PIXELS"]
+__all__ = ["Segment", "TiffStack", "open_segment", "read_image", "check_images", "MAX_IMAGE_PIXELS"]
 
 #: Largest 2-D image (pixels) read from PNG; Pillow's own decompression-bomb guard
 #: (~89 Mpx) is lifted up to this size, because real masks and labels exceed it. The
@@ -123,44 +133,64 @@ class Segment:
     ----------
     path : Path
         The segment folder.
-    volume : dask.array.Array
-        ``(Z, Y, X)`` surface volume, lazy.
+    volume : dask.array.Array or None
+        ``(Z, Y, X)`` surface volume, lazy; None for a surface never rendered (render
+        it with :func:`vesuvius_dask.surfaces.render.render_segment`).
     mask, labels, ir : dask.array.Array or None
-        Lazy ``(Y, X)`` images.
+        Lazy ``(Y, X)`` images (or plane 32 of the supervision mask and ink-label Zarrs).
+    tifxyz : Path or None
+        The segment's tifxyz surface folder (open it with
+        :func:`vesuvius_dask.surfaces.tifxyz.open_surface`).
+    label_zarrs : dict
+        The label Zarrs found, by kind: ``"inklabels"``, ``"supervision_mask"``,
+        ``"validation_mask"`` (see :mod:`vesuvius_dask.io.label_zarrs`).
     """
 
     path: Path
-    record: Volume = field(repr=False)
+    record: Volume | None = field(default=None, repr=False)
     mask: Any = None
     labels: Any = None
     ir: Any = None
+    tifxyz: Path | None = None
+    label_zarrs: dict = field(default_factory=dict)
 
     @property
     def volume(self) -> Any:
-        return self.record.array
+        return None if self.record is None else self.record.array
 
     def __vesuvius_volume__(self) -> Volume:
+        if self.record is None:
+            raise VolumeNotFoundError(
+                f"{self.path}: no rendered surface volume, only the tifxyz surface {self.tifxyz}; "
+                "render it from the scroll volume: vesuvius_dask.render_segment(segment, volume)")
         return self.record
 
     def __repr__(self) -> str:
-        parts = [f"volume={tuple(self.volume.shape)} {self.volume.dtype}"]
+        parts = [f"volume={tuple(self.volume.shape)} {self.volume.dtype}" if self.record is not None
+                 else "no volume"]
         for name in ("mask", "labels", "ir"):
             if getattr(self, name) is not None:
                 parts.append(name)
+        if self.tifxyz is not None:
+            parts.append("surface")
+        parts += [f"{kind}.zarr" for kind in self.label_zarrs]
         return f"Segment({str(self.path)!r}, {', '.join(parts)})"
 
 
 def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
+    if tifxyz_dir(folder) == folder:  # its mask.tif is the surface grid's validity, not papyrus
+        names = tuple(n for n in names if n not in ("mask.tif", "mask.tiff"))
     for name in names:
         if (folder / name).exists():
             return folder / name
     stem = names[0].split(".")[0]
     matches = sorted(p for p in folder.glob(f"*_{stem}.*")
-                     if p.suffix.lower() in (".png",) + TIFF_SUFFIXES)
+                     if p.suffix.lower() in (".png",) + TIFF_SUFFIXES
+                     and not p.stem.endswith(("_supervision_mask", "_validation_mask")))
     return matches[0] if matches else None
 
 
-def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segment:
+def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog: Any = None) -> Segment:
     """Open a segment folder: its surface volume, ``mask.png``, ``inklabels.png``, ``ir.png``.
 
     The volume is a converted Zarr inside the folder (``*.zarr``; preferred when
@@ -169,12 +199,24 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
     ``mask.png``, ``inklabels.png``, ``ir.png`` (or ``.tif``), or else as
     ``<anything>_mask.png`` etc. (scroll segments name them after the segment id).
 
+    New segments: the folder may also be (or hold, as ``mesh/tifxyz/``) a tifxyz
+    surface; its rendered volume may be ``surface-volumes/<name>.zarr`` or
+    ``surface-volumes/<name>.tifs/``; without one the segment has no volume (render
+    it with ``render_segment``). Label Zarrs are found in the folder and beside the
+    tifxyz files (:func:`~vesuvius_dask.io.label_zarrs.find_label_zarrs`); without a
+    mask or ink-label image, plane 32 of the supervision mask and ink-label Zarrs take
+    their place.
+
     Parameters
     ----------
     folder : str or os.PathLike
-        The segment folder.
+        The segment folder, or a segment id of the catalogue (``"20230530164535"``,
+        resolved offline to its URL; a local path that exists always wins; see
+        :mod:`vesuvius_dask.io.catalog`).
     level : int, optional
         OME-Zarr level when the volume is a multiscale Zarr.
+    catalog : str, os.PathLike or mapping, optional
+        A user's catalogue over the recorded one (default ``$VESUVIUS_DASK_CATALOG``).
 
     Returns
     -------
@@ -183,34 +225,65 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None) -> Segm
     Raises
     ------
     VolumeNotFoundError
-        The folder, or any volume in it, is missing.
+        The folder, or any volume in it, is missing; or a segment id the catalogue
+        does not know.
     VolumeError
         A mask, label or IR image whose size differs from the volume's ``(Y, X)``, or
         one that cannot be read.
     """
+    folder = resolve_source(folder, catalog=catalog, kind="segment")
     root = Path(folder)
     if not root.is_dir():
         raise VolumeNotFoundError(f"{root}: no such segment folder")
+    surface = tifxyz_dir(root)
+    if surface == root and root.parent.name == "mesh":  # <sample>/segments/<id>/mesh/tifxyz/
+        root = root.parent.parent
     found = segment_volume_dirs(root)
     if found and found[0].suffix == ".zarr":
         record = zarr_volume(found[0], level=level)
     elif found:
         record = tiff_volume(found[0])
+    elif surface is not None:
+        record = None  # a surface never rendered: render_segment(segment, scroll volume)
     else:
         raise VolumeNotFoundError(
             f"{root}: no volume found (expected a surface_volume/ or layers/ folder of TIFF "
-            "layers, or a *.zarr inside the segment folder)")
-    _, ny, nx = record.shape
-    images = {}
+            "layers, a *.zarr or surface-volumes/ inside the segment folder, or a tifxyz surface)")
+    label_zarrs = find_label_zarrs(root, surface)
+    images, sources = _segment_images([root] if surface in (None, root) else [root, surface],
+                                      label_zarrs)
+    if record is not None:
+        check_images(images, sources, record.shape[1:], f"the volume {record.name}")
+    return Segment(root, record, **images, tifxyz=surface, label_zarrs=label_zarrs)
+
+
+def _segment_images(folders: list[Path], label_zarrs: dict[str, Path]
+                    ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """A segment's mask, labels and ir, and the file each came from.
+
+    PNG/TIFF images first, else plane 32 of the supervision-mask and ink-label Zarrs.
+    """
+    images: dict[str, Any] = {}
+    sources: dict[str, Path] = {}
     for name, names in (("mask", _MASK_NAMES), ("labels", _LABEL_NAMES), ("ir", _IR_NAMES)):
-        path = _first(root, names)
-        if path is None:
-            images[name] = None
-            continue
-        img = read_image(path)
-        if img.shape != (ny, nx):
+        path = next((p for p in (_first(f, names) for f in folders) if p is not None), None)
+        images[name] = None if path is None else read_image(path)
+        if path is not None:
+            sources[name] = path
+    for name, kind in (("mask", "supervision_mask"), ("labels", "inklabels")):
+        if images[name] is None and kind in label_zarrs:
+            images[name] = open_label_zarr(label_zarrs[kind])
+            sources[name] = label_zarrs[kind]
+    return images, sources
+
+
+def check_images(images: dict[str, Any], sources: dict[str, Path], shape_yx: tuple[int, int],
+                 what: str) -> None:
+    """Every 2-D image (mask, labels, ir) must be ``shape_yx``; the error names its file."""
+    ny, nx = shape_yx
+    for name, img in images.items():
+        if img is not None and tuple(img.shape) != (ny, nx):
+            path = sources.get(name, name)
             raise VolumeError(
-                f"{path}: image is {img.shape[0]}x{img.shape[1]} (height x width) but the volume "
-                f"{record.name} is {ny}x{nx}; they must match")
-        images[name] = img
-    return Segment(root, record, **images)
+                f"{path}: image is {img.shape[0]}x{img.shape[1]} (height x width) but {what} "
+                f"is {ny}x{nx}; they must match")

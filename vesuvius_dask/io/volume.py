@@ -35,10 +35,11 @@ from dask.base import tokenize
 from .. import config
 from ..errors import CorruptChunkError, VolumeError, VolumeNotFoundError
 from ..lru import LRU
+from .paths import remote_storage_options
 
 __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "MemmapRef", "memmap_ref",
            "check_array", "wrap_numpy", "wrap_zarr", "multiscale_paths", "open_zarr_path",
-           "zarr_volume", "zarr_region", "read_stored", "chunk_key", "is_pathlike", "is_remote",
+           "zarr_volume", "zarr_region", "read_stored", "read_path", "stored_reader", "chunk_key", "is_pathlike", "is_remote",
            "remote_chunks", "stored_keys", "disk_cache_for", "REMOTE_GROUP", "check_grid", "check_zarr",
            "check_metadata_file", "dask_chunking", "MAX_STORED_CHUNKS", "MAX_CHUNKS_PER_AXIS",
            "MAX_CHUNK_BYTES", "MAX_AXIS_LENGTH", "MAX_METADATA_BYTES", "MAX_DASK_CHUNKS",
@@ -119,6 +120,18 @@ class Volume:
     def __post_init__(self) -> None:
         if not self.token:
             self.token = self.array.name
+
+    @property
+    def read_path(self) -> str:
+        """How the batch engine reads this volume's stored chunks.
+
+        ``partial-uncompressed``, ``sharded``, ``whole-chunk`` or ``zarr`` for a Zarr
+        volume (see :mod:`vesuvius_dask.io.partial`); ``memory`` for an in-RAM or
+        memory-mapped one, ``dask`` for anything else (its own dask graph).
+        """
+        if self.zarr is not None:
+            return read_path(self.zarr)
+        return "memory" if self.data is not None else "dask"
 
     @property
     def label(self) -> str:
@@ -416,6 +429,8 @@ def open_zarr_path(source: str | os.PathLike, level: int | None,
     local = "://" not in name
     if local:
         check_metadata_file(Path(name))
+    if not local:
+        storage_options = remote_storage_options(name, storage_options)  # s3: anonymous by default
     try:
         extra = {"storage_options": storage_options} if storage_options and not local else {}
         node = zarr.open(name, mode="r", **extra)
@@ -536,17 +551,28 @@ _FAST = LRU(256)
 os.register_at_fork(after_in_child=_FAST.after_fork)  # a parent thread may hold its lock at fork
 
 
-def _readers(arr: Any) -> tuple[Any, Any]:
-    """The array's local fast chunk reader and its chunk codec (either may be None), made once."""
+def stored_reader(arr: Any) -> Any:
+    """The array's :class:`~vesuvius_dask.io.partial.ArrayReader` (its read path), made once."""
     entry = _FAST.get(id(arr))
     if entry is None or entry[0] is not arr:
-        from .chunks import ChunkCodec, fast_reader
+        from .partial import array_reader
 
-        codec = ChunkCodec.of(arr) if hasattr(arr, "metadata") else None
-        entry = (arr, fast_reader(arr) if codec is not None else None, codec)
+        entry = (arr, array_reader(arr))
         _FAST.pop(id(arr))
         _FAST.put(id(arr), entry)
-    return entry[1], entry[2]
+    return entry[1]
+
+
+def _readers(arr: Any) -> tuple[Any, Any]:
+    """The array's local fast chunk reader and its chunk codec (either may be None), made once."""
+    reader = stored_reader(arr)
+    return reader.chunk, reader.codec
+
+
+def read_path(arr: Any) -> str:
+    """How stored chunks of a Zarr array are read: ``partial-uncompressed``, ``sharded``,
+    ``whole-chunk`` or ``zarr`` (see :mod:`vesuvius_dask.io.partial`)."""
+    return stored_reader(arr).path
 
 
 def _one_chunk(arr: Any, region: tuple[slice, ...]) -> bool:
@@ -595,10 +621,31 @@ def remote_chunks(arr: Any, name: str, storage_options: dict | None = None,
     base = "/".join(p for p in (str(store.path).rstrip("/"), arr.store_path.path) if p)
     settings = RemoteSettings.from_config()
     nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+    storage_options = remote_storage_options(f"{protocol}://{base}", storage_options)
+    if protocol in ("s3", "s3a"):
+        storage_options = _s3_fetch_options(storage_options, settings)
     remote = RemoteChunks(protocol, base, name, storage_options, settings, chunk_nbytes=nbytes)
     if cache_dir is not None:
         remote = remote.with_cache(disk_cache_for(remote, arr, cache_dir))
     return remote
+
+
+def _s3_fetch_options(storage_options: dict, settings: Any) -> dict:
+    """Chunk GETs over S3: ``concurrency`` connections, no retries under the fetcher's own.
+
+    botocore keeps 10 connections per client by default (10 requests in flight at
+    most) and retries a throttled or failed request 4 times with its own backoff:
+    a SlowDown answer took 25 requests and 48 s to reach the fetcher. Options the
+    user gave win.
+    """
+    opts = dict(storage_options)
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    config_kwargs.setdefault("max_pool_connections", settings.concurrency)
+    config_kwargs.setdefault("retries", {"total_max_attempts": 1})
+    config_kwargs.setdefault("connect_timeout", settings.timeout)
+    config_kwargs.setdefault("read_timeout", settings.timeout)
+    opts["config_kwargs"] = config_kwargs
+    return opts
 
 
 def disk_cache_for(remote: Any, arr: Any, cache_dir: str | os.PathLike) -> Any:

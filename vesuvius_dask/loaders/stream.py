@@ -28,11 +28,14 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
 
 from ..arguments import positive_int, positive_triple, renamed
 from ..engine.batches import DEFAULT_CACHE_BYTES, BatchEngine
-from ..errors import InvalidTypeError, SamplingError
+from ..errors import ArgumentError, InvalidTypeError, ResumeError, SamplingError
 from ..io.labels import label_volumes, load_mask, per_volume
+from ..io.normalize import Normalizer, normalization_spec
 from ..io.open import Volume, resolve_volume
 from ..sampling.plan import ANY_VOXEL, DEFAULT_READ_BATCH, BlockPlan
+from ..sampling.resume import STATE_FORMAT, check_state, fingerprint, merge_states, resume_point
 from ..sampling.samplers import PLAN_DEFAULTS, RandomSampler, Sampler
+from ..sampling.surface_patches import SurfacePlan
 from .batch_buffers import count_worker_iteration, into_pool, pool_allowed
 from .options import ReadOptions
 from .reader import BatchReader
@@ -54,9 +57,15 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
         raise InvalidTypeError(f"dtype={dtype!r} is not a numpy or torch dtype") from err
 
 
-def _output_dtype(volumes: list[Volume], dtype: Any) -> np.dtype:
+def _output_dtype(volumes: list[Volume], dtype: Any, normalized: bool = False) -> np.dtype:
     """The stream's dtype; a conversion that could lose values is an error."""
-    out = np.result_type(*[v.dtype for v in volumes]) if dtype is None else _numpy_dtype(dtype)
+    if normalized:  # normalised blocks are floating point: float32 unless asked otherwise
+        out = np.dtype(np.float32) if dtype is None else _numpy_dtype(dtype)
+        if out.kind != "f":
+            raise InvalidTypeError(f"normalization gives floating-point blocks; dtype={dtype} is not "
+                                   "one (use torch.float32)")
+    else:
+        out = np.result_type(*[v.dtype for v in volumes]) if dtype is None else _numpy_dtype(dtype)
     for i, v in enumerate(volumes):
         if not np.can_cast(v.dtype, out, casting="safe"):
             raise SamplingError(
@@ -66,8 +75,58 @@ def _output_dtype(volumes: list[Volume], dtype: Any) -> np.dtype:
     return out
 
 
-def _as_tensor(array: Any) -> torch.Tensor:
+class _Progress:
+    """Where this process's current iteration stands (what :meth:`DaskVesuviusStream.state_dict` saves)."""
+
+    __slots__ = ("epoch", "base", "worker", "workers", "done")
+
+    def __init__(self, epoch: int, base: int, worker: int, workers: int, done: int) -> None:
+        self.epoch, self.base, self.worker, self.workers, self.done = epoch, base, worker, workers, done
+
+
+def _skip_items(batches: Iterator[tuple[np.ndarray, np.ndarray]], skip: int) -> Iterator[Any]:
+    """The batches without the first ``skip`` items of the first one (a resume inside a batch)."""
+    for i, (vols, starts) in enumerate(batches):
+        if i == 0:
+            vols, starts = vols[skip:], starts[skip:]
+            if vols.size == 0:
+                continue
+        yield vols, starts
+
+
+def _subset(batches: Iterator[Any], subset: Sequence[int], worker: int, workers: int) -> Iterator[Any]:
+    """Of the plan's batches, those numbered in ``subset`` (sorted), split among the workers."""
+    wanted = iter(subset)
+    nxt, kept = next(wanted, None), 0
+    for b, item in enumerate(batches):
+        if nxt is None:
+            return
+        if b == nxt:
+            if kept % workers == worker:
+                yield item
+            kept += 1
+            nxt = next(wanted, None)
+
+
+def _find_states(obj: Any, found: list[dict]) -> list[dict]:
+    """Every stream state inside ``obj`` (a stream state, or a StatefulDataLoader's state dict)."""
+    if isinstance(obj, dict):
+        if obj.get("format") == STATE_FORMAT:
+            found.append(obj)
+        else:
+            for value in obj.values():
+                _find_states(value, found)
+    return found
+
+
+def _as_tensor(array: Any) -> Any:
+    if isinstance(array, dict):  # native-3D targets: {"inklabels", "supervision"}
+        return {k: _as_tensor(v) for k, v in array.items()}
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+
+
+def _row(label: Any, i: int) -> Any:
+    return {k: v[i] for k, v in label.items()} if isinstance(label, dict) else label[i]
 
 
 def _block_shape(block: Any, sizes: tuple[Any, Any, Any]) -> tuple[int, int, int]:
@@ -407,6 +466,7 @@ class DaskVesuviusStream(IterableDataset):
         world_size: int | None = None,
         machine_cache: bool = True,
         cache_dir: Any = None,
+        normalization: Any = "none",
     ) -> None:
         super().__init__()
         if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
@@ -426,21 +486,30 @@ class DaskVesuviusStream(IterableDataset):
         self.batch_size = None if batch_size is None else int(batch_size)
         self.return_coords = bool(return_coords)
         self.transform = transform
-        self.volumes: list[Volume] = [
+        #: Native-3D (a SurfaceSampler): the crops and their projected labels (docs/native3d.md).
+        self.surface = SurfacePlan.for_stream(
+            sampler, files, block, level=level, labels=labels, masks=masks, storage_options=storage_options,
+            read_batch=self.batch_size or reading.read_batch, cache_dir=cache_dir)
+        self.volumes: list[Volume] = self.surface.volumes if self.surface is not None else [
             resolve_volume(f, level=level, name=f"files[{i}]", storage_options=storage_options,
                            cache_dir=cache_dir)
             for i, f in enumerate(files)]
         masks_2d = [None if m is None else load_mask(m, f"masks[{i}]", self.volumes[i])
                     for i, m in enumerate(per_volume("masks", masks, files, "mask"))]
         self.label_volumes, self.label_2d = label_volumes(labels, files, self.volumes)
-        self.plan = BlockPlan(
+        sampler = sampler if self.surface is None else self.surface.sampler
+        self.plan = self.surface if self.surface is not None else BlockPlan(
             self.volumes, block, **sampler.plan_options(), masks=masks_2d,
             read_batch=self.batch_size or reading.read_batch,
             labels_2d=[lv.data[0] for lv in self.label_volumes] if self.label_2d else None)
         #: The sampler in use: the one given (or built from the keywords), with the plan's seed.
         self.sampler = replace(sampler, seed=self.plan.seed) \
             if isinstance(sampler, RandomSampler) and sampler.seed is None else sampler
-        self.dtype = _output_dtype(self.volumes, dtype)
+        spec = normalization_spec(normalization)
+        self.dtype = _output_dtype(self.volumes, dtype, spec["scheme"] != "none")
+        # global schemes read their volumes' statistics here, once (a bounded sample)
+        self._normalizer = None if spec["scheme"] == "none" else Normalizer(spec, self.volumes)
+        self._normalization = spec
         self.engine = BatchEngine(self.volumes, block, dtype=self.dtype, cache_bytes=reading.cache_bytes,
                                   num_threads=reading.num_threads)
         self.label_engine = None if self.label_volumes is None else BatchEngine(
@@ -453,6 +522,11 @@ class DaskVesuviusStream(IterableDataset):
                                   retries=reading.retries, shared=self.batch_size is not None)
         #: Batches of each epoch before this one are skipped (``predict`` resumes with it).
         self.start_batch = 0
+        #: Only these batches of the plan (sorted numbers), split among workers (``predict --part``).
+        self.batch_subset: list[int] | None = None
+        self._resume: dict | None = None
+        self._progress: _Progress | None = None
+        self._fingerprint: str | None = None
         self.rank, self.world_size = _distributed(rank, world_size)
         self._epoch, self._epoch_set, self._iterations, self._epoch_generation = 0, False, 0, 0
         # [epoch, generation, warned] in shared memory: set_epoch in the main process
@@ -508,7 +582,12 @@ class DaskVesuviusStream(IterableDataset):
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> None:
-        """Use the plan of ``epoch`` for the next iteration (and advance from there)."""
+        """Use the plan of ``epoch`` for the next iteration (and advance from there).
+
+        A state loaded with :meth:`load_state_dict` is kept when ``epoch`` is its epoch.
+        """
+        if self._resume is not None and int(self._resume["epoch"]) != int(epoch):
+            self._resume = None
         self._epoch = int(epoch)
         self._epoch_set = True
         self._iterations = 0
@@ -555,12 +634,149 @@ class DaskVesuviusStream(IterableDataset):
             self.engine.cache.budget = max(1, self.engine.machine.max_bytes // info.num_workers)
         epoch = self.epoch
         self._iterations += 1
-        batches = self.plan.batches(epoch, worker, num_workers, self.start_batch, self.rank,
-                                    self.world_size)
-        return self._emit(self.reader.run(batches))
+        split, skip, base, done = self.start_batch, 0, self.start_batch, 0
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            worker, split, skip, base, done = resume_point(state, worker, num_workers,
+                                                           self.plan.read_batch)
+        if self.batch_subset is not None:
+            batches = _subset(self.plan.batches(epoch, 0, 1, split, self.rank, self.world_size),
+                              [b - split for b in self.batch_subset if b >= split], worker, num_workers)
+        else:
+            batches = self.plan.batches(epoch, worker, num_workers, split, self.rank, self.world_size)
+        if skip:
+            batches = _skip_items(batches, skip)
+        progress = self._progress = _Progress(epoch, base, worker, num_workers, done)
+        return self._emit(self.reader.run(batches), progress)
 
-    def _emit(self, results: Iterator[tuple[Any, Any, np.ndarray, np.ndarray]]) -> Iterator[Any]:
+    # ------------------------------------------------------------------ resuming
+    def _expected(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            masks = [np.packbits(g.valid).tobytes().hex()[:64] + str(int(g.valid.sum()))
+                     if hasattr(g, "valid") else None for g in self.plan.grids]
+            self._fingerprint = fingerprint({
+                "volumes": [(str(v.name).rstrip("/").rsplit("/", 1)[-1], v.shape, str(v.dtype))
+                            for v in self.volumes],
+                "block": self.block, "samples": self.samples_per_epoch, "read_batch": self.plan.read_batch,
+                "masks": masks, "labels": None if self.label_volumes is None else
+                [lv.shape for lv in self.label_volumes], "positives": self.plan.positive_fraction,
+                "subset": self.batch_subset})
+        return {"seed": self.seed, "fingerprint": self._fingerprint, "rank": self.rank,
+                "world_size": self.world_size, "unit": "blocks" if self.batch_size is None else "batches",
+                "sampler": self.sampler.state_dict()}
+
+    def _state(self, epoch: int, base: int, workers: int, positions: dict[int, int]) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, **self._expected(), "epoch": int(epoch), "base": int(base),
+                "workers": int(workers), "positions": {str(w): int(c) for w, c in positions.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this process's iteration stands: a few integers, to resume it exactly.
+
+        The state holds the epoch, the batch the iteration started from, the worker
+        split and how many items (batches, or blocks without ``batch_size``) were
+        yielded, plus the seed, the sampler and a fingerprint of the configuration
+        (volumes, block, masks, labels, batch size), so it is never applied to
+        another stream. torchdata's ``StatefulDataLoader`` calls it in each worker
+        and saves the lot; under a plain ``DataLoader`` use :meth:`loader_state`.
+
+        Returns
+        -------
+        dict
+            JSON-serialisable; give it to :meth:`load_state_dict`.
+        """
+        if self._resume is not None:
+            return dict(self._resume)
+        p = self._progress
+        if p is None:
+            return self._state(self.epoch, self.start_batch, 1, {0: 0})
+        return self._state(p.epoch, p.base, p.workers, {p.worker: p.done})
+
+    def loader_state(self, batches: int, *, num_workers: int = 0, loader_batch_size: int | None = None,
+                     epoch: int | None = None) -> dict[str, Any]:
+        """The state after a plain ``DataLoader`` yielded ``batches`` batches of this epoch.
+
+        Parameters
+        ----------
+        batches : int
+            Batches the loader yielded in this epoch, counted from its start.
+        num_workers : int
+            The loader's workers (matters only for single blocks, ``batch_size=None``).
+        loader_batch_size : int, optional
+            The loader's ``batch_size`` when the stream yields single blocks.
+        epoch : int, optional
+            Default: the epoch being iterated in this process, else the one
+            :meth:`set_epoch` set.
+
+        Returns
+        -------
+        dict
+            For :meth:`load_state_dict`.
+        """
+        n, k = int(batches), max(1, int(num_workers))
+        if n < 0:
+            raise ArgumentError(f"batches must be non-negative, got {batches}")
+        if self.batch_size is not None:
+            positions = {0: n}
+            k = 1
+        else:
+            if loader_batch_size is None:
+                raise ArgumentError("the stream yields single blocks: give loader_batch_size= (the "
+                                    "DataLoader's batch_size)")
+            b = int(loader_batch_size)
+            positions = {w: b * (n // k + (w < n % k)) for w in range(k)}
+        if epoch is None:  # the epoch under way (in this process), else the one set
+            epoch = self._progress.epoch if self._progress is not None else self.epoch
+        return self._state(epoch, self.start_batch, k, positions)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from a :meth:`state_dict` (or a ``StatefulDataLoader``'s whole state).
+
+        The next iteration yields exactly the items the interrupted one would have
+        yielded after the saved point; later iterations go on from the next epoch.
+        Call it before making the DataLoader (its workers get a copy of the stream),
+        and use the same ``seed`` (or sampler), volumes, block and batch size. A
+        state saved with ``k`` workers resumes with any number when the stream
+        yields batches (``batch_size=``); with single blocks, only with ``k``.
+
+        Raises
+        ------
+        ResumeError
+            The state is of another stream, seed, rank or configuration, or
+            cannot continue the same order: one line says which.
+        """
+        states = _find_states(state, [])
+        if not states:
+            raise ResumeError(f"not a DaskVesuviusStream state (expected a dict with format="
+                              f"{STATE_FORMAT!r}, got {type(state).__name__})")
+        state = check_state(merge_states(states), self._expected())
+        self.sampler.load_state_dict(state["sampler"])
+        if get_worker_info() is None:
+            self.set_epoch(state["epoch"])  # reaches persistent workers' epoch too
+        else:  # in a worker (StatefulDataLoader): this copy only; the shared cell is the main's
+            self._epoch, self._epoch_set, self._iterations = int(state["epoch"]), True, 0
+            self._epoch_generation = int(self._epoch_cell[1])
+        self._resume, self._progress = state, None
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        """The normalisation in use, to save with a model: ``{"scheme", "statistics", "volumes"}``.
+
+        ``statistics`` are the volume's when the stream has one volume (else None:
+        each volume used its own, listed in ``volumes``); ``predict(...,
+        normalization=stream.normalization)`` applies the same scheme.
+        """
+        if self._normalizer is None:
+            return {"scheme": "none", "statistics": None, "volumes": None}
+        return self._normalizer.describe()
+
+    def _emit(self, results: Iterator[tuple[Any, Any, np.ndarray, np.ndarray]],
+              progress: _Progress) -> Iterator[Any]:
+        norm = self._normalizer
         for batch, label, vols, starts in results:
+            if self.surface is not None:
+                label = self.surface.targets(vols, starts)
+            if norm is not None:
+                batch = norm(batch, vols)
             tensor = _as_tensor(batch)
             if label is not None:
                 label = _as_tensor(label)
@@ -570,10 +786,12 @@ class DaskVesuviusStream(IterableDataset):
                 if self.return_coords else None
             if self.batch_size is not None:
                 item = self._item(tensor, label, coords)
+                progress.done += 1
                 yield into_pool(item) if pool_allowed() else item
             else:
                 for i in range(tensor.shape[0]):
-                    yield self._item(tensor[i], None if label is None else label[i],
+                    progress.done += 1
+                    yield self._item(tensor[i], None if label is None else _row(label, i),
                                      None if coords is None else coords[i])
 
     def _item(self, block: torch.Tensor, label: Any, coords: torch.Tensor | None) -> Any:

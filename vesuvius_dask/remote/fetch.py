@@ -58,6 +58,7 @@ from typing import Any
 
 from .. import config
 from ..errors import ChunkFetchError, CorruptChunkError, VolumeError
+from .politeness import parse_retry_after
 
 __all__ = ["RemoteSettings", "RemoteChunks", "RemoteStats", "AHEAD_BYTES", "stored_bound"]
 
@@ -148,6 +149,21 @@ class RemoteSettings:
         overflows a small server's listen queue (Python's ``http.server`` keeps 5):
         each dropped connection then waits for the kernel's 1 s SYN retransmit.
         Pacing the waves avoids that; 0 turns it off.
+    host_concurrency : int
+        Most requests in flight to one host from the whole machine (every process
+        together; default 64): the ceiling of the adaptive window
+        (:mod:`~vesuvius_dask.remote.politeness`).
+    initial_concurrency : int
+        The window a host starts with (default 8); it doubles per round of
+        answers until the server first refuses.
+    throttle_budget : float
+        Seconds a server may go on refusing (429, 503, S3 ``SlowDown``) before a
+        read gives up (default 180): refusals are waited out (``Retry-After``
+        honoured), never counted as ``retries``.
+    share_dir : str
+        Folder of the per-host window files shared by the machine's processes
+        (default ``""``: ``/dev/shm/vesuvius-dask-<uid>`` or the temp folder;
+        ``"off"``: each process keeps its own window).
     claim_timeout : float
         Seconds a process waits for a chunk another process of the same
         ``cache_dir`` is fetching (default 60); then it fetches the chunk itself,
@@ -165,11 +181,17 @@ class RemoteSettings:
     connect_interval: float = config.default("remote.connect-interval")
     claim_timeout: float = config.default("remote.claim-timeout")
     deadline_factor: float = config.default("remote.deadline-factor")
+    host_concurrency: int = config.default("remote.host-concurrency")
+    initial_concurrency: int = config.default("remote.initial-concurrency")
+    throttle_budget: float = config.default("remote.throttle-budget")
+    share_dir: str = ""
 
     def __post_init__(self) -> None:
         if int(self.concurrency) < 1 or int(self.retries) < 0 or float(self.timeout) <= 0 \
                 or float(self.backoff) < 0 or float(self.connect_interval) < 0 \
-                or not float(self.claim_timeout) > 0 or not float(self.deadline_factor) >= 1:
+                or not float(self.claim_timeout) > 0 or not float(self.deadline_factor) >= 1 \
+                or int(self.host_concurrency) < 1 or int(self.initial_concurrency) < 1 \
+                or not float(self.throttle_budget) >= 0:
             raise VolumeError(f"vesuvius-dask.remote settings out of range: {self}")
         if self.missing not in ("error", "fill"):
             raise VolumeError(f"vesuvius-dask.remote.missing must be 'error' or 'fill', "
@@ -194,6 +216,7 @@ class RemoteStats:
     fetched: int = 0  # chunks fetched from the server
     retried: int = 0
     reconnects: int = 0  # connects given up early and tried again (see RemoteSettings.timeout)
+    refused: int = 0  # answers that asked to slow down (429, 503, SlowDown), waited out
     cache_hits: int = 0  # chunks read from the disk cache
     in_flight: int = 0
     peak_in_flight: int = 0
@@ -324,13 +347,35 @@ class RemoteChunks:
                 self.stats.reconnects += 1
                 wait = min(2 * wait, budget)
 
+    def host(self) -> str:
+        """Where the requests go, as the request window knows it: ``scheme://host:port``, or the bucket."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url(""))
+        endpoint = (self.storage_options.get("endpoint_url")
+                    or (self.storage_options.get("client_kwargs") or {}).get("endpoint_url") or "")
+        return f"{parts.scheme}://{parts.netloc}" + (f"@{endpoint}" if endpoint else "")
+
+    def _window(self) -> Any:
+        from .politeness import host_window
+
+        s = self.settings
+        folder = None if s.share_dir == "" else ("" if s.share_dir == "off" else s.share_dir)
+        return host_window(self.host(), s.host_concurrency, s.initial_concurrency, folder)
+
     async def _fetch(self, key: str, index: Any) -> bytes | None:
         """One chunk's bytes from the server (None: absent and ``missing='fill'``).
 
-        A request keeps its slot through its retries, so a failing server ends in an
-        error after at most ``retries + 1`` attempts and the backoff between them;
-        fetches that were waiting meanwhile then fail at once with that error
-        instead of each retrying in turn (fetches started later try afresh).
+        Each attempt takes a slot of the host's request window
+        (:mod:`~vesuvius_dask.remote.politeness`). A refusal (429, 503, S3
+        ``SlowDown``) is waited out — ``Retry-After`` honoured, else a backoff —
+        for up to ``throttle_budget`` seconds of refusals with no answer from the
+        host in between; it never counts as a retry. Any other failure is retried
+        ``retries`` times; the volume's slot (``concurrency``) is kept through
+        them, so a failing server ends in an error after the backoff between
+        attempts, and fetches that were waiting meanwhile then fail at once with
+        that error instead of each retrying in turn (fetches started later try
+        afresh).
         """
         local = self._here()
         if local.semaphore is None:
@@ -338,40 +383,86 @@ class RemoteChunks:
         url = self.url(key)
         path = url if self.protocol in ("http", "https") else f"{self.base}/{key}"
         s = self.settings
+        window = self._window()
         queued = time.monotonic()
         async with local.semaphore:
             t0 = time.monotonic()
-            for attempt in range(s.retries + 1):
+            failures = refusals = 0
+            refused_since = None
+            while True:
                 if local.failure is not None and local.failure[0] >= queued:
                     raise ChunkFetchError(str(local.failure[1])) from local.failure[1]
-                if attempt:
-                    self.stats.retried += 1
-                    await asyncio.sleep(s.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
-                self.stats.requests += 1
-                self.stats.in_flight += 1
-                self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
                 try:
-                    data = await self._request(local, path)
+                    return await self._attempt(local, window, path)
                 except FileNotFoundError as err:
                     if s.missing == "fill":
                         return None
                     last: BaseException = err
                     reason = "not found (HTTP 404)"
                 except Exception as err:  # timeouts, OSError, aiohttp's ClientError and kin
-                    last, reason = err, _reason(err, s.timeout)
-                else:
-                    self.stats.fetched += 1
-                    return bytes(data)
-                finally:
-                    self.stats.in_flight -= 1
+                    refusal = _refusal(err)
+                    if refusal is None:
+                        last, reason = err, _reason(err, s.timeout)
+                    else:
+                        refused_since = refused_since or time.monotonic()
+                        wait = self._refused(window, refusal, refusals, refused_since)
+                        if wait is not None:
+                            refusals += 1
+                            await asyncio.sleep(wait)
+                            continue
+                        last, reason = err, (f"the server went on refusing requests ({refusal.text}) "
+                                             f"for {s.throttle_budget:g} s "
+                                             "(vesuvius-dask.remote.throttle-budget)")
+                        failures = s.retries
+                if failures >= s.retries:
+                    break
+                failures += 1
+                self.stats.retried += 1
+                await asyncio.sleep(s.backoff * 2 ** (failures - 1) * (1 + 0.25 * random.random()))
             hint = (" (if this array leaves chunks out by design, set vesuvius-dask.remote.missing "
                     "to 'fill')" if isinstance(last, FileNotFoundError) else "")
             where = f"chunk {tuple(index)} " if index is not None else "chunk "
-            error = ChunkFetchError(
-                f"{self.name}: {where}could not be fetched from {url}: {reason}, "
-                f"{s.retries + 1} attempts over {time.monotonic() - t0:.1f} s{hint}")
+            tried = f"{failures + refusals + 1} attempts over {time.monotonic() - t0:.1f} s"
+            error = ChunkFetchError(f"{self.name}: {where}could not be fetched from {url}: {reason}, "
+                                    f"{tried}{hint}")
             local.failure = (time.monotonic(), error)
             raise error from last
+
+    async def _attempt(self, local: _Local, window: Any, path: str) -> bytes:
+        """One request, in a slot of the host's window; an answer widens the window."""
+        async with window.slot():
+            self.stats.requests += 1
+            self.stats.in_flight += 1
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
+            t0 = time.monotonic()
+            try:
+                data = await self._request(local, path)
+            finally:
+                self.stats.in_flight -= 1
+            window.answered(time.monotonic() - t0)
+        self.stats.fetched += 1
+        return bytes(data)
+
+    def _refused(self, window: Any, refusal: _Refusal, refusals: int, since: float) -> float | None:
+        """Seconds to wait after a refusal (the window told), or None once the budget is spent.
+
+        The budget runs from this request's first refusal or the host's last
+        answer, whichever is later: a request is not given up while others get
+        through.
+        """
+        budget = float(self.settings.throttle_budget)
+        now = time.monotonic()
+        spent = now - max(since, window.last_success)
+        if spent >= budget:
+            return None
+        left = budget - spent
+        pause = None if refusal.retry_after is None else min(refusal.retry_after, left)
+        window.refused(pause)
+        self.stats.refused += 1
+        if pause is not None:
+            return 0.0  # the window's pause holds every request to the host until then
+        backoff = max(self.settings.backoff, 0.05) * 2 ** min(refusals, 6) * (1 + 0.25 * random.random())
+        return min(backoff, 30.0, left)
 
     async def _prefetched(self, key: str, index: Any) -> Any:
         """A started fetch (a :class:`_Got`): from the disk cache, else from the server.
@@ -643,6 +734,10 @@ async def _http_get(fs: Any, url: str, limits: Any, bound: int) -> bytes:
     session = await fs.set_session()
     encode = getattr(fs, "encode_url", None)
     async with session.get(encode(url) if encode is not None else url, **kw) as r:
+        if r.status in _REFUSALS:
+            await _read_capped(r, 2**16)
+            raise _Refusal(f"HTTP {r.status} {r.reason or ''}".rstrip(),
+                           parse_retry_after(r.headers.get("Retry-After")))
         if r.status >= 400:
             body, _ = await _read_capped(r, 2**16)  # a short error page is read: the connection stays usable
             if body is None:
@@ -669,6 +764,45 @@ async def _read_capped(r: Any, cap: int) -> tuple[bytes | None, int]:
             return None, received
         pieces.append(piece)
     return b"".join(pieces), received
+
+
+#: HTTP answers that ask a client to slow down, not errors: waited out, never counted as retries.
+_REFUSALS = (429, 503)
+
+#: Error codes of S3 (and S3-like services) that mean "slow down".
+_S3_REFUSALS = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                "TooManyRequests", "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable"}
+
+
+class _Refusal(OSError):
+    """The server asked to slow down (429, 503, S3 ``SlowDown``), maybe saying for how long."""
+
+    def __init__(self, text: str, retry_after: float | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.retry_after = retry_after
+
+
+def _refusal(err: BaseException) -> _Refusal | None:
+    """The refusal ``err`` is or wraps (an S3 error code or status that asks to slow down), else None."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, _Refusal):
+            return err
+        response = getattr(err, "response", None)  # botocore's ClientError
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            meta = response.get("ResponseMetadata") or {}
+            status = meta.get("HTTPStatusCode")
+            if code in _S3_REFUSALS or status in _REFUSALS:
+                headers = {k.lower(): v for k, v in (meta.get("HTTPHeaders") or {}).items()}
+                return _Refusal(f"{code or 'HTTP'} {status or ''}".strip(),
+                                parse_retry_after(headers.get("retry-after")))
+        if any(code in str(err) for code in ("SlowDown", "Please reduce your request rate")):
+            return _Refusal("SlowDown")
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def _reason(err: BaseException, timeout: float) -> str:

@@ -20,13 +20,13 @@ spawn), and checked at construction, so a bad value fails there, naming the fiel
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from ..arguments import int_triple, positive_int
-from ..errors import InvalidTypeError, SamplingError
+from ..errors import InvalidTypeError, ResumeError, SamplingError
 from .starts import ANY_VOXEL, SAMPLING_METHODS
 
 __all__ = [
@@ -142,6 +142,51 @@ class Sampler:
         return {**PLAN_DEFAULTS, "samples_per_epoch": self.samples_per_epoch,
                 "mask_coverage": self.mask_coverage, "sampling_method": self._method(),
                 **self._options()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler as plain values (its class and fields), for a checkpoint.
+
+        A sampler is a frozen value and its plan a pure function of ``(seed,
+        epoch)``: where an epoch stands is the stream's state
+        (:meth:`~vesuvius_dask.DaskVesuviusStream.state_dict`), which includes this.
+
+        Returns
+        -------
+        dict
+            ``{"type": class name, field: value, ...}``, JSON-serialisable.
+        """
+        def plain(value: Any) -> Any:
+            return list(value) if isinstance(value, tuple) else value
+
+        return {"type": type(self).__name__, **{f.name: plain(getattr(self, f.name)) for f in fields(self)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check that ``state`` (from :meth:`state_dict`) describes this sampler.
+
+        Samplers are frozen, so there is nothing to restore: a state of another
+        sampler (another class, seed, stride, ...) is refused.
+
+        Raises
+        ------
+        ResumeError
+            Naming the first field that differs.
+        """
+        mine = self.state_dict()
+        for key in sorted(set(mine) | set(state)):
+            if mine.get(key) != state.get(key):
+                raise ResumeError(f"this state is of a sampler with {key}={state.get(key)!r}; this "
+                                  f"sampler has {key}={mine.get(key)!r}")
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Sampler:
+        """The sampler a :meth:`state_dict` describes."""
+        kinds = {k.__name__: k for k in (UniformSampler, ProportionalSampler, LocalitySampler,
+                                         BalancedSampler, GridSampler)}
+        kind = kinds.get(state.get("type")) if isinstance(state, dict) else None
+        if kind is None:
+            raise ResumeError(f"not a sampler state: {state!r}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k != "type"}
+        return kind(values.pop("samples_per_epoch", None), **values)
 
     @classmethod
     def from_options(cls, samples_per_epoch: int | None = None, **options: Any) -> Sampler:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["synthetic_papyrus", "synthetic_ink", "write_segment", "write_tiff_stack"]
+__all__ = ["synthetic_papyrus", "synthetic_ink", "write_segment", "write_tiff_stack",
+           "synthetic_sheet", "write_tifxyz", "write_label_zarr", "write_surface_segments"]
 
 
 def synthetic_ink(shape_yx: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -139,3 +140,140 @@ def write_tiff_stack(folder, data: np.ndarray, *, width: int | None = None, pref
     for z in order:
         tifffile.imwrite(root / f"{prefix}{z:0{width}d}.tif", data[z], compression=compression)
     return root
+
+
+def synthetic_sheet(grid_shape: tuple[int, int], scale: tuple[float, float],
+                    volume_shape: tuple[int, int, int], *, seed: int = 0, holes: int = 0
+                    ) -> dict[str, np.ndarray]:
+    """A curved sheet through a volume as tifxyz grids ``x, y, z`` (float32, level-0 voxels).
+
+    Grid node ``(j, i)`` lies near ``y = 2 + j / sy``, ``x = 2 + i / sx`` (about one voxel
+    per full-resolution pixel, slightly stretched) and on ``z = Z/2 + a sin(...)``, a gentle
+    wave across the volume. ``holes`` nodes are made invalid (-1, -1, -1), as published.
+    """
+    rng = np.random.default_rng(seed)
+    (h, w), (sx, sy), (nz, _, _) = grid_shape, scale, volume_shape
+    j, i = np.mgrid[0:h, 0:w].astype(np.float64)
+    x = 2 + i / sx * rng.uniform(0.8, 1.1)
+    y = 2 + j / sy * rng.uniform(0.8, 1.1) + 0.05 * x
+    z = nz / 2 + nz / 6 * np.sin(2 * np.pi * (x / rng.uniform(40, 80) + rng.uniform())) + 0.02 * y
+    grids = {"x": x, "y": y, "z": z}
+    bad = rng.choice(h * w, size=min(holes, h * w), replace=False)
+    for g in grids.values():
+        g.reshape(-1)[bad] = -1.0
+    return {k: v.astype(np.float32) for k, v in grids.items()}
+
+
+def write_tifxyz(folder, x: np.ndarray, y: np.ndarray, z: np.ndarray, scale: tuple[float, float], *,
+                 mask: np.ndarray | None = None, meta: dict | None = None):
+    """Write a tifxyz folder: ``x.tif``, ``y.tif``, ``z.tif``, ``meta.json`` (and ``mask.tif``).
+
+    ``scale`` is ``(sx, sy)`` and written x first, as published; ``bbox`` is computed
+    from the valid points; ``meta`` adds or overrides keys.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+    """
+    import json
+    from pathlib import Path
+
+    import tifffile
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, grid in (("x", x), ("y", y), ("z", z)):
+        tifffile.imwrite(root / f"{name}.tif", np.asarray(grid, dtype=np.float32))
+    if mask is not None:
+        tifffile.imwrite(root / "mask.tif", np.asarray(mask, dtype=np.uint8))
+    ok = (z > 0) & np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    pts = np.stack([x[ok], y[ok], z[ok]], axis=1) if ok.any() else np.zeros((1, 3))
+    info = {"format": "tifxyz", "type": "seg", "uuid": root.name, "scale": [scale[0], scale[1]],
+            "bbox": [pts.min(axis=0).tolist(), pts.max(axis=0).tolist()], "area_cm2": 0.0}
+    info.update(meta or {})
+    (root / "meta.json").write_text(json.dumps(info))
+    return root
+
+
+def write_label_zarr(path, plane: np.ndarray, *, layers: int = 65, levels: int = 3):
+    """Write a label Zarr as published: Zarr v2 group of levels ``0``.., "/" keys, plane ``layers // 2``.
+
+    Each level is ``(layers, Y, X)`` (y and x halved per level, nearest neighbour, sizes
+    rounded up), zero but for the label on the middle plane, chunks ``(layers, 128,
+    128)``, Blosc zstd level 3 with bit-shuffle.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The label plane of each level.
+    """
+    import zarr
+    from numcodecs import Blosc
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    out = []
+    plane = np.asarray(plane)
+    for lvl in range(levels):
+        img = plane[:: 2 ** lvl, :: 2 ** lvl]
+        arr = group.create_array(str(lvl), shape=(layers, *img.shape), dtype=img.dtype,
+                                 chunks=(layers, 128, 128), fill_value=0,
+                                 chunk_key_encoding={"name": "v2", "separator": "/"},
+                                 compressors=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE))
+        arr[layers // 2] = img
+        out.append(img)
+    return out
+
+
+def write_surface_segments(root, *, volume_shape: tuple[int, int, int] = (40, 72, 80),
+                           grid_shape: tuple[int, int] = (14, 16), scale: tuple[float, float] = (0.25, 0.25),
+                           seed: int = 0, rendered: str | None = "zarr") -> dict:
+    """Write a scroll volume and one segment in both published trees, for tests and examples.
+
+    Under ``root``: ``scroll.zarr`` (a uint8 :func:`synthetic_papyrus`, chunks 16³);
+    the legacy tree ``scroll.volpkg/paths/<id>/`` (``x/y/z.tif``, ``meta.json``,
+    ``layers/00..64.tif``, ``<id>_mask.png``, ``<id>_inklabels.png``); and the open-data
+    tree ``PHerc0000/segments/<id>/mesh/tifxyz/`` with label Zarrs beside the tifxyz
+    files and, by ``rendered``, ``surface-volumes/<name>.zarr`` (``"zarr"``),
+    ``<name>.tifs/NN.tif`` (``"tifs"``) or no rendered volume (None). The rendered
+    layers are synthetic stand-ins (random), not a render of the sheet.
+
+    Returns
+    -------
+    dict
+        ``volume``, ``x``, ``y``, ``z``, ``layers`` (the stand-in layers), ``mask``,
+        ``ink`` (full-resolution 2-D), and the paths ``scroll``, ``legacy``, ``open_data``,
+        ``tifxyz``.
+    """
+    from pathlib import Path
+
+    import zarr
+    from PIL import Image
+
+    root = Path(root)
+    sid = "20240101000000"
+    volume = (synthetic_papyrus(volume_shape, seed=seed) >> 8).astype(np.uint8)
+    zarr.create_array(root / "scroll.zarr", data=volume, chunks=(16, 16, 16))
+    grids = synthetic_sheet(grid_shape, scale, volume_shape, seed=seed)
+    h, w = int(grid_shape[0] / scale[1]), int(grid_shape[1] / scale[0])
+    rng = np.random.default_rng(seed)
+    layers = rng.integers(0, 255, size=(65, h, w), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[h // 8: -h // 8, w // 8: -w // 8] = 255
+    ink = synthetic_ink((h, w), seed=seed + 1) * mask
+    legacy = root / "scroll.volpkg" / "paths" / sid
+    write_tifxyz(legacy, grids["x"], grids["y"], grids["z"], scale)
+    write_tiff_stack(legacy / "layers", layers)
+    Image.fromarray(mask).save(legacy / f"{sid}_mask.png")
+    Image.fromarray(ink).save(legacy / f"{sid}_inklabels.png")
+    open_data = root / "PHerc0000" / "segments" / sid
+    tifxyz = write_tifxyz(open_data / "mesh" / "tifxyz", grids["x"], grids["y"], grids["z"], scale)
+    write_label_zarr(tifxyz / f"{sid}_inklabels.zarr", ink)
+    write_label_zarr(tifxyz / f"{sid}_supervision_mask.zarr", mask)
+    name = "7.910um-54keV-volume-scroll"
+    if rendered == "zarr":
+        zarr.create_array(open_data / "surface-volumes" / f"{name}.zarr", data=layers, chunks=(65, 32, 32))
+    elif rendered == "tifs":
+        write_tiff_stack(open_data / "surface-volumes" / f"{name}.tifs", layers)
+    return {"volume": volume, **grids, "layers": layers, "mask": mask, "ink": ink,
+            "scroll": root / "scroll.zarr", "legacy": legacy, "open_data": open_data, "tifxyz": tifxyz}

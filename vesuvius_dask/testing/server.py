@@ -5,6 +5,9 @@ server does (plain GET of each key), sleeping ``delay`` seconds per request, and
 counts requests per path and the most requests it was ever answering at once.
 ``fault`` makes chunk requests fail: ``"404"``, ``"500"``, ``"hang"`` (no answer
 until the fault is cleared or the server stops); ``stop()`` takes it down.
+:meth:`SlowServer.limit` makes it rate-limit as the scroll server does: a token
+bucket or a concurrency cap answered with 429 (with or without ``Retry-After``),
+and bursts of 503.
 
 Nothing here is used by the library itself.
 """
@@ -54,13 +57,18 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         owner = self.server.owner  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
+        chunk = not is_metadata(path)
         with owner.lock:
             owner.counts[path] += 1
             owner.in_flight += 1
             owner.peak = max(owner.peak, owner.in_flight)
+            owner.chunks_in_flight += chunk
+            owner.chunk_peak = max(owner.chunk_peak, owner.chunks_in_flight)
         if owner.on_request is not None:
             owner.on_request(path)
         try:
+            if chunk and owner.refuse(self):
+                return
             if owner.delay:
                 time.sleep(owner.delay)
             fault = owner.fault if not is_metadata(path) else None
@@ -74,6 +82,7 @@ class _Handler(SimpleHTTPRequestHandler):
         finally:
             with owner.lock:
                 owner.in_flight -= 1
+                owner.chunks_in_flight -= chunk
 
 
 class _PlainHandler(_Handler):
@@ -114,6 +123,13 @@ class SlowServer:
         self.connections: set = set()
         self.in_flight = 0
         self.peak = 0
+        #: Chunk requests (metadata left out) being answered now, and the most at once.
+        self.chunks_in_flight = 0
+        self.chunk_peak = 0
+        #: Refusals answered, by status; times (monotonic) of the chunk requests answered.
+        self.refusals: Counter = Counter()
+        self.answered: list = []
+        self.limit()
         handler = functools.partial(_PlainHandler if plain else _Handler, directory=str(root))
         server_class = type("_Plain" if plain else "_KeepAlive", (_Server,),
                             {"request_queue_size": 5 if plain else 256})
@@ -122,6 +138,69 @@ class SlowServer:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def limit(self, *, rate: float | None = None, burst: int | None = None, max_in_flight: int | None = None,
+              retry_after: str | float | None = None, burst_503: tuple[int, int] | None = None) -> None:
+        """Refuse chunk requests as a rate-limiting server does (all None: serve every request).
+
+        Parameters
+        ----------
+        rate, burst : float, int
+            A token bucket: ``rate`` chunk requests per second, ``burst`` at once;
+            a request finding it empty is answered 429.
+        max_in_flight : int
+            A concurrency cap: a request beyond it is answered 429.
+        retry_after : str or float or "auto"
+            The ``Retry-After`` header of a 429 (``"auto"``: the whole seconds until
+            the bucket has a token again; None: no header).
+        burst_503 : (every, length)
+            Of every ``every`` chunk requests, the first ``length`` are answered 503.
+        """
+        with self.lock:
+            self.rate, self.burst = rate, burst
+            self.tokens = float(burst or 0)
+            self.filled = time.monotonic()
+            self.max_in_flight, self.retry_after, self.burst_503 = max_in_flight, retry_after, burst_503
+            self.numbered = 0
+
+    def refuse(self, handler: Any) -> bool:
+        """Answer a refusal to ``handler`` if the limits say so (True: answered)."""
+        with self.lock:
+            status, header = self._decide()
+            if status is None:
+                self.answered.append(time.monotonic())
+                return False
+            self.refusals[status] += 1
+        handler.send_response(status)
+        if header is not None:
+            handler.send_header("Retry-After", str(header))
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return True
+
+    def _decide(self) -> tuple[int | None, Any]:
+        self.numbered += 1
+        if self.burst_503 is not None:
+            every, length = self.burst_503
+            if (self.numbered - 1) % every < length:
+                return 503, None
+        if self.max_in_flight is not None and self.chunks_in_flight > self.max_in_flight:
+            return 429, self._retry_header(1.0)
+        if self.rate is not None:
+            now = time.monotonic()
+            self.tokens = min(float(self.burst or 1), self.tokens + (now - self.filled) * self.rate)
+            self.filled = now
+            if self.tokens < 1:
+                return 429, self._retry_header((1 - self.tokens) / self.rate)
+            self.tokens -= 1
+        return None, None
+
+    def _retry_header(self, wait: float) -> Any:
+        if self.retry_after == "auto":
+            import math
+
+            return max(1, math.ceil(wait))
+        return self.retry_after
 
     def url(self, name: str = "") -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -139,6 +218,9 @@ class SlowServer:
         with self.lock:
             self.counts.clear()
             self.peak = self.in_flight
+            self.chunk_peak = self.chunks_in_flight
+            self.refusals.clear()
+            self.answered.clear()
 
     def chunk_requests(self) -> Counter:
         """Requests per chunk path (metadata left out)."""

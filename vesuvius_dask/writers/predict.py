@@ -28,7 +28,7 @@ from ..sampling.starts import ANY_VOXEL
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
 
-__all__ = ["PredictionWriter", "predict", "BLENDS"]
+__all__ = ["PredictionWriter", "predict", "predict_join", "model_metadata", "BLENDS"]
 
 BLENDS = ("hann", "mean")
 
@@ -87,6 +87,9 @@ class PredictionWriter:
     identity : dict, optional
         More of the job's description (model, source, options) that a resumed run
         must match.
+    part : (int, int), optional
+        ``(k, n)``: accumulate only the output chunks part ``k`` of ``n`` owns
+        (:func:`chunk_owner`); the others are skipped. ``predict(..., part=)`` uses it.
 
     Notes
     -----
@@ -94,6 +97,9 @@ class PredictionWriter:
     with workers): :meth:`add` is thread-safe, not multi-process-safe. Between
     checkpoints, flushed chunks are written as new files (generations); a
     checkpoint commits them, so a kill never leaves a half-added batch behind.
+    A chunk pushed out of memory is written whole and read back when touched again,
+    so each chunk's sums are added in the order of :meth:`add` whatever the memory
+    budget or the checkpoints: the output does not depend on them, bit for bit.
     """
 
     @renamed(path="output")
@@ -101,7 +107,8 @@ class PredictionWriter:
                  chunks: Sequence[int] | None = None, blend: str = "hann",
                  memory_bytes: int = config.get_bytes("predict.memory-bytes"), volume: int | None = None,
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
-                 inputs: Sequence[Any] = (), identity: dict | None = None) -> None:
+                 inputs: Sequence[Any] = (), identity: dict | None = None,
+                 part: tuple[int, int] | None = None) -> None:
         from .outputs import OutputJob
 
         self.path = Path(output)
@@ -120,6 +127,8 @@ class PredictionWriter:
         self.overwrite = overwrite
         self.fill_value = float(fill_value)
         self.memory_bytes = int(memory_bytes)
+        self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
+        self.part = None if part is None else (int(part[0]), int(part[1]))
         ident = {"shape": list(self.shape), "block": list(self.block), "chunks": list(self.chunks),
                  "blend": blend, "volume": volume, "fill_value": self.fill_value}
         ident.update(identity or {})
@@ -194,6 +203,8 @@ class PredictionWriter:
         last = [(s + b - 1) // c for s, b, c in zip(start, self.block, self.chunks)]
         for cid in np.ndindex(*[e - f + 1 for f, e in zip(first, last)]):
             cid = tuple(f + i for f, i in zip(first, cid))
+            if self.part is not None and chunk_owner(cid, self.grid, self.part[1]) != self.part[0]:
+                continue
             lo = [max(s, c * k) for s, c, k in zip(start, self.chunks, cid)]
             hi = [min(s + b, c * (k + 1), n) for s, b, c, k, n in
                   zip(start, self.block, self.chunks, cid, self.shape)]
@@ -213,8 +224,13 @@ class PredictionWriter:
         buf = self._buffers.get(cid)
         if buf is not None:
             return buf
-        shape = tuple(r.stop - r.start for r in self._region(cid))
-        buf = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        gen = self._latest.get(cid)
+        if gen is not None:  # pushed out before: go on adding to its totals, in order
+            s, w = np.load(self._file(cid, gen))
+            buf = (s, w)
+        else:
+            shape = tuple(r.stop - r.start for r in self._region(cid))
+            buf = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         self._buffers.put(cid, buf)  # may flush the least recently used others
         return buf
 
@@ -222,8 +238,6 @@ class PredictionWriter:
         """Write the chunk's totals as a new generation file (the old one stays until committed)."""
         totals = np.stack(buf)
         prev = self._latest.get(cid)
-        if prev is not None:
-            totals += np.load(self._file(cid, prev))
         gen = self._next_gen
         self._next_gen += 1
         np.save(self._file(cid, gen), totals)
@@ -261,15 +275,14 @@ class PredictionWriter:
         """Sum and weight of one chunk: in-memory part plus flushed part (None: empty)."""
         buf = self._buffers.pop(cid, None)
         gen = self._latest.get(cid)
-        if gen is None:
+        if buf is not None or gen is None:  # in memory, the totals are whole
             return buf
         s, w = np.load(self._file(cid, gen))
-        if buf is not None:
-            s, w = s + buf[0], w + buf[1]
         return s, w
 
     # ------------------------------------------------------------------ output
-    def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3) -> da.Array:
+    def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3,
+                 attrs: dict | None = None) -> da.Array:
         """Divide by the weights, write the output chunk by chunk, rename it into place.
 
         Parameters
@@ -279,6 +292,8 @@ class PredictionWriter:
             values outside are clipped).
         zarr_format : {2, 3}
             Format of the output array.
+        attrs : dict, optional
+            More of the output's ``vesuvius_dask`` attributes.
 
         Returns
         -------
@@ -295,7 +310,7 @@ class PredictionWriter:
                                     dtype="float32", fill_value=self.fill_value,
                                     zarr_format=zarr_format, overwrite=True)
             out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
-                                          "predictions": self.items}
+                                          "predictions": self.items, **(attrs or {})}
             for cid in np.ndindex(*[-(-n // c) for n, c in zip(self.shape, self.chunks)]):
                 totals = self._totals(cid)
                 if totals is None:  # nothing landed here: leave the fill value
@@ -305,17 +320,7 @@ class PredictionWriter:
                     out[self._region(cid)] = np.where(w > 0, s / np.where(w > 0, w, 1),
                                                       self.fill_value)
             if png is not None:
-                from PIL import Image
-
-                img = np.clip(np.asarray(out[...]), 0, 1) * 255
-                from PIL.PngImagePlugin import PngInfo
-
-                from .outputs import PNG_SOFTWARE
-
-                info = PngInfo()  # how a later overwrite=True recognises the PNG as ours
-                info.add_text("Software", f"{PNG_SOFTWARE} predict")
-                tmp_png = self.job.partial / "preview.png"
-                Image.fromarray(np.round(img).astype(np.uint8)).save(tmp_png, format="PNG", pnginfo=info)
+                write_preview(np.asarray(out[...]), self.job.partial / "preview.png")
             self.job.publish(extra=[(self.job.partial / "preview.png", Path(png))]
                              if png is not None else [])
         return da.from_zarr(zarr.open(self.path, mode="r"))
@@ -342,6 +347,24 @@ class PredictionWriter:
     def __repr__(self) -> str:
         return (f"PredictionWriter({str(self.path)!r}, shape={self.shape}, block={self.block}, "
                 f"chunks={self.chunks}, blend={self.blend!r}, items={self.items})")
+
+
+def write_preview(values: np.ndarray, path: Path) -> None:
+    """A 2-D output as an 8-bit PNG (``[0, 1]`` to 0..255, clipped), marked as ours."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from .outputs import PNG_SOFTWARE
+
+    info = PngInfo()  # how a later overwrite=True recognises the PNG as ours
+    info.add_text("Software", f"{PNG_SOFTWARE} predict")
+    img = np.clip(values, 0, 1) * 255
+    Image.fromarray(np.round(img).astype(np.uint8)).save(path, format="PNG", pnginfo=info)
+
+
+def chunk_owner(cid: Sequence[int], grid: Sequence[int], parts: int) -> int:
+    """The part (of ``parts``) that owns output chunk ``cid``: contiguous runs of chunks in raster order."""
+    return int(np.ravel_multi_index(tuple(cid), tuple(grid))) * parts // int(np.prod(grid))
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -435,9 +458,41 @@ def _content(source: Any) -> str | None:
     return tokenize(source)
 
 
-def _load_model(model: Any) -> Any:
+#: The TorchScript extra file that carries what ``predict`` must reproduce (the normalisation).
+METADATA_FILE = "vesuvius_dask.json"
+
+
+def model_metadata(normalization: Any) -> dict[str, str]:
+    """Extra files to save with a TorchScript model so that ``predict`` normalises as in training.
+
+    ``torch.jit.save(scripted, "model.pt", _extra_files=model_metadata(stream.normalization))``:
+    ``predict`` then applies that scheme (and those statistics) by default, and
+    refuses another one given explicitly.
+
+    Parameters
+    ----------
+    normalization : str or dict
+        A scheme name or ``stream.normalization``.
+
+    Returns
+    -------
+    dict
+        ``{"vesuvius_dask.json": JSON text}``.
+    """
+    import json
+
+    from ..io.normalize import normalization_spec
+
+    return {METADATA_FILE: json.dumps({"normalization": normalization_spec(normalization)})}
+
+
+def _load_model(model: Any) -> tuple[Any, dict]:
+    """The model, loaded (a file is code: loading runs it), and its vesuvius-dask metadata ({} if none)."""
+    import json
+
     import torch
 
+    meta: dict = {}
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isfile(path):
@@ -449,14 +504,16 @@ def _load_model(model: Any) -> Any:
             if path.endswith(".pt2"):  # torch.export archive
                 model = torch.export.load(path).module()
             else:
-                model = torch.jit.load(path, map_location="cpu")
+                extra = {METADATA_FILE: ""}
+                model = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+                meta = json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelError(f"{path}: cannot load the model as TorchScript or torch.export "
                              f"({first})") from err
     if hasattr(model, "eval"):
         model.eval()
-    return model
+    return model, meta if isinstance(meta, dict) else {}
 
 
 def _masks(mask: Any, source: Any) -> Any:
@@ -488,7 +545,8 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
             resume: bool = False, num_workers: int = 0, client: Any = None,
             quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS,
             cache_dir: str | os.PathLike | None = None,
-            storage_options: dict | None = None) -> da.Array:
+            storage_options: dict | None = None, normalization: Any = None,
+            part: tuple[int, int] | None = None, chunks: Sequence[int] | None = None) -> da.Array:
     """Run a model over every grid block of a volume and write the blended prediction.
 
     Parameters
@@ -498,8 +556,6 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
         (``.pt2``) — a model file is code, so load only files you trust — or a
         callable mapping a ``(B, 1, z, y, x)`` float32 batch to ``(B, y, x)`` /
         ``(B, 1, y, x)`` (2-D output) or ``(B, z, y, x)`` / ``(B, 1, z, y, x)`` (3-D output).
-        Integer volumes are scaled to [0, 1] by their dtype's maximum before the model
-        sees them.
     source : Segment, path or array
         A segment (folder path or :class:`~vesuvius_dask.Segment`) or any volume.
     output : str or os.PathLike
@@ -534,11 +590,27 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
         repeated run reads them from there; see :func:`~vesuvius_dask.open_volume`).
     storage_options : dict, optional
         fsspec options for a URL source (e.g. ``{"anon": True}`` for S3).
+    normalization : str or dict, optional
+        How blocks are scaled before the model sees them: a scheme of
+        :data:`~vesuvius_dask.io.normalize.SCHEMES` or ``stream.normalization``
+        (with fixed statistics, e.g. the training volume's). Default: what the
+        model file's metadata says (:func:`model_metadata`), else the historical
+        scaling of integer volumes to [0, 1] by their dtype's maximum. A scheme
+        other than the one in the model's metadata is refused.
+    part : (int, int), optional
+        ``(k, n)``: compute part ``k`` (0-based) of ``n``, e.g. one task of a job
+        array: the output chunks are split into ``n`` runs in raster order and part
+        ``k`` predicts every block that touches its chunks (blocks across a border
+        are predicted by both parts). Its result goes to ``.NAME.part-K-of-N``
+        beside ``output`` (atomically, resumable like a whole run);
+        :func:`predict_join` then publishes ``output``, equal to a single run's.
+    chunks : tuple of int, optional
+        Output chunks (see :class:`PredictionWriter`); also the unit parts split.
 
     Returns
     -------
     dask.array.Array
-        The written prediction.
+        The written prediction (with ``part``: the part's chunks).
 
     Raises
     ------
@@ -556,6 +628,7 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
     from .outputs import check_destination, check_job, interruptible, same_or_inside
 
     out, mask = output, masks[0] if isinstance(masks, (list, tuple)) and len(masks) == 1 else masks
+    part = _check_part(part)
     if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
         raise ModelError(f"{os.fspath(model)}: no such model file")
     segment_mask = isinstance(mask, str) and mask == "segment"
@@ -564,12 +637,15 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
     if getattr(source, "path", None) is not None:
         inputs.append(source.path)
     # every output path is checked before any work starts
-    check_job(out, inputs, overwrite=overwrite, resume=resume)
+    check_job(out if part is None else part_path(out, *part), inputs, overwrite=overwrite, resume=resume)
+    if part is not None:
+        check_destination(out, inputs, overwrite=True)  # where the join will publish
     if png is not None:
         check_destination(png, inputs + [out], overwrite=overwrite, what="png")
         if same_or_inside(png, out):
             raise OutputError(f"png {os.fspath(png)} is the output {os.fspath(out)} or inside it; "
                               "give the PNG a path of its own")
+    loaded, meta = _load_model(model)
     identity = {"source": _source_name(source), "source_stamp": _content(source),
                 "overlap": None if overlap is None else [int(o) for o in overlap],
                 "batch_size": int(batch_size),
@@ -578,13 +654,76 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
                 else None,
                 "mask_coverage": float(mask_coverage),
                 "checkpoint_blocks": int(checkpoint_blocks),
-                "model": _model_identity(model)}
+                "model": _model_identity(model),
+                "normalization": _normalization(normalization, meta),
+                "chunks": None if chunks is None else [int(c) for c in chunks]}
     if isinstance(source, (str, os.PathLike)) and path_kind(source) == PathKind.SEGMENT:
         source = open_segment(source)
+    job = _Job(out, blend, png if part is None else None, overwrite, resume, inputs, identity, part,
+               chunks)
     with interruptible():
-        return _predict(_load_model(model), source, out, block, overlap, batch_size, _masks(mask, source),
-                        mask_coverage, blend, png, overwrite, resume, num_workers, client, quiet,
-                        checkpoint_blocks, inputs, identity, cache_dir, storage_options)
+        return _predict(loaded, source, job, block, overlap, batch_size, _masks(mask, source),
+                        mask_coverage, num_workers, client, quiet, checkpoint_blocks, cache_dir,
+                        storage_options)
+
+
+class _Job:
+    """What ``predict`` writes and how (the writer's options)."""
+
+    def __init__(self, out: Any, blend: str, png: Any, overwrite: bool, resume: bool, inputs: list,
+                 identity: dict, part: tuple[int, int] | None, chunks: Any) -> None:
+        self.out, self.blend, self.png, self.overwrite, self.resume = out, blend, png, overwrite, resume
+        self.inputs, self.identity, self.part, self.chunks = inputs, identity, part, chunks
+
+    def writer(self, vshape: tuple, pred: Any) -> PredictionWriter:
+        if self.png is not None and pred.ndim != 3:
+            raise SamplingError(f"png= needs a 2-D output; the model returns blocks of "
+                                f"{tuple(pred.shape[1:])}")
+        shape = vshape[1:] if pred.ndim == 3 else vshape
+        dst = self.out if self.part is None else part_path(self.out, *self.part)
+        chunks = None if self.chunks is None else tuple(self.chunks)[-len(shape):]
+        identity = dict(self.identity, part=None if self.part is None else list(self.part))
+        return PredictionWriter(dst, shape, pred.shape[1:], blend=self.blend, chunks=chunks,
+                                overwrite=self.overwrite, resume=self.resume, inputs=self.inputs,
+                                identity=identity, part=self.part)
+
+
+def _check_part(part: Any) -> tuple[int, int] | None:
+    if part is None:
+        return None
+    try:
+        k, n = (int(v) for v in part)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"part must be (k, n), got {part!r}", cli={"part": "--part/--parts"}) from None
+    if n < 1 or not 0 <= k < n:
+        raise ArgumentError(f"part k must be in 0..n-1 with n >= 1, got part={k} of {n}",
+                            cli={"part=": "--part ", " of ": " of --parts "})
+    return k, n
+
+
+def part_path(output: str | os.PathLike, k: int, n: int) -> Path:
+    """Where part ``k`` of ``n`` of ``output`` is published: ``.NAME.part-K-of-N`` beside it."""
+    p = Path(os.path.abspath(os.fspath(output)))
+    return p.parent / f".{p.name}.part-{k}-of-{n}"
+
+
+def _normalization(normalization: Any, meta: dict) -> dict | None:
+    """The normalisation predict applies: given, else the model's; None is the [0, 1] scaling."""
+    from ..io.normalize import normalization_spec
+
+    saved = meta.get("normalization")
+    saved = normalization_spec(saved) if saved is not None else None
+    if normalization is None:
+        return saved
+    spec = normalization_spec(normalization)
+    if saved is not None and saved["scheme"] != spec["scheme"]:
+        raise ArgumentError(
+            f"the model was saved with normalization={saved['scheme']!r}, not {spec['scheme']!r}: "
+            "a model sees blocks scaled as in training; leave normalization out to use the model's",
+            cli={"normalization=": "--normalization "})
+    if spec["statistics"] is None and saved is not None:
+        spec["statistics"] = saved["statistics"]  # the training statistics travel with the model
+    return spec
 
 
 def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: Any,
@@ -610,30 +749,69 @@ def _grid_stream(source: Any, block: Any, overlap: Any, batch_size: int, masks: 
     if overlap is None:
         overlap = (0, block[1] // 4, block[2] // 4)
     identity["block"], identity["overlap"] = list(block), [int(o) for o in overlap]
+    norm = identity.get("normalization")
     try:
         grid = GridSampler(overlap=overlap, mask_coverage=mask_coverage)  # every position once
         stream = DaskVesuviusStream([source], *block, sampler=grid, batch_size=batch_size,
-                                    return_coords=True, dtype=torch.float32, masks=masks, client=client)
+                                    return_coords=True, dtype=torch.float32, masks=masks, client=client,
+                                    normalization="none" if norm is None else norm)
     except VesuviusDaskError as err:
         raise _in_predict_words(err) from None
+    if norm is not None and norm["scheme"] in ("global_zscore", "ct"):
+        identity["normalization"] = dict(norm, statistics=stream.normalization["statistics"])
     return stream, tuple(vshape)
 
 
-def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_size: int,
-             masks: Any, mask_coverage: float, blend: str, png: Any, overwrite: bool,
-             resume: bool, num_workers: int, client: Any, quiet: bool, checkpoint_blocks: int,
-             inputs: list, identity: dict, cache_dir: Any = None,
-             storage_options: dict | None = None) -> Any:
+def _part_batches(stream: Any, writer: PredictionWriter, batch_size: int) -> list[int]:
+    """The plan's batches with a block touching an output chunk this part owns (vectorised)."""
+    k, n = writer.part  # type: ignore[misc]
+    coords = stream.epoch_coords(0)[:, 1:]
+    starts = coords[:, 1:] if len(writer.shape) == 2 else coords
+    chunks, block, grid = (np.asarray(v) for v in (writer.chunks, writer.block, writer.grid))
+    first, last = starts // chunks, (starts + block - 1) // chunks
+    needed = np.zeros(len(starts), dtype=bool)
+    for offset in np.ndindex(*(last - first).max(axis=0) + 1):
+        cid = first + np.asarray(offset)
+        inside = (cid <= last).all(axis=1)
+        lin = np.ravel_multi_index(tuple(np.minimum(cid, grid - 1).T), tuple(grid))
+        needed |= inside & (lin * n // int(np.prod(grid)) == k)
+    return np.unique(np.nonzero(needed)[0] // batch_size).tolist()
+
+
+def _run_model(model: Any, blocks: Any, scale: float | None) -> Any:
+    pred = model((blocks if scale is None else blocks / scale).unsqueeze(1))
+    return pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
+
+
+def _first_prediction(model: Any, stream: Any, scale: float | None) -> Any:
+    """The model's output for the plan's first batch (its shape sizes the writer)."""
+    from torch.utils.data import DataLoader
+
+    stream.batch_subset = [0]
+    try:
+        blocks, _ = next(iter(DataLoader(stream, batch_size=None, num_workers=0)))
+    except StopIteration:
+        raise SamplingError("no block to predict (is the mask empty?)") from None
+    finally:
+        stream.batch_subset = None
+    return _run_model(model, blocks, scale)
+
+
+def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch_size: int,
+             masks: Any, mask_coverage: float, num_workers: int, client: Any, quiet: bool,
+             checkpoint_blocks: int, cache_dir: Any = None, storage_options: dict | None = None) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
     stream, vshape = _grid_stream(source, block, overlap, batch_size, masks, mask_coverage, client,
-                                  identity, cache_dir, storage_options)
+                                  job.identity, cache_dir, storage_options)
     stream.set_epoch(0)  # a grid has one order: no epoch to advance, no warning in workers
     vol_dtype = stream.volumes[0].dtype
-    scale = float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0
+    scale = None if job.identity["normalization"] is not None else (
+        float(np.iinfo(vol_dtype).max) if vol_dtype.kind in "ui" else 1.0)
     every = max(1, int(checkpoint_blocks) // int(batch_size))
     writer: PredictionWriter | None = None
+    subset: list[int] | None = None
     total = stream.samples_per_epoch
     from tqdm import tqdm
 
@@ -643,19 +821,20 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
     batch = 0
     try:
         with torch.no_grad():
+            if job.part is not None:  # the part's batches need the output's shape: one probe
+                writer = job.writer(vshape, _first_prediction(model, stream, scale))
+                subset = _part_batches(stream, writer, batch_size)
+                total = len(subset) * batch_size
+                batch = int(writer.progress["batches"]) if writer.progress else 0
+                stream.batch_subset = subset[batch:]
+                bar.reset(total=total)
             while True:
                 loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
                 restart = False
                 for blocks, coords in loader:
-                    pred = model((blocks / scale).unsqueeze(1))
-                    pred = pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
+                    pred = _run_model(model, blocks, scale)
                     if writer is None:
-                        if png is not None and pred.ndim != 3:
-                            raise SamplingError(f"png= needs a 2-D output; the model returns blocks "
-                                                f"of {tuple(pred.shape[1:])}")
-                        writer = PredictionWriter(
-                            out, vshape[1:] if pred.ndim == 3 else vshape, pred.shape[1:], blend=blend,
-                            overwrite=overwrite, resume=resume, inputs=inputs, identity=identity)
+                        writer = job.writer(vshape, pred)
                         if writer.progress:  # resumed: start after the last checkpoint
                             batch = stream.start_batch = int(writer.progress["batches"])
                             restart = True
@@ -670,9 +849,116 @@ def _predict(model: Any, source: Any, out: Any, block: Any, overlap: Any, batch_
         bar.close()
         if writer is None:
             raise SamplingError("no block to predict (is the mask empty?)")
-        return writer.finalize(png=png)
+        attrs = {"predictions": stream.samples_per_epoch, "normalization": job.identity["normalization"]}
+        if job.part is not None:
+            attrs.update(part=list(job.part), shape=list(writer.shape),
+                         job=dict(_join_identity(job.identity), chunks=list(writer.chunks)))
+        return writer.finalize(png=job.png, attrs=attrs)
     except BaseException as err:
         bar.close()
         if writer is not None:
             writer.abort(error=err)
         raise
+
+
+def _join_identity(identity: dict) -> dict:
+    """What every part of one job shares: its identity without the part and the checkpoint interval.
+
+    (Checkpoints do not change the output: see :class:`PredictionWriter`.)
+    """
+    return {k: v for k, v in identity.items() if k not in ("part", "checkpoint_blocks")}
+
+
+def _part_attrs(output: Any, k: int, n: int) -> dict:
+    from .outputs import is_our_output
+
+    path = part_path(output, k, n)
+    partial = path.parent / f".{path.name}.partial"
+    if not path.exists():
+        state = "is still running or was interrupted (resume it)" if partial.exists() else "has not run"
+        raise OutputError(f"{os.fspath(output)}: part {k} of {n} {state}: {path} does not exist; "
+                          f"run predict with part=({k}, {n}) first",
+                          cli={f"part=({k}, {n})": f"--parts {n} --part {k}"})
+    if not is_our_output(path):
+        raise OutputError(f"{path} is not a part written by vesuvius-dask predict")
+    import zarr
+
+    attrs = dict(zarr.open_array(path, mode="r").attrs["vesuvius_dask"])
+    if attrs.get("part") != [k, n]:
+        raise OutputError(f"{path} is part {attrs.get('part')}, not part [{k}, {n}]")
+    return attrs
+
+
+def predict_join(output: str | os.PathLike, parts: int, *, png: str | os.PathLike | None = None,
+                 overwrite: bool = False, model: Any = None, source: Any = None) -> da.Array:
+    """Check that every part of a split ``predict`` is complete, then publish ``output``.
+
+    Parameters
+    ----------
+    output : str or os.PathLike
+        The output every part was run with.
+    parts : int
+        ``n`` of ``part=(k, n)``.
+    png : str or os.PathLike, optional
+        Also save the (2-D) output as a PNG.
+    overwrite : bool
+        Replace an existing output of ours.
+    model, source : optional
+        When given, refuse the parts if the model file or the source changed since.
+
+    Returns
+    -------
+    dask.array.Array
+        The output, equal to a single run's, voxel for voxel. The part folders are
+        removed once it is published.
+
+    Raises
+    ------
+    OutputError
+        A part is missing, still running, interrupted, or from another job.
+    """
+    import dask.array as da
+    import zarr
+
+    from .outputs import OutputJob, critical, remove_path
+
+    n = _check_part((0, parts))[1]  # type: ignore[index]
+    attrs = [_part_attrs(output, k, n) for k in range(n)]
+    jobs = [a.get("job") for a in attrs]
+    for k, job in enumerate(jobs):
+        if job != jobs[0]:
+            diff = sorted(key for key in set(job) | set(jobs[0]) if job.get(key) != jobs[0].get(key))
+            raise OutputError(f"{os.fspath(output)}: part {k} is from another job than part 0 "
+                              f"(they differ in {', '.join(diff)}); run every part with the same options")
+    now = {"model": None if model is None else _model_identity(model),
+           "source_stamp": None if source is None else _content(source)}
+    for key, value in now.items():
+        if value is not None and value != jobs[0].get(key):
+            raise OutputError(f"{os.fspath(output)}: the {key.split('_')[0]} changed since the parts ran")
+    paths = [part_path(output, k, n) for k in range(n)]
+    first = zarr.open_array(paths[0], mode="r")
+    identity = dict(jobs[0], joined=n)
+    job = OutputJob(output, [p for p in (source, model) if isinstance(p, (str, os.PathLike))], identity,
+                    overwrite=overwrite, what="predict --join")
+    try:
+        out = zarr.create_array(job.data, shape=first.shape, chunks=first.chunks, dtype="float32",
+                                fill_value=first.fill_value, zarr_format=first.metadata.zarr_format)
+        out.attrs["vesuvius_dask"] = {k: v for k, v in attrs[0].items() if k not in ("part", "job", "shape")}
+        grid = tuple(-(-s // c) for s, c in zip(first.shape, first.chunks))
+        sources = [zarr.open_array(p, mode="r") for p in paths]
+        for cid in np.ndindex(*grid):
+            region = tuple(slice(c * i, min(c * (i + 1), s))
+                           for c, i, s in zip(first.chunks, cid, first.shape))
+            out[region] = sources[chunk_owner(cid, grid, n)][region]
+        extra = []
+        if png is not None:
+            write_preview(np.asarray(out[...]), job.partial / "preview.png")
+            extra = [(job.partial / "preview.png", Path(png))]
+        job.publish(extra=extra)
+    except BaseException:
+        job.abandon(keep=False)
+        raise
+    with critical():
+        for p in paths:
+            remove_path(p)
+    return da.from_zarr(zarr.open(Path(output), mode="r"))

@@ -1,0 +1,271 @@
+"""How an array's stored chunks are read: its *read path*, chosen once per array.
+
+=======================  ==================================================================
+``partial-uncompressed``  uncompressed chunks (Zarr v2 without compressor or filters, C
+                          order; Zarr v3 with only ``bytes``, either endianness), local:
+                          a block reads only its own rows, in place (memory-mapped, or by
+                          byte range)
+``sharded``               Zarr v3 ``sharding_indexed``, local: each shard's index read once
+                          (cached), inner chunks by byte range; uncompressed inner chunks
+                          are cut in part, compressed ones decoded whole
+                          (:mod:`~vesuvius_dask.io.shards`)
+``whole-chunk``           compressed chunks the fast path decodes: each touched chunk read
+                          and decoded whole (:mod:`~vesuvius_dask.io.chunks`); also every
+                          remote array it decodes
+``zarr``                  anything else, read through zarr-python
+=======================  ==================================================================
+
+:func:`array_reader` makes the decision; :class:`UncompressedChunks` is the first
+path's reader. A *piece reader* (the first two) writes the pieces a batch needs
+from one *read unit* (a chunk, or a shard) straight into the batch array
+(:meth:`UncompressedChunks.read_pieces`); pieces are the rows of
+:func:`~vesuvius_dask.engine.batches.plan_pieces`. Every partial read reaches the bytes
+through a source's ``read_ranges(key, ranges)`` (or its memory map when local,
+:class:`~vesuvius_dask.io.ranges.LocalFiles`), so a remote source serving byte ranges
+fits the same readers.
+
+A chunk file of another size than the array's chunk is a
+:class:`~vesuvius_dask.errors.CorruptChunkError` naming the file and the chunk; nothing
+is read past what the array's metadata allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .chunks import ChunkCodec, fast_reader
+from .ranges import LocalFiles, merge_ranges
+
+__all__ = ["READ_PATHS", "MAP_FILES", "ArrayReader", "UncompressedChunks", "array_reader", "cut_pieces",
+           "fill_pieces", "cut_ranges", "span_bytes"]
+
+#: The read paths, with what ``info`` says about each.
+READ_PATHS = {
+    "partial-uncompressed": "uncompressed chunks read in place: a block reads only its own rows",
+    "sharded": "sharded: shard index read once, inner chunks by byte range "
+               "(uncompressed inner chunks cut in part)",
+    "whole-chunk": "each touched chunk read and decoded whole",
+    "zarr": "read through zarr-python (codecs or layout the fast paths do not handle)",
+}
+
+
+def cut_pieces(chunk: np.ndarray, out: np.ndarray, pieces: np.ndarray) -> None:
+    """``out[row, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[sz:.., sy:.., sx:..]`` per piece."""
+    bz, by, bx = out.shape[1:]
+    whole = ((pieces[:, 2] - pieces[:, 1] == bz) & (pieces[:, 4] - pieces[:, 3] == by)
+             & (pieces[:, 6] - pieces[:, 5] == bx))
+    if whole.any():  # pieces that are whole blocks: the cheapest indexing
+        for b, sz, sy, sx in pieces[whole][:, [0, 7, 8, 9]].tolist():
+            out[b] = chunk[sz:sz + bz, sy:sy + by, sx:sx + bx]
+        pieces = pieces[~whole]
+    for b, dz0, dz1, dy0, dy1, dx0, dx1, sz, sy, sx in pieces.tolist():
+        out[b, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[
+            sz:sz + dz1 - dz0, sy:sy + dy1 - dy0, sx:sx + dx1 - dx0
+        ]
+
+
+def fill_pieces(out: np.ndarray, pieces: np.ndarray, value: Any) -> None:
+    """The pieces of an absent chunk: the fill value."""
+    for b, dz0, dz1, dy0, dy1, dx0, dx1 in pieces[:, :7].tolist():
+        out[b, dz0:dz1, dy0:dy1, dx0:dx1] = value
+
+
+def span_bytes(pieces: np.ndarray, chunks: tuple[int, ...], itemsize: int) -> int:
+    """Bytes the pieces span in a C-order chunk, row by row (what a partial read touches)."""
+    dz = pieces[:, 2] - pieces[:, 1]
+    dy = pieces[:, 4] - pieces[:, 3]
+    dx = pieces[:, 6] - pieces[:, 5]
+    return int((dz * ((dy - 1) * chunks[2] + dx)).sum()) * itemsize
+
+
+def cut_ranges(source: Any, key: str, base: int, codec: ChunkCodec, pieces: np.ndarray,
+               out: np.ndarray, coords: tuple[int, ...]) -> int:
+    """Cut pieces of an uncompressed C-order chunk stored at byte ``base`` of object ``key``.
+
+    One byte range per plane of each piece (from its first to its last voxel in that
+    plane), ranges closer than :data:`~vesuvius_dask.io.ranges.MERGE_GAP` merged,
+    all asked in one ``source.read_ranges`` call. Returns the bytes read.
+
+    Raises
+    ------
+    CorruptChunkError
+        The object is absent or ends before a range does (``base`` is inside an
+        object that must hold the chunk).
+    """
+    cz, cy, cx = codec.chunks
+    item = codec.stored.itemsize
+    plane, row = cy * cx * item, cx * item
+    asks: list[tuple[int, int]] = []
+    runs = []
+    for b, dz0, dz1, dy0, dy1, dx0, dx1, sz, sy, sx in pieces.tolist():
+        first = base + sz * plane + sy * row + sx * item
+        length = ((dy1 - dy0 - 1) * cx + dx1 - dx0) * item
+        k = 0
+        for a, stop, n in merge_ranges([(first + i * plane, first + i * plane + length)
+                                        for i in range(dz1 - dz0)]):
+            runs.append((len(asks), b, dz0 + k, n, dy0, dy1, dx0, dx1, stop - a))
+            asks.append((a, stop))
+            k += n
+    got = source.read_ranges(key, asks)
+    if got is None:
+        raise codec.corrupt(coords, "the object holding it is absent")
+    total = 0
+    for i, b, z0, n, dy0, dy1, dx0, dx1, length in runs:
+        data = got[i]
+        if len(data) != length:
+            raise codec.corrupt(coords, f"truncated: bytes {asks[i][0]}..{asks[i][1]} asked, "
+                                        f"{len(data)} read")
+        flat = np.frombuffer(data, dtype=codec.stored)
+        view = np.lib.stride_tricks.as_strided(flat, (n, dy1 - dy0, dx1 - dx0), (plane, row, item),
+                                               writeable=False)
+        out[b, z0:z0 + n, dy0:dy1, dx0:dx1] = view
+        total += length
+    return total
+
+
+@dataclass
+class ArrayReader:
+    """How one Zarr array's stored chunks are read (see the module's table).
+
+    Attributes
+    ----------
+    path : str
+        ``partial-uncompressed``, ``sharded``, ``whole-chunk`` or ``zarr``.
+    codec : ChunkCodec or None
+        Decodes a whole stored chunk (remote reads share it); None when zarr reads.
+    chunk : callable or None
+        ``region -> numpy``: one stored (inner) chunk read locally, or None.
+    pieces : object or None
+        The piece reader of the partial paths (``read_pieces``, ``unit``).
+    """
+
+    path: str
+    codec: Any = None
+    chunk: Callable[[tuple[slice, ...]], np.ndarray] | None = None
+    pieces: Any = None
+
+
+class UncompressedChunks:
+    """Partial reads of a local array's uncompressed chunks (read path ``partial-uncompressed``).
+
+    Parameters
+    ----------
+    source : LocalFiles
+        The array's files (memory-mapped, or read by range).
+    codec : ChunkCodec
+        The array's chunk codec (uncompressed, C order).
+    shape : tuple of int
+        The array's shape (edge chunks are clipped to it).
+    """
+
+    path = "partial-uncompressed"
+
+    def __init__(self, source: LocalFiles, codec: ChunkCodec, shape: tuple[int, ...]) -> None:
+        self.source, self.codec, self.shape = source, codec, tuple(int(s) for s in shape)
+        #: Stored chunks per read unit (one task of the engine) along each axis.
+        self.unit = (1,) * len(self.shape)
+
+    def _view(self, coords: tuple[int, ...]) -> np.ndarray | None:
+        """The stored chunk as a read-only array over its memory map (nothing read yet), or None."""
+        key = self.codec.key(coords)
+        got = self.source.mapped(key)
+        if got is None:
+            return None
+        buf, size, _ = got
+        if size != self.codec.nbytes:
+            self.source.forget(key)
+            raise self.codec.corrupt(coords, f"the file holds {size} bytes, not an uncompressed chunk's")
+        return np.frombuffer(buf, dtype=self.codec.stored).reshape(self.codec.chunks)
+
+    def _check_size(self, coords: tuple[int, ...]) -> bool:
+        """Whether the chunk's file is there (ranges path); one of another size is refused."""
+        size = self.source.size(self.codec.key(coords))
+        if size is not None and size != self.codec.nbytes:
+            raise self.codec.corrupt(coords, f"the file holds {size} bytes, not an uncompressed chunk's")
+        return size is not None
+
+    def read_chunk(self, region: tuple[slice, ...]) -> np.ndarray:
+        """One stored chunk (``region``, clipped to the array), as a new array of the array's dtype."""
+        coords = self.codec.coords(region)
+        shape = tuple(s.stop - (s.start or 0) for s in region)
+        if self.source.mapping:
+            view = self._view(coords)
+            if view is None:
+                return np.full(shape, self.codec.fill, dtype=self.codec.dtype)
+            return np.array(view[tuple(slice(0, k) for k in shape)], dtype=self.codec.dtype)
+        out = np.empty((1,) + shape, dtype=self.codec.dtype)
+        piece = np.array([[0, 0, shape[0], 0, shape[1], 0, shape[2], 0, 0, 0]], dtype=np.int64)
+        self.read_pieces([(coords, piece)], out)
+        return out[0]
+
+    def read_pieces(self, items: list[tuple[tuple[int, ...], np.ndarray]], out: np.ndarray
+                    ) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], int]:
+        """Write the pieces of each ``(chunk index, pieces)`` into ``out``.
+
+        Returns ``(decoded chunks worth caching, bytes read)``: nothing is decoded
+        here, so the first is always empty.
+        """
+        total = 0
+        item = self.codec.stored.itemsize
+        for coords, pieces in items:
+            if self.source.mapping:
+                view = self._view(coords)
+                if view is None:
+                    fill_pieces(out, pieces, self.codec.fill)
+                    continue
+                cut_pieces(view, out, pieces)
+                total += span_bytes(pieces, self.codec.chunks, item)
+            elif self._check_size(coords):
+                total += cut_ranges(self.source, self.codec.key(coords), 0, self.codec, pieces, out,
+                                    coords)
+            else:
+                fill_pieces(out, pieces, self.codec.fill)
+        return [], total
+
+
+def _local_root(arr: Any) -> Path | None:
+    store = getattr(arr, "store", None)
+    if type(store).__name__ != "LocalStore":
+        return None
+    root = Path(str(store.root)) / arr.store_path.path
+    return root if root.is_dir() else None
+
+
+#: Whether local partial reads memory-map files (else they read byte ranges, as a remote
+#: source would: the tests and benchmarks switch it to check and count that path).
+MAP_FILES = True
+
+
+def array_reader(arr: Any, mapped: bool | None = None) -> ArrayReader:
+    """The read path of a Zarr array and its readers (see the module's table).
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    mapped : bool, optional
+        Local partial reads through memory maps, else by byte range (default:
+        :data:`MAP_FILES`).
+    """
+    from .shards import ShardedChunks
+
+    mapped = MAP_FILES if mapped is None else mapped
+    if not hasattr(arr, "metadata"):
+        return ArrayReader("zarr")
+    root = _local_root(arr)
+    if getattr(arr, "shards", None):
+        sharded = ShardedChunks.of(arr, LocalFiles(root, mapped)) if root is not None else None
+        if sharded is None:
+            return ArrayReader("zarr")
+        return ArrayReader("sharded", None, sharded.read_chunk, sharded)
+    codec = ChunkCodec.of(arr)
+    if codec is None:
+        return ArrayReader("zarr")
+    if root is not None and codec.uncompressed and len(codec.chunks) == 3:
+        partial = UncompressedChunks(LocalFiles(root, mapped), codec, arr.shape)
+        return ArrayReader("partial-uncompressed", codec, partial.read_chunk, partial)
+    return ArrayReader("whole-chunk", codec, fast_reader(arr))

@@ -1,0 +1,242 @@
+"""Zarr v3 sharding (``sharding_indexed``) read by inner chunk: the read path ``sharded``.
+
+A shard is one stored object holding a grid of inner chunks and an index of
+``(offset, nbytes)`` pairs (little-endian uint64, C order over the inner grid) at
+its start or end, optionally followed by a crc32c. The index is read once per
+shard and kept (:data:`SHARD_INDEXES`, a byte budget per process: config
+``vesuvius-dask.shard-index-bytes``); inner chunks are then read by byte range
+through the source's ``read_ranges`` (or its memory map), decoded with the inner
+codecs (:class:`~vesuvius_dask.io.chunks.ChunkCodec`: numcodecs, sizes bounded),
+and uncompressed inner chunks are cut in part. An absent shard, or an index entry
+of ``2**64 - 1`` twice, is the fill value.
+
+Everything the shard says is checked before it is used: the index has the size the
+metadata gives (a shard shorter than its index is truncated), its crc32c matches,
+and each entry lies inside the shard and holds at most what the inner codecs can
+produce from one inner chunk (exactly one inner chunk's bytes when uncompressed).
+Anything else is a :class:`~vesuvius_dask.errors.CorruptChunkError` in one line,
+naming the store, the shard's key and the inner chunk.
+
+Arrays whose index codecs are not ``bytes`` (little-endian) with an optional
+``crc32c``, whose inner codecs the fast path does not decode, or that are not
+local, are left to zarr (read path ``zarr``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .. import config
+from ..lru import LRU
+from .chunks import ChunkCodec, strip_crc32c
+from .partial import cut_pieces, cut_ranges, fill_pieces, span_bytes
+
+__all__ = ["ShardedChunks", "SHARD_INDEXES", "MISSING"]
+
+#: An index entry's offset and size for an absent inner chunk.
+MISSING = 2**64 - 1
+
+
+def _index_bytes(index: Any) -> int:
+    return int(index.nbytes) if isinstance(index, np.ndarray) else 64
+
+
+#: Parsed shard indexes, by shard file (and its stamp when memory-mapped), within a byte budget
+#: (set from config ``vesuvius-dask.shard-index-bytes`` when a sharded array is opened).
+SHARD_INDEXES = LRU(config.default_bytes("shard-index-bytes"), size=_index_bytes)
+os.register_at_fork(after_in_child=SHARD_INDEXES.after_fork)
+
+
+def _index_layout(sharding: Any) -> bool | None:
+    """Whether the index ends with a crc32c, or None when its codecs are not the usual ones."""
+    codecs = list(sharding.index_codecs)
+    if not codecs or type(codecs[0]).__name__ != "BytesCodec":
+        return None
+    if (getattr(codecs[0].endian, "value", codecs[0].endian) or "little") != "little":
+        return None
+    rest = [type(c).__name__ for c in codecs[1:]]
+    if rest not in ([], ["Crc32cCodec"]):
+        return None
+    return bool(rest)
+
+
+class ShardedChunks:
+    """Inner chunks of a local sharded Zarr v3 array, read through the shard index.
+
+    Use :meth:`of`, which says None for what this path does not read.
+    """
+
+    path = "sharded"
+
+    def __init__(self, arr: Any, source: Any, codec: ChunkCodec, checksum: bool, at_end: bool) -> None:
+        self.source, self.codec = source, codec
+        self.shape = tuple(int(s) for s in arr.shape)
+        self.shards = tuple(int(s) for s in arr.shards)
+        #: Inner chunks per shard along each axis: the engine's read unit.
+        self.unit = tuple(s // c for s, c in zip(self.shards, codec.chunks))
+        self.count = int(np.prod(self.unit))
+        self.checksum, self.at_end = checksum, at_end
+        self.index_nbytes = 16 * self.count + (4 if checksum else 0)
+        self.encode = arr.metadata.encode_chunk_key
+        self.where = codec.where
+        self._limit = codec.stored_limit
+        self._exact = not codec.decoders  # uncompressed inner chunks: exactly their bytes
+        self.index_limit = config.get_bytes("shard-index-bytes")
+        SHARD_INDEXES.budget = self.index_limit
+
+    @classmethod
+    def of(cls, arr: Any, source: Any) -> ShardedChunks | None:
+        codecs = list(arr.metadata.codecs)
+        if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec" or len(arr.shape) != 3:
+            return None
+        sharding = codecs[0]
+        codec = ChunkCodec.inner(arr, sharding)
+        checksum = _index_layout(sharding)
+        if codec is None or checksum is None:
+            return None
+        at_end = getattr(sharding.index_location, "value", sharding.index_location) == "end"
+        return cls(arr, source, codec, checksum, at_end)
+
+    # -- the index ---------------------------------------------------------------------
+    def _shard_error(self, shard: tuple[int, ...], what: str) -> Exception:
+        from ..errors import CorruptChunkError
+
+        return CorruptChunkError(f"shard {shard} (key {self.encode(shard)!r} in store {self.where}): "
+                                 f"{what}; its index holds {self.index_nbytes} bytes "
+                                 f"({'x'.join(map(str, self.unit))} inner chunks)")
+
+    def _parse(self, shard: tuple[int, ...], raw: Any, size: int | None) -> np.ndarray:
+        if len(raw) != self.index_nbytes:
+            raise self._shard_error(shard, f"truncated: {len(raw)} bytes where its index should be"
+                                    + (f" (the shard holds {size} bytes)" if size is not None else ""))
+        if self.checksum:
+            try:
+                raw = strip_crc32c(raw)
+            except ValueError as err:
+                raise self._shard_error(shard, f"the index is corrupt: {err}") from None
+        index = np.frombuffer(raw, dtype="<u8").reshape(self.count, 2).copy()
+        return index
+
+    def index(self, shard: tuple[int, ...]) -> tuple[np.ndarray | None, Any, int]:
+        """``(index, map or None, index bytes read)`` of a shard; index None when the shard is absent.
+
+        Raises
+        ------
+        CorruptChunkError
+            The index is truncated or its checksum does not match.
+        """
+        if self.index_nbytes > self.index_limit:
+            raise self._shard_error(shard, f"an index of {self.index_nbytes} bytes is more than "
+                                    f"shard-index-bytes ({self.index_limit}) allows")
+        key = self.encode(shard)
+        if self.source.mapping:
+            got = self.source.mapped(key)
+            if got is None:
+                return None, None, 0
+            buf, size, stamp = got
+            cache_key = (str(self.source.path(key)), stamp)
+            index = SHARD_INDEXES.get(cache_key)
+            if index is not None:
+                return index, buf, 0
+            if size < self.index_nbytes:
+                raise self._shard_error(shard, f"truncated: the shard holds {size} bytes")
+            raw = buf[size - self.index_nbytes:] if self.at_end else buf[:self.index_nbytes]
+            index = self._parse(shard, raw, size)
+            SHARD_INDEXES.put(cache_key, index)
+            return index, buf, self.index_nbytes
+        cache_key = (str(self.source.root), key)
+        index = SHARD_INDEXES.get(cache_key)
+        if index is not None:
+            return index, None, 0
+        got = self.source.read_ranges(key, [(-self.index_nbytes, None) if self.at_end
+                                            else (0, self.index_nbytes)])
+        if got is None:
+            return None, None, 0
+        index = self._parse(shard, got[0], None)
+        SHARD_INDEXES.put(cache_key, index)
+        return index, None, self.index_nbytes
+
+    def _entry(self, index: np.ndarray, coords: tuple[int, ...], size: int | None) -> tuple[int, int] | None:
+        """``(offset, nbytes)`` of an inner chunk, None when absent; checked against the shard."""
+        local = [c % u for c, u in zip(coords, self.unit)]
+        i = (local[0] * self.unit[1] + local[1]) * self.unit[2] + local[2]
+        offset, nbytes = int(index[i, 0]), int(index[i, 1])
+        if offset == MISSING and nbytes == MISSING:
+            return None
+        if nbytes > self._limit or (self._exact and nbytes != self._limit):
+            raise self.codec.corrupt(coords, f"the shard index gives it {nbytes} bytes, "
+                                             f"{'not' if self._exact else 'more than'} {self._limit}")
+        lo = self.index_nbytes if not self.at_end else 0
+        hi = None if size is None else size - (self.index_nbytes if self.at_end else 0)
+        if offset < lo or (hi is not None and offset + nbytes > hi):
+            raise self.codec.corrupt(coords, f"the shard index puts it at bytes {offset}..{offset + nbytes}, "
+                                             "outside the shard's data")
+        return offset, nbytes
+
+    # -- inner chunks ------------------------------------------------------------------
+    def _region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(c * k, min((c + 1) * k, n)) for c, k, n in zip(coords, self.codec.chunks, self.shape))
+
+    def _whole(self, key: str, coords: tuple[int, ...], where: tuple[int, int], buf: Any
+               ) -> tuple[np.ndarray, int]:
+        """An inner chunk decoded (or, uncompressed and mapped, a view of it) and the bytes read."""
+        offset, nbytes = where
+        if buf is not None:
+            if self.codec.uncompressed:
+                view = np.frombuffer(buf, dtype=self.codec.stored, count=self.codec.count, offset=offset)
+                return view.reshape(self.codec.chunks), 0
+            data: Any = memoryview(buf)[offset:offset + nbytes]
+        else:
+            got = self.source.read_ranges(key, [(offset, offset + nbytes)])
+            data = got[0] if got is not None else b""
+            if len(data) != nbytes:
+                raise self.codec.corrupt(coords, f"truncated: bytes {offset}..{offset + nbytes} asked, "
+                                                 f"{len(data)} read")
+        return self.codec.decode(data, self._region(coords)), nbytes
+
+    def read_chunk(self, region: tuple[slice, ...]) -> np.ndarray:
+        """One inner chunk (``region``, clipped to the array), as a new array of the array's dtype."""
+        coords = self.codec.coords(region)
+        shard = tuple(c // u for c, u in zip(coords, self.unit))
+        shape = tuple(s.stop - (s.start or 0) for s in region)
+        index, buf, _ = self.index(shard)
+        where = None if index is None else self._entry(index, coords, self._size(shard, buf))
+        if where is None:
+            return np.full(shape, self.codec.fill, dtype=self.codec.dtype)
+        chunk, _ = self._whole(self.encode(shard), coords, where, buf)
+        return np.array(chunk[tuple(slice(0, k) for k in shape)], dtype=self.codec.dtype)
+
+    def _size(self, shard: tuple[int, ...], buf: Any) -> int | None:
+        if buf is not None:
+            return len(buf)
+        return self.source.size(self.encode(shard)) if hasattr(self.source, "size") else None
+
+    def read_pieces(self, items: list[tuple[tuple[int, ...], np.ndarray]], out: np.ndarray
+                    ) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], int]:
+        """Write the pieces of each ``(inner chunk index, pieces)`` of one shard into ``out``.
+
+        Returns ``(decoded inner chunks worth caching, bytes read)``; uncompressed
+        inner chunks are cut in place and not returned.
+        """
+        shard = tuple(c // u for c, u in zip(items[0][0], self.unit))
+        key = self.encode(shard)
+        index, buf, total = self.index(shard)
+        size = self._size(shard, buf) if index is not None else None
+        decoded = []
+        item = self.codec.stored.itemsize
+        for coords, pieces in items:
+            where = None if index is None else self._entry(index, coords, size)
+            if where is None:
+                fill_pieces(out, pieces, self.codec.fill)
+            elif self.codec.uncompressed and buf is None:
+                total += cut_ranges(self.source, key, where[0], self.codec, pieces, out, coords)
+            else:
+                chunk, n = self._whole(key, coords, where, buf)
+                cut_pieces(chunk, out, pieces)
+                if n:
+                    decoded.append((coords, chunk))
+                total += n or span_bytes(pieces, self.codec.chunks, item)
+        return decoded, total
