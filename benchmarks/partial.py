@@ -129,8 +129,8 @@ def decode_once(path: Path, coords: np.ndarray, block) -> float:
     """Every touched (inner) chunk read and decoded once (numcodecs), blocks cut with numpy."""
     import zarr
 
-    from vesuvius_dask.io.shards import ShardedChunks
     from vesuvius_dask.io.ranges import LocalFiles
+    from vesuvius_dask.io.shards import ShardedChunks
 
     arr = zarr.open_array(path, mode="r")
     chunks = tuple(int(c) for c in arr.chunks)
@@ -184,7 +184,8 @@ def main() -> None:
               f"{'MB read/block':>14} {'MB decoded/block':>17}")
         rates = {}
         rows = [(label, p, None) for label, p in paths.items()]
-        rows.insert(2, ("uncompressed, whole chunks (today)", paths["uncompressed chunks"], whole_chunk_reader))
+        today = ("uncompressed, whole chunks (today)", paths["uncompressed chunks"], whole_chunk_reader)
+        rows.insert(2, today)
         for label, path, forced in rows:
             got, limit, nread = [], [], []
             for _ in range(args.reps):  # interleaved: a stream, then its reference
@@ -199,7 +200,8 @@ def main() -> None:
                   f"{info['decoded'] / 1e6:>17.2f}")
         today = rates["uncompressed, whole chunks (today)"]
         print(f"  uncompressed partial / today: {rates['uncompressed chunks'] / today:.1f}x; "
-              f"uncompressed partial / blosc-lz4: {rates['uncompressed chunks'] / rates['blosc-lz4 chunks']:.1f}x; "
+              "uncompressed partial / blosc-lz4: "
+              f"{rates['uncompressed chunks'] / rates['blosc-lz4 chunks']:.1f}x; "
               f"sharded / blosc-lz4 chunks: "
               f"{rates['sharded, 32^3 blosc-lz4 inner'] / rates['blosc-lz4 chunks']:.1f}x")
 

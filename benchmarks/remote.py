@@ -19,8 +19,15 @@ connection per request, listen queue 5). For each server and delay, in one run:
 Also printed: chunk requests, the most requests in flight, and the issue's bound
 for the cold epoch, ``requests x delay / 16 + 3 s``. Medians of ``--reps`` runs.
 
+``--rate-limited`` adds the rate-limited rows (issue 25): the server (20 ms per
+request) refuses with 429 beyond a token bucket of ``--allow`` requests/s (burst
+10), with and without ``Retry-After``, or beyond 8 requests in flight; cold epochs,
+no cache_dir. Printed: blocks/s, chunk requests answered per second (from the first
+answer to the last: the epoch's tail reads chunks already in memory) against the
+server's allowance, and the share of requests refused.
+
 Usage: python benchmarks/remote.py [--reps 3] [--no-baseline] [--delays 0,20,50,100]
-       [--servers keep-alive,plain]
+       [--servers keep-alive,plain] [--rate-limited [--only-rate-limited]] [--allow 200]
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA_DIR, make_zarr  # noqa: E402
 
 from vesuvius_dask import DaskVesuviusStream  # noqa: E402
-from vesuvius_dask import volume as volume_mod  # noqa: E402
+from vesuvius_dask.io import volume as volume_mod  # noqa: E402
 from vesuvius_dask.testing.server import SlowServer  # noqa: E402
 
 SHAPE, CHUNKS, BLOCK, N, BATCH = (32, 1024, 1024), (4, 128, 128), (4, 64, 64), 2048, 32
@@ -66,6 +73,30 @@ def epoch(source: str, cache_dir: Path | None = None) -> tuple[float, DaskVesuvi
     return N / (time.perf_counter() - t0), stream
 
 
+def rate_limited(path: Path, reps: int, allow: float) -> None:
+    """The rate-limited rows: blocks/s, answered requests/s against the allowance, refusals."""
+    cases = [("token bucket, no Retry-After", dict(rate=allow, burst=10), allow),
+             ("token bucket, Retry-After", dict(rate=allow, burst=10, retry_after="auto"), allow),
+             ("8 in flight at most", dict(max_in_flight=8), 8 / 0.02)]
+    print(f"\nrate-limited server (20 ms per request), {N} blocks cold, median of {reps}:\n")
+    print("| limit | blocks/s | requests/s answered | allowance/s | answered/allowance | refused |")
+    print("|---|---|---|---|---|---|")
+    for name, limits, allowance in cases:
+        rows = []
+        for _ in range(reps):
+            with SlowServer(path.parent, 0.02) as srv:
+                srv.limit(**limits)
+                t0 = time.perf_counter()
+                blocks, _ = epoch(srv.url(path.name))
+                elapsed = time.perf_counter() - t0
+                answered, refused = len(srv.answered), sum(srv.refusals.values())
+                span = srv.answered[-1] - srv.answered[0] if answered > 1 else elapsed
+                rows.append((blocks, (answered - 1) / span, refused / max(1, answered + refused)))
+        blocks, rate, refused = (median(r[i] for r in rows) for i in range(3))
+        print(f"| {name} | {blocks:,.0f} | {rate:,.0f} | {allowance:,.0f} | {rate / allowance:.2f} "
+              f"| {refused:.1%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -73,8 +104,14 @@ def main() -> None:
     parser.add_argument("--delays", default="0,20,50,100", help="ms added per request")
     parser.add_argument("--servers", default="keep-alive,plain",
                         help="keep-alive (HTTP/1.1, long listen queue) and/or plain (HTTP/1.0, queue 5)")
+    parser.add_argument("--rate-limited", action="store_true", help="add the rate-limited rows")
+    parser.add_argument("--only-rate-limited", action="store_true", help="only the rate-limited rows")
+    parser.add_argument("--allow", type=float, default=200.0, help="the token bucket's requests/s")
     args = parser.parse_args()
     path = make_zarr(DATA_DIR / "remote-32x1024x1024.zarr", SHAPE, chunks=CHUNKS)
+    if args.only_rate_limited:
+        rate_limited(path, args.reps, args.allow)
+        return
     delays = [int(d) for d in args.delays.split(",")]
     local = median([epoch(str(path))[0] for _ in range(args.reps)])
     print(f"{N} random {BLOCK} blocks, batches of {BATCH}, from {SHAPE} uint16 in {CHUNKS} chunks "
@@ -110,6 +147,8 @@ def main() -> None:
                   f"| {N / c:.2f} s | {bound:.2f} s |")
     print(f"\nmachine: {os.cpu_count()} CPUs; 'before' reads through zarr-python with "
           f"{os.cpu_count()} threads (the previous main's engine on a URL)")
+    if args.rate_limited:
+        rate_limited(path, args.reps, args.allow)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""Partial reads (uncompressed chunks cut in place, sharded v3 by inner chunk) equal numpy slicing,
-read about a block's own bytes, and refuse what a corrupt index or a truncated shard says."""
+"""Partial reads: uncompressed chunks cut in place, sharded v3 read by inner chunk.
+
+They equal numpy slicing, read about a block's own bytes, and refuse what a corrupt
+index or a truncated shard says, in one line.
+"""
 
 import json
 
@@ -17,7 +20,8 @@ from vesuvius_dask.io.info import describe
 from vesuvius_dask.io.open import resolve_volume
 from vesuvius_dask.io.volume import read_stored
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _drop_index_crc(path):
@@ -240,7 +244,8 @@ def test_a_corrupt_index_or_truncated_shard_is_one_line(tmp_path, monkeypatch, m
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "ranges"])
 def test_an_uncompressed_chunk_of_another_size_is_refused(tmp_path, monkeypatch, mapped):
     monkeypatch.setattr(partial, "MAP_FILES", mapped)
-    arr = zarr.create_array(tmp_path / "u.zarr", shape=(8, 8, 8), chunks=(4, 4, 4), dtype="u2", compressors=None)
+    arr = zarr.create_array(tmp_path / "u.zarr", shape=(8, 8, 8), chunks=(4, 4, 4), dtype="u2",
+                            compressors=None)
     arr[:] = 5
     (tmp_path / "u.zarr" / "c" / "1" / "0" / "0").write_bytes(bytes(10))
     with pytest.raises(CorruptChunkError, match=r"chunk \(1, 0, 0\).*'c/1/0/0'.*holds 10 bytes") as err:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vesuvius_dask.errors import ChunkFetchError
-from vesuvius_dask.remote.politeness import HostWindow, parse_retry_after
+from vesuvius_dask.remote.politeness import DECREASE, HostWindow, parse_retry_after
 from vesuvius_dask.testing.server import SlowServer
 
 pytest.importorskip("aiohttp", reason="Zarr over HTTP needs the 'remote' extra (fsspec[http])")
@@ -170,7 +170,7 @@ def test_the_window_stays_between_one_and_the_ceiling(ceiling, initial, answers)
             assert before <= w.window <= ceiling
         else:
             w.refused(None)
-            assert w.window == max(1.0, before / 2)
+            assert w.window == pytest.approx(max(1.0, before * DECREASE))
         assert 1 <= w.window <= ceiling
 
 
@@ -181,17 +181,17 @@ def test_slow_start_doubles_then_growth_is_additive():
         w.answered()
     assert w.window == 4
     w.refused(None)
-    assert w.window == 2  # threshold now 2: additive from here
-    for _ in range(2):
+    assert w.window == pytest.approx(4 * DECREASE)  # the threshold too: additive from here
+    for _ in range(3):
         w.answered()
-    assert 2 < w.window < 3.1
+    assert 4 * DECREASE < w.window < 4 * DECREASE + 1.1
 
 
 def test_refusals_within_the_cooldown_count_once():
     w = HostWindow("http://h", 64, 32, cooldown=60.0, folder="")
     for _ in range(10):
         w.refused(None)  # the answers of one burst of requests
-    assert w.window == 16
+    assert w.window == pytest.approx(32 * DECREASE)
 
 
 def test_processes_share_one_window_through_the_file(tmp_path):
@@ -199,7 +199,9 @@ def test_processes_share_one_window_through_the_file(tmp_path):
     a = HostWindow("http://h:1", 64, 16, cooldown=0.0, folder=str(tmp_path))
     b = HostWindow("http://h:1", 64, 16, cooldown=0.0, folder=str(tmp_path))
     a.refused(2.0)
-    assert b.window == 8 and b.paused_for() > 1.0
+    a.refused(None)
+    assert b.window == pytest.approx(16 * DECREASE**2) and int(b.window) == 7 and b.paused_for() > 1.0
+    a._update(lambda st: [8.0, *st[1:]])  # a window of 8, for round numbers
     assert a.processes() == 2 == b.processes()
     for _ in range(4):
         assert a._try_start()  # the machine's window is 8: a takes 4 ...

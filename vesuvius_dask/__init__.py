@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .io.catalog import Catalog, load_catalog
     from .io.open import open_volume
     from .io.segments import Segment, open_segment
+    from .loaders.device import DevicePrefetcher
     from .loaders.options import ReadOptions
     from .loaders.prefetch import PrefetchPlan, predict_stream, prefetch
     from .loaders.stream import DaskVesuviusStream
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .surfaces.render import render_segment, render_surface
     from .surfaces.tifxyz import Surface, open_surface
     from .writers.convert import convert_tiffs, convert_zarr
-    from .writers.predict import PredictionWriter, predict
+    from .writers.predict import PredictionWriter, model_metadata, predict, predict_join
 
 __all__ = [
     "__version__",
@@ -79,6 +80,9 @@ __all__ = [
     "Catalog",
     "PredictionWriter",
     "predict",
+    "predict_join",
+    "model_metadata",
+    "DevicePrefetcher",
     "prefetch",
     "PrefetchPlan",
     "predict_stream",
@@ -115,6 +119,9 @@ _LAZY = {
     "open_segment": ("io.segments", "open_segment"),
     "PredictionWriter": ("writers.predict", "PredictionWriter"),
     "predict": ("writers.predict", "predict"),
+    "predict_join": ("writers.predict", "predict_join"),
+    "model_metadata": ("writers.predict", "model_metadata"),
+    "DevicePrefetcher": ("loaders.device", "DevicePrefetcher"),
     "prefetch": ("loaders.prefetch", "prefetch"),
     "PrefetchPlan": ("loaders.prefetch", "PrefetchPlan"),
     "predict_stream": ("loaders.prefetch", "predict_stream"),

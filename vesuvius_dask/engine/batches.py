@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import config
 from ..errors import CorruptChunkError, SamplingError
-from ..io.partial import cut_pieces
+from ..io.pieces import cut_pieces
 from ..io.volume import Volume, read_stored, stored_keys, stored_reader
 from ..lru import LRU
 
@@ -464,7 +464,7 @@ class BatchEngine:
             if v not in readers:
                 readers[v] = self._piece_reader(vol)
             reader = readers[v]
-            if reader is not None and reader.path == "partial-uncompressed":  # nothing decoded, nothing cached
+            if reader is not None and reader.path == "partial-uncompressed":  # nothing decoded or cached
                 units.setdefault((v,) + cid, []).append((cid, pieces))
                 continue
             cached = self.cache.get((vol.token,) + cid)
@@ -473,7 +473,8 @@ class BatchEngine:
                 hits += 1
                 continue
             if reader is not None:  # a shard: one task reads its index once, then its inner chunks
-                units.setdefault((v,) + tuple(c // u for c, u in zip(cid, reader.unit)), []).append((cid, pieces))
+                unit = (v,) + tuple(c // u for c, u in zip(cid, reader.unit))
+                units.setdefault(unit, []).append((cid, pieces))
                 continue
             key = (f"vd-read-{tag}", v) + cid
             if vol.zarr is not None:

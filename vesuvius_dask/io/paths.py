@@ -14,6 +14,7 @@ __all__ = [
     "ZARR_MARKERS", "TIFF_SUFFIXES", "LAYER_DIRS", "IMAGE_SUFFIXES", "PathKind",
     "is_url", "is_zarr_node", "path_kind", "segment_volume_dirs", "protected_roots",
     "TIFXYZ_FILES", "LABEL_ZARR_KINDS", "is_label_zarr", "tifxyz_dir",
+    "OPEN_DATA_BUCKET", "remote_storage_options",
 ]
 
 #: Files that make a folder a Zarr node (v3, v2 array, v2 group).

@@ -76,6 +76,18 @@ class LocalFiles:
         except FileNotFoundError:
             return None
 
+    def stamp(self, key: str) -> tuple[int, int, int] | None:
+        """``(inode, size, modification time)`` of the object, or None when it is absent.
+
+        What is kept about an object (a shard's index) is kept under its stamp, so a
+        rewritten object is read again.
+        """
+        try:
+            st = os.stat(self.root / key)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def read_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes] | None:
         """The bytes of each ``(start, stop)`` of object ``key``, or None when it is absent.
 

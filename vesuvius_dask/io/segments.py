@@ -37,11 +37,12 @@ from .. import config
 from ..errors import VolumeError, VolumeNotFoundError
 from .catalog import resolve_source
 from .label_zarrs import find_label_zarrs, open_label_zarr
-from .paths import TIFF_SUFFIXES, segment_volume_dirs, tifxyz_dir
+from .paths import TIFF_SUFFIXES, is_url, segment_volume_dirs, tifxyz_dir
 from .tiff import TiffStack, tiff_volume
 from .volume import Volume, zarr_volume
 
-__all__ = ["Segment", "TiffStack", "open_segment", "read_image", "check_images", "MAX_IMAGE_PIXELS"]
+__all__ = ["Segment", "TiffStack", "open_segment", "read_image", "check_images", "MAX_IMAGE_PIXELS",
+           "decode_image_bytes"]
 
 #: Largest 2-D image (pixels) read from PNG; Pillow's own decompression-bomb guard
 #: (~89 Mpx) is lifted up to this size, because real masks and labels exceed it. The
@@ -67,14 +68,30 @@ def _open_image(path: Path) -> Any:
             Image.MAX_IMAGE_PIXELS = old
 
 
-def _decode(path: str) -> np.ndarray:
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """A 2-D image (PNG, TIFF) from its bytes (a remote mask or label), as :func:`read_image` reads files.
+
+    Raises
+    ------
+    VolumeError
+        Corrupt or not 2-D (named by ``name``, its URL).
+    """
+    import io
+
+    arr = _decode(io.BytesIO(data), name)
+    if arr.ndim != 2:
+        raise VolumeError(f"{name}: expected a 2-D image, got shape {arr.shape}")
+    return arr
+
+
+def _decode(path: Any, name: str | None = None) -> np.ndarray:
     try:
-        with _open_image(Path(path)) as img:
+        with _open_image(Path(path) if isinstance(path, str) else path) as img:
             if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
                 img = img.convert("L")
             arr = np.asarray(img)
     except Exception as err:
-        raise VolumeError(f"{path}: cannot decode image ({err})") from err
+        raise VolumeError(f"{name or path}: cannot decode image ({err})") from err
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     return arr
@@ -131,8 +148,8 @@ class Segment:
 
     Attributes
     ----------
-    path : Path
-        The segment folder.
+    path : Path or str
+        The segment folder (its URL, a str, for a segment opened over HTTP).
     volume : dask.array.Array or None
         ``(Z, Y, X)`` surface volume, lazy; None for a surface never rendered (render
         it with :func:`vesuvius_dask.surfaces.render.render_segment`).
@@ -190,7 +207,8 @@ def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
     return matches[0] if matches else None
 
 
-def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog: Any = None) -> Segment:
+def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog: Any = None,
+                 storage_options: dict | None = None, cache_dir: str | os.PathLike | None = None) -> Segment:
     """Open a segment folder: its surface volume, ``mask.png``, ``inklabels.png``, ``ir.png``.
 
     The volume is a converted Zarr inside the folder (``*.zarr``; preferred when
@@ -217,6 +235,10 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog
         OME-Zarr level when the volume is a multiscale Zarr.
     catalog : str, os.PathLike or mapping, optional
         A user's catalogue over the recorded one (default ``$VESUVIUS_DASK_CATALOG``).
+    storage_options, cache_dir : optional
+        For a segment URL (``https://.../paths/<id>/``): its TIFF layers are read by
+        byte range where they are uncompressed strips, else fetched whole (kept in
+        ``cache_dir``); see :mod:`vesuvius_dask.io.remote_tiff`.
 
     Returns
     -------
@@ -232,6 +254,10 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog
         one that cannot be read.
     """
     folder = resolve_source(folder, catalog=catalog, kind="segment")
+    if is_url(folder):
+        from .remote_tiff import open_remote_segment
+
+        return open_remote_segment(os.fspath(folder), storage_options=storage_options, cache_dir=cache_dir)
     root = Path(folder)
     if not root.is_dir():
         raise VolumeNotFoundError(f"{root}: no such segment folder")

@@ -32,7 +32,7 @@ import numpy as np
 from .. import config
 from ..lru import LRU
 from .chunks import ChunkCodec, strip_crc32c
-from .partial import cut_pieces, cut_ranges, fill_pieces, span_bytes
+from .pieces import cut_pieces, cut_ranges, fill_pieces, span_bytes
 
 __all__ = ["ShardedChunks", "SHARD_INDEXES", "MISSING"]
 
@@ -120,8 +120,11 @@ class ShardedChunks:
         index = np.frombuffer(raw, dtype="<u8").reshape(self.count, 2).copy()
         return index
 
-    def index(self, shard: tuple[int, ...]) -> tuple[np.ndarray | None, Any, int]:
-        """``(index, map or None, index bytes read)`` of a shard; index None when the shard is absent.
+    def index(self, shard: tuple[int, ...]) -> tuple[np.ndarray | None, Any, int, int | None]:
+        """``(index, map or None, index bytes read, shard size)`` of a shard.
+
+        The index is None when the shard is absent; the size None when the source
+        does not say it.
 
         Raises
         ------
@@ -135,29 +138,34 @@ class ShardedChunks:
         if self.source.mapping:
             got = self.source.mapped(key)
             if got is None:
-                return None, None, 0
+                return None, None, 0, None
             buf, size, stamp = got
             cache_key = (str(self.source.path(key)), stamp)
             index = SHARD_INDEXES.get(cache_key)
             if index is not None:
-                return index, buf, 0
+                return index, buf, 0, size
             if size < self.index_nbytes:
                 raise self._shard_error(shard, f"truncated: the shard holds {size} bytes")
             raw = buf[size - self.index_nbytes:] if self.at_end else buf[:self.index_nbytes]
             index = self._parse(shard, raw, size)
             SHARD_INDEXES.put(cache_key, index)
-            return index, buf, self.index_nbytes
-        cache_key = (str(self.source.root), key)
+            return index, buf, self.index_nbytes, size
+        stamp = self.source.stamp(key) if hasattr(self.source, "stamp") else ()
+        if stamp is None:
+            return None, None, 0, None
+        size = stamp[1] if stamp else None
+        name = self.source.url(key) if hasattr(self.source, "url") else str(self.source.path(key))
+        cache_key = (name, stamp)
         index = SHARD_INDEXES.get(cache_key)
         if index is not None:
-            return index, None, 0
+            return index, None, 0, size
         got = self.source.read_ranges(key, [(-self.index_nbytes, None) if self.at_end
                                             else (0, self.index_nbytes)])
         if got is None:
-            return None, None, 0
-        index = self._parse(shard, got[0], None)
+            return None, None, 0, None
+        index = self._parse(shard, got[0], size)
         SHARD_INDEXES.put(cache_key, index)
-        return index, None, self.index_nbytes
+        return index, None, self.index_nbytes, size
 
     def _entry(self, index: np.ndarray, coords: tuple[int, ...], size: int | None) -> tuple[int, int] | None:
         """``(offset, nbytes)`` of an inner chunk, None when absent; checked against the shard."""
@@ -178,7 +186,8 @@ class ShardedChunks:
 
     # -- inner chunks ------------------------------------------------------------------
     def _region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(c * k, min((c + 1) * k, n)) for c, k, n in zip(coords, self.codec.chunks, self.shape))
+        return tuple(slice(c * k, min((c + 1) * k, n))
+                     for c, k, n in zip(coords, self.codec.chunks, self.shape))
 
     def _whole(self, key: str, coords: tuple[int, ...], where: tuple[int, int], buf: Any
                ) -> tuple[np.ndarray, int]:
@@ -202,17 +211,12 @@ class ShardedChunks:
         coords = self.codec.coords(region)
         shard = tuple(c // u for c, u in zip(coords, self.unit))
         shape = tuple(s.stop - (s.start or 0) for s in region)
-        index, buf, _ = self.index(shard)
-        where = None if index is None else self._entry(index, coords, self._size(shard, buf))
+        index, buf, _, size = self.index(shard)
+        where = None if index is None else self._entry(index, coords, size)
         if where is None:
             return np.full(shape, self.codec.fill, dtype=self.codec.dtype)
         chunk, _ = self._whole(self.encode(shard), coords, where, buf)
         return np.array(chunk[tuple(slice(0, k) for k in shape)], dtype=self.codec.dtype)
-
-    def _size(self, shard: tuple[int, ...], buf: Any) -> int | None:
-        if buf is not None:
-            return len(buf)
-        return self.source.size(self.encode(shard)) if hasattr(self.source, "size") else None
 
     def read_pieces(self, items: list[tuple[tuple[int, ...], np.ndarray]], out: np.ndarray
                     ) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], int]:
@@ -223,8 +227,7 @@ class ShardedChunks:
         """
         shard = tuple(c // u for c, u in zip(items[0][0], self.unit))
         key = self.encode(shard)
-        index, buf, total = self.index(shard)
-        size = self._size(shard, buf) if index is not None else None
+        index, buf, total, size = self.index(shard)
         decoded = []
         item = self.codec.stored.itemsize
         for coords, pieces in items:

@@ -39,7 +39,8 @@ from .paths import remote_storage_options
 
 __all__ = ["Volume", "VolumeSource", "DEFAULT_RAM_CHUNKS", "ORIGIN_ATTR", "MemmapRef", "memmap_ref",
            "check_array", "wrap_numpy", "wrap_zarr", "multiscale_paths", "open_zarr_path",
-           "zarr_volume", "zarr_region", "read_stored", "read_path", "stored_reader", "chunk_key", "is_pathlike", "is_remote",
+           "zarr_volume", "zarr_region", "read_stored", "read_path", "stored_reader",
+           "chunk_key", "is_pathlike", "is_remote",
            "remote_chunks", "stored_keys", "disk_cache_for", "REMOTE_GROUP", "check_grid", "check_zarr",
            "check_metadata_file", "dask_chunking", "MAX_STORED_CHUNKS", "MAX_CHUNKS_PER_AXIS",
            "MAX_CHUNK_BYTES", "MAX_AXIS_LENGTH", "MAX_METADATA_BYTES", "MAX_DASK_CHUNKS",
@@ -570,8 +571,11 @@ def _readers(arr: Any) -> tuple[Any, Any]:
 
 
 def read_path(arr: Any) -> str:
-    """How stored chunks of a Zarr array are read: ``partial-uncompressed``, ``sharded``,
-    ``whole-chunk`` or ``zarr`` (see :mod:`vesuvius_dask.io.partial`)."""
+    """How stored chunks of a Zarr array are read.
+
+    ``partial-uncompressed``, ``sharded``, ``whole-chunk`` or ``zarr`` (see
+    :mod:`vesuvius_dask.io.partial`).
+    """
     return stored_reader(arr).path
 
 
@@ -622,30 +626,10 @@ def remote_chunks(arr: Any, name: str, storage_options: dict | None = None,
     settings = RemoteSettings.from_config()
     nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
     storage_options = remote_storage_options(f"{protocol}://{base}", storage_options)
-    if protocol in ("s3", "s3a"):
-        storage_options = _s3_fetch_options(storage_options, settings)
     remote = RemoteChunks(protocol, base, name, storage_options, settings, chunk_nbytes=nbytes)
     if cache_dir is not None:
         remote = remote.with_cache(disk_cache_for(remote, arr, cache_dir))
     return remote
-
-
-def _s3_fetch_options(storage_options: dict, settings: Any) -> dict:
-    """Chunk GETs over S3: ``concurrency`` connections, no retries under the fetcher's own.
-
-    botocore keeps 10 connections per client by default (10 requests in flight at
-    most) and retries a throttled or failed request 4 times with its own backoff:
-    a SlowDown answer took 25 requests and 48 s to reach the fetcher. Options the
-    user gave win.
-    """
-    opts = dict(storage_options)
-    config_kwargs = dict(opts.get("config_kwargs") or {})
-    config_kwargs.setdefault("max_pool_connections", settings.concurrency)
-    config_kwargs.setdefault("retries", {"total_max_attempts": 1})
-    config_kwargs.setdefault("connect_timeout", settings.timeout)
-    config_kwargs.setdefault("read_timeout", settings.timeout)
-    opts["config_kwargs"] = config_kwargs
-    return opts
 
 
 def disk_cache_for(remote: Any, arr: Any, cache_dir: str | os.PathLike) -> Any:

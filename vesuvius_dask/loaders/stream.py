@@ -9,6 +9,7 @@ the reader's arrays into tensors.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -117,6 +118,25 @@ def _find_states(obj: Any, found: list[dict]) -> list[dict]:
             for value in obj.values():
                 _find_states(value, found)
     return found
+
+
+def _file_list(files: Any) -> Sequence[Any]:
+    """``files`` as a non-empty sequence (one path or array becomes a list of one)."""
+    if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
+        files = [files]
+    if len(files) == 0:
+        raise SamplingError("files is empty: give at least one volume")
+    return files
+
+
+def _normalizing(volumes: list[Volume], dtype: Any, normalization: Any) -> tuple[np.dtype, Any]:
+    """The stream's dtype and its normaliser (None for ``"none"``: nothing on the hot path).
+
+    Global schemes read their volumes' statistics here, once (a bounded sample).
+    """
+    spec = normalization_spec(normalization)
+    out = _output_dtype(volumes, dtype, spec["scheme"] != "none")
+    return out, None if spec["scheme"] == "none" else Normalizer(spec, volumes)
 
 
 def _as_tensor(array: Any) -> Any:
@@ -469,10 +489,7 @@ class DaskVesuviusStream(IterableDataset):
         normalization: Any = "none",
     ) -> None:
         super().__init__()
-        if isinstance(files, (str, bytes)) or not isinstance(files, Sequence):
-            files = [files]
-        if len(files) == 0:
-            raise SamplingError("files is empty: give at least one volume")
+        files = _file_list(files)
         block = _block_shape(block, (z_size, y_size, x_size))
         _check_options(batch_size, transform)
         sampler = _sampler_in_use(sampler, samples_per_epoch, dict(
@@ -505,11 +522,7 @@ class DaskVesuviusStream(IterableDataset):
         #: The sampler in use: the one given (or built from the keywords), with the plan's seed.
         self.sampler = replace(sampler, seed=self.plan.seed) \
             if isinstance(sampler, RandomSampler) and sampler.seed is None else sampler
-        spec = normalization_spec(normalization)
-        self.dtype = _output_dtype(self.volumes, dtype, spec["scheme"] != "none")
-        # global schemes read their volumes' statistics here, once (a bounded sample)
-        self._normalizer = None if spec["scheme"] == "none" else Normalizer(spec, self.volumes)
-        self._normalization = spec
+        self.dtype, self._normalizer = _normalizing(self.volumes, dtype, normalization)
         self.engine = BatchEngine(self.volumes, block, dtype=self.dtype, cache_bytes=reading.cache_bytes,
                                   num_threads=reading.num_threads)
         self.label_engine = None if self.label_volumes is None else BatchEngine(
@@ -652,14 +665,15 @@ class DaskVesuviusStream(IterableDataset):
     # ------------------------------------------------------------------ resuming
     def _expected(self) -> dict[str, Any]:
         if self._fingerprint is None:
-            masks = [np.packbits(g.valid).tobytes().hex()[:64] + str(int(g.valid.sum()))
-                     if hasattr(g, "valid") else None for g in self.plan.grids]
+            masks = [hashlib.sha256(np.packbits(g.valid)).hexdigest()[:16]
+                     if hasattr(g, "valid") else None for g in getattr(self.plan, "grids", [])]
             self._fingerprint = fingerprint({
                 "volumes": [(str(v.name).rstrip("/").rsplit("/", 1)[-1], v.shape, str(v.dtype))
                             for v in self.volumes],
                 "block": self.block, "samples": self.samples_per_epoch, "read_batch": self.plan.read_batch,
                 "masks": masks, "labels": None if self.label_volumes is None else
-                [lv.shape for lv in self.label_volumes], "positives": self.plan.positive_fraction,
+                [lv.shape for lv in self.label_volumes],
+                "positives": getattr(self.plan, "positive_fraction", None),
                 "subset": self.batch_subset})
         return {"seed": self.seed, "fingerprint": self._fingerprint, "rank": self.rank,
                 "world_size": self.world_size, "unit": "blocks" if self.batch_size is None else "batches",

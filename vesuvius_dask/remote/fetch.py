@@ -310,7 +310,7 @@ class RemoteChunks:
         return local
 
     # -- fetching --------------------------------------------------------------------------
-    async def _request(self, local: _Local, path: str) -> bytes:
+    async def _request(self, local: _Local, path: str, span: tuple[int, int] | None = None) -> bytes:
         """One GET of at most :attr:`max_stored` bytes; over HTTP, a connect that stalls is made again.
 
         A connection the server's full listen queue dropped would otherwise wait
@@ -319,14 +319,15 @@ class RemoteChunks:
         Elsewhere than HTTP, the byte range ``[0, bound + 1)`` is asked for.
         """
         fs = local.fs
-        bound = self.max_stored
+        bound = self.max_stored if span is None else span[1] - span[0]
+        start, end = (0, bound + 1) if span is None else span
         overall = self.settings.timeout * self.settings.deadline_factor
         conns = local.connections
         if conns is None:
             if getattr(fs, "async_impl", False):
-                data = await asyncio.wait_for(fs._cat_file(path, start=0, end=bound + 1), timeout=overall)
+                data = await asyncio.wait_for(fs._cat_file(path, start=start, end=end), timeout=overall)
             else:
-                data = await asyncio.wait_for(asyncio.to_thread(fs.cat_file, path, start=0, end=bound + 1),
+                data = await asyncio.wait_for(asyncio.to_thread(fs.cat_file, path, start=start, end=end),
                                               timeout=overall)
             if len(data) > bound:
                 raise _TooLarge(bound, received=len(data))
@@ -339,7 +340,7 @@ class RemoteChunks:
             limits = aiohttp.ClientTimeout(total=None, sock_connect=wait, sock_read=self.settings.timeout)
             try:
                 # the HTTP client's own timeouts see a stalled socket; this bounds everything else
-                return await asyncio.wait_for(_http_get(fs, path, limits, bound), timeout=overall)
+                return await asyncio.wait_for(_http_get(fs, path, limits, bound, span), timeout=overall)
             except aiohttp.ConnectionTimeoutError:
                 budget -= wait
                 if budget <= 0:
@@ -363,7 +364,7 @@ class RemoteChunks:
         folder = None if s.share_dir == "" else ("" if s.share_dir == "off" else s.share_dir)
         return host_window(self.host(), s.host_concurrency, s.initial_concurrency, folder)
 
-    async def _fetch(self, key: str, index: Any) -> bytes | None:
+    async def _fetch(self, key: str, index: Any, span: tuple[int, int] | None = None) -> bytes | None:
         """One chunk's bytes from the server (None: absent and ``missing='fill'``).
 
         Each attempt takes a slot of the host's request window
@@ -393,7 +394,7 @@ class RemoteChunks:
                 if local.failure is not None and local.failure[0] >= queued:
                     raise ChunkFetchError(str(local.failure[1])) from local.failure[1]
                 try:
-                    return await self._attempt(local, window, path)
+                    return await self._attempt(local, window, path, span)
                 except FileNotFoundError as err:
                     if s.missing == "fill":
                         return None
@@ -428,7 +429,7 @@ class RemoteChunks:
             local.failure = (time.monotonic(), error)
             raise error from last
 
-    async def _attempt(self, local: _Local, window: Any, path: str) -> bytes:
+    async def _attempt(self, local: _Local, window: Any, path: str, span: tuple[int, int] | None) -> bytes:
         """One request, in a slot of the host's window; an answer widens the window."""
         async with window.slot():
             self.stats.requests += 1
@@ -436,7 +437,7 @@ class RemoteChunks:
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
             t0 = time.monotonic()
             try:
-                data = await self._request(local, path)
+                data = await self._request(local, path, span)
             finally:
                 self.stats.in_flight -= 1
             window.answered(time.monotonic() - t0)
@@ -461,15 +462,18 @@ class RemoteChunks:
         self.stats.refused += 1
         if pause is not None:
             return 0.0  # the window's pause holds every request to the host until then
-        backoff = max(self.settings.backoff, 0.05) * 2 ** min(refusals, 6) * (1 + 0.25 * random.random())
+        # a few round trips first (the window has shrunk meanwhile), doubling up to 30 s
+        first = min(self.settings.backoff, max(0.05, 4 * (window.srtt or 0.0)))
+        backoff = first * 2 ** min(refusals, 10) * (1 + 0.25 * random.random())
         return min(backoff, 30.0, left)
 
     async def _prefetched(self, key: str, index: Any) -> Any:
         """A started fetch (a :class:`_Got`): from the disk cache, else from the server.
 
-        The claim and the look-up are a few cheap system calls, made on the event
-        loop; a hit's file is read, and a fetched chunk written (behind: other
-        processes waiting for it read it from there), by the cache's threads. A
+        The look-up and the claim (system calls that a loaded disk can make slow)
+        run on the cache's threads, never on the event loop every request shares;
+        so do reading a hit's file and writing a fetched chunk (behind: other
+        processes waiting for it read it from there). A
         chunk another process is fetching is left to it (:data:`_ELSEWHERE`:
         :meth:`get` then waits for that process).
         """
@@ -478,16 +482,17 @@ class RemoteChunks:
         from .cache_files import release
 
         loop = asyncio.get_running_loop()
-        if self.cache.has(key):  # a hit needs no claim: files appear whole
-            found = await loop.run_in_executor(self._cache_io(), self._cached, key)
+        io = self._cache_io()  # file system calls off the loop: a slow disk must not stall every request
+        if await loop.run_in_executor(io, self.cache.has, key):  # a hit needs no claim: files appear whole
+            found = await loop.run_in_executor(io, self._cached, key)
             if found is not _ELSEWHERE:
                 return found
-        claim_fd = self.cache.try_claim(key)
+        claim_fd = await loop.run_in_executor(io, self.cache.try_claim, key)
         if claim_fd is None:
             return _ELSEWHERE
-        if self.cache.has(key):  # put by the holder before us
+        if await loop.run_in_executor(io, self.cache.has, key):  # put by the holder before us
             release(claim_fd)
-            return await loop.run_in_executor(self._cache_io(), self._cached, key)
+            return await loop.run_in_executor(io, self._cached, key)
         try:
             data = await self._fetch(key, index)
         except BaseException:
@@ -545,6 +550,22 @@ class RemoteChunks:
             return _ELSEWHERE
         self.stats.cache_hits += 1
         return _Got(None if hit == MISSING else hit, path=self.cache.file(key))
+
+    def get_ranges(self, requests: list[tuple[str, int, int]]) -> list[bytes]:
+        """Byte ranges ``[start, end)`` of files under the array's base, fetched together.
+
+        For layouts read in part (uncompressed TIFF strips, shard indexes and
+        inner chunks): the same request window, refusals, retries, bounds (a
+        response longer than its range is refused) and named faults as chunks;
+        not kept in ``cache_dir``. A server that ignores ``Range`` and sends the
+        whole file is read only up to ``end``.
+        """
+        local = self._here()
+
+        async def many() -> list:
+            return await asyncio.gather(*(self._fetch(key, None, (int(a), int(b))) for key, a, b in requests))
+
+        return asyncio.run_coroutine_threadsafe(many(), local.loop).result()
 
     def _fetch_now(self, key: str, index: Any) -> bytes | None:
         local = self._here()
@@ -722,7 +743,7 @@ class _Connections:
         return min(limit, max(0.25, 4 * self.slowest))
 
 
-async def _http_get(fs: Any, url: str, limits: Any, bound: int) -> bytes:
+async def _http_get(fs: Any, url: str, limits: Any, bound: int, span: tuple[int, int] | None = None) -> bytes:
     """GET ``url`` with fsspec's aiohttp session, refusing a body of more than ``bound`` bytes.
 
     A ``Content-Length`` above the bound is refused before the body is read; a body
@@ -731,6 +752,8 @@ async def _http_get(fs: Any, url: str, limits: Any, bound: int) -> bytes:
     """
     kw = dict(fs.kwargs)
     kw["timeout"] = limits
+    if span is not None:
+        kw["headers"] = {**(kw.get("headers") or {}), "Range": f"bytes={span[0]}-{span[1] - 1}"}
     session = await fs.set_session()
     encode = getattr(fs, "encode_url", None)
     async with session.get(encode(url) if encode is not None else url, **kw) as r:
@@ -743,6 +766,10 @@ async def _http_get(fs: Any, url: str, limits: Any, bound: int) -> bytes:
             if body is None:
                 r.close()
             fs._raise_not_found_for_status(r, url)
+        if span is not None and r.status == 200:  # Range ignored: the whole file, read up to the range's end
+            body, _ = await _read_capped(r, span[1], keep_going=False)
+            r.close()
+            return (body or b"")[span[0]:span[1]]
         declared = r.content_length
         if declared is not None and declared > bound:
             r.close()
@@ -754,11 +781,17 @@ async def _http_get(fs: Any, url: str, limits: Any, bound: int) -> bytes:
         return body
 
 
-async def _read_capped(r: Any, cap: int) -> tuple[bytes | None, int]:
-    """``(body, bytes received)`` of a response, body None once more than ``cap`` bytes arrived."""
+async def _read_capped(r: Any, cap: int, keep_going: bool = True) -> tuple[bytes | None, int]:
+    """``(body, bytes received)`` of a response, body None once more than ``cap`` bytes arrived.
+
+    ``keep_going`` False: the first ``cap`` bytes, the rest not read.
+    """
     pieces = []
     received = 0
     async for piece in r.content.iter_any():
+        if not keep_going and received + len(piece) >= cap:
+            pieces.append(piece[: cap - received])
+            return b"".join(pieces), cap
         received += len(piece)
         if received > cap:
             return None, received
@@ -878,9 +911,31 @@ def _make_filesystem(protocol: str, storage_options: dict, settings: RemoteSetti
         hooks.on_connection_create_end.append(connections.end)
         client["trace_configs"] = [*client.get("trace_configs", []), hooks]
         opts["client_kwargs"] = client
+    elif protocol in ("s3", "s3a"):
+        opts = _s3_options(opts, settings)
     fs = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
+    if protocol in ("s3", "s3a") and "retries" not in storage_options:
+        fs.retries = 1  # s3fs's own retries (5, on SlowDown too) would hide refusals from the window
     loop = fs.loop if getattr(fs, "async_impl", False) else _thread_loop()
     return fs, loop, connections
+
+
+def _s3_options(storage_options: dict, settings: RemoteSettings) -> dict:
+    """Chunk GETs over S3: as many connections as the host's window may use, no retries under ours.
+
+    botocore keeps 10 connections per client by default (10 requests in flight at
+    most) and retries a throttled or failed request 4 times with its own backoff:
+    a SlowDown answer took 25 requests and 48 s to reach the fetcher. Options the
+    user gave win.
+    """
+    opts = dict(storage_options)
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    config_kwargs.setdefault("max_pool_connections", max(settings.concurrency, settings.host_concurrency))
+    config_kwargs.setdefault("retries", {"total_max_attempts": 1})
+    config_kwargs.setdefault("connect_timeout", settings.timeout)
+    config_kwargs.setdefault("read_timeout", settings.timeout)
+    opts["config_kwargs"] = config_kwargs
+    return opts
 
 
 def _process_pool(name: str, threads_key: str) -> Any:

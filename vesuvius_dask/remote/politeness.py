@@ -11,7 +11,8 @@ adapts its congestion window (AIMD):
   requests (slow start) until the first refusal, then grows by one request per
   window of answered requests (additive increase), never above
   ``host-concurrency`` (the documented ceiling);
-* a refusal halves it (multiplicative decrease, at most once per ``cooldown``:
+* a refusal shrinks it to 0.7 of itself (multiplicative decrease, as CUBIC's
+  beta; at most once per ``cooldown``:
   the requests already in flight when the server started refusing are answered
   by the same refusal, and count once), and a ``Retry-After`` pauses every request
   of the machine to that host until the time it names;
@@ -58,7 +59,10 @@ _LOCK_AT = 4096  # the byte locked while the header is read and written
 _SLOTS_AT = 8192  # one slot per process: 8 bytes, 1 + its requests in flight (0: free); first byte locked
 _SLOTS = 1024
 _WAITING = 1 << 32  # the flag in a slot: this process has a request waiting for room
-_POLL = 0.005  # seconds between two looks at the other processes' counts while waiting
+_POLL = 0.005
+#: What a refusal leaves of the window (CUBIC's beta: TCP's 0.5 under-uses a server whose
+#: limit sits just below the window; measured in benchmarks/remote.py --only-rate-limited).
+DECREASE = 0.7  # seconds between two looks at the other processes' counts while waiting
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -356,14 +360,14 @@ class HostWindow:
             self._freed.set()
 
     def refused(self, retry_after: float | None) -> None:
-        """The server refused a request (429, 503, SlowDown): halve the window, pause for ``retry_after``."""
+        """The server refused a request (429, 503, SlowDown): shrink the window, pause for ``retry_after``."""
         self.refusals += 1
         now = time.monotonic()
         cooldown = self.cooldown if self.cooldown is not None else max(0.02, 1.5 * (self.srtt or 0.0))
 
         def shrink(s: list[float]) -> list[float]:
             if now - s[3] >= cooldown:
-                s[0] = max(1.0, s[0] / 2)
+                s[0] = max(1.0, s[0] * DECREASE)
                 s[1] = s[0]
                 s[3] = now
             if retry_after:

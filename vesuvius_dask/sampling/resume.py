@@ -30,7 +30,7 @@ __all__ = ["STATE_FORMAT", "fingerprint", "resume_point", "global_position", "me
            "check_state"]
 
 #: The ``format`` key of every stream state.
-STATE_FORMAT = "vesuvius-dask.stream/1"
+STATE_FORMAT = "vesuvius_dask stream state/1"
 
 
 def fingerprint(description: Mapping[str, Any]) -> str:

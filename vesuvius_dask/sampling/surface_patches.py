@@ -123,8 +123,9 @@ class SurfaceSampler(Sampler):
         if self.split not in SPLITS:
             raise SamplingError(f"split must be 'train' or 'validation', got {self.split!r}")
         set_(self, "translate", int_triple("translate", self.translate, minimum=0))
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
-                                      or self.seed < 0):
+        seed = self.seed
+        bad_seed = isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        if seed is not None and bad_seed:
             raise SamplingError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         set_(self, "shuffle", bool(self.shuffle))
 
@@ -347,19 +348,22 @@ class SurfacePlan:
         self.level = sampler.level
         self.half_thickness = sampler.half_thickness / 2 ** self.level
         self.read_batch = positive_int("read_batch", read_batch)
-        self.seed = int(np.random.SeedSequence().entropy) % (1 << 63) if sampler.seed is None else sampler.seed
+        self.seed = sampler.seed if sampler.seed is not None else \
+            int(np.random.SeedSequence().entropy) % (1 << 63)
         self.sampler = replace(sampler, seed=self.seed)
         self.volumes = self._volumes(storage_options, cache_dir)
         self._groups = self._volume_groups()
         rows: dict[str, list] = {"train": [], "validation": []}
         self._labels: list[_Labels] = []
         for i, seg in enumerate(self.segments):
-            planes = [None if src is None else _label_plane(src, self.level, f"{seg.name} {what}", storage_options)
+            planes = [None if src is None else
+                      _label_plane(src, self.level, f"{seg.name} {what}", storage_options)
                       for src, what in ((seg.inklabels, "inklabels"), (seg.supervision, "supervision"),
                                         (seg.validation, "validation"))]
             ink, sup, val = planes
             _check_planes(seg, ink, sup, val)
-            train, valid = find_patches(sup, val, self.block[1:], sampler.overlap, sampler.min_labeled_coverage)
+            train, valid = find_patches(sup, val, self.block[1:], sampler.overlap,
+                                        sampler.min_labeled_coverage)
             for split, corners in (("train", train), ("validation", valid)):
                 rows[split].append(np.column_stack([np.full(len(corners), i), corners]).astype(np.int64))
             self._labels.append(self._index(seg, ink, sup, val, sampler.split))
@@ -372,7 +376,8 @@ class SurfacePlan:
         if n == 0:
             raise SamplingError(f"no {sampler.split} patches of {self.block[1]}x{self.block[2]} in "
                                 f"{len(self.segments)} segment(s) at level {self.level} (overlap="
-                                f"{sampler.overlap:g}, min_labeled_coverage={sampler.min_labeled_coverage:g})")
+                                f"{sampler.overlap:g}, min_labeled_coverage="
+                                f"{sampler.min_labeled_coverage:g})")
         self.samples_per_epoch = n if sampler.samples_per_epoch is None else sampler.samples_per_epoch
         if self.samples_per_epoch > n:
             raise SamplingError(f"samples_per_epoch={self.samples_per_epoch} is more than the {n} "
@@ -410,8 +415,8 @@ class SurfacePlan:
                 vol = opened[key]
                 small = [a for a, (s, b) in enumerate(zip(vol.shape, self.block)) if s < b]
                 if small:
-                    raise SamplingError(f"{vol.name}: shape {tuple(vol.shape)} at level {self.level} is smaller "
-                                        f"than the block {self.block} along {'zyx'[small[0]]}")
+                    raise SamplingError(f"{vol.name}: shape {tuple(vol.shape)} at level {self.level} is "
+                                        f"smaller than the block {self.block} along {'zyx'[small[0]]}")
             out.append(opened[key])
         return out
 
@@ -552,7 +557,8 @@ class SurfacePlan:
             lab = self._labels[j]
             if not len(lab.tiles):
                 continue
-            hit = np.nonzero(np.all(lab.boxes[:, 3:] >= lo, axis=1) & np.all(lab.boxes[:, :3] < hi, axis=1))[0]
+            hit = np.nonzero(np.all(lab.boxes[:, 3:] >= lo, axis=1)
+                             & np.all(lab.boxes[:, :3] < hi, axis=1))[0]
             for t in hit.tolist():
                 pts, nrm, flags = self._tile(j, t)
                 project_labels(pts, nrm, flags, self.half_thickness, start, ink, sup)
@@ -573,7 +579,8 @@ class SurfacePlan:
         return state
 
     def __repr__(self) -> str:
-        return (f"SurfacePlan({len(self.segments)} segments, {len(self.patches)} {self.sampler.split} patches, "
+        return (f"SurfacePlan({len(self.segments)} segments, {len(self.patches)} {self.sampler.split} "
+                f"patches, "
                 f"block={self.block}, level={self.level}, samples_per_epoch={self.samples_per_epoch})")
 
 

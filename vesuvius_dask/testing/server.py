@@ -78,11 +78,38 @@ class _Handler(SimpleHTTPRequestHandler):
             if fault in ("404", "500"):
                 self.send_error(int(fault))
                 return
+            if owner.ranges and self.headers.get("Range", "").startswith("bytes=") and self._send_range():
+                return
             super().do_GET()
         finally:
             with owner.lock:
                 owner.in_flight -= 1
                 owner.chunks_in_flight -= chunk
+
+
+    def _send_range(self) -> bool:
+        """Answer ``Range: bytes=a-b`` with 206 and those bytes (False: not a file, or a bad range)."""
+        import os
+
+        owner = self.server.owner  # type: ignore[attr-defined]
+        path = self.translate_path(self.path)
+        try:
+            first, _, last = self.headers["Range"][6:].partition("-")
+            size = os.path.getsize(path)
+            start, end = int(first), min(int(last) + 1 if last else size, size)
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(max(0, end - start))
+        except (OSError, ValueError):
+            return False
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        with owner.lock:
+            owner.bytes_sent += len(data)
+        return True
 
 
 class _PlainHandler(_Handler):
@@ -123,6 +150,10 @@ class SlowServer:
         self.connections: set = set()
         self.in_flight = 0
         self.peak = 0
+        #: Answer ``Range`` requests with 206 (False: the whole file, as http.server does).
+        self.ranges = True
+        #: Bytes sent in answer to ``Range`` requests.
+        self.bytes_sent = 0
         #: Chunk requests (metadata left out) being answered now, and the most at once.
         self.chunks_in_flight = 0
         self.chunk_peak = 0

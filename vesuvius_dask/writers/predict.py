@@ -625,7 +625,7 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
     """
     from ..io.paths import PathKind, path_kind
     from ..io.segments import open_segment
-    from .outputs import check_destination, check_job, interruptible, same_or_inside
+    from .outputs import interruptible
 
     out, mask = output, masks[0] if isinstance(masks, (list, tuple)) and len(masks) == 1 else masks
     part = _check_part(part)
@@ -636,15 +636,7 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
               if isinstance(p, (str, os.PathLike))]
     if getattr(source, "path", None) is not None:
         inputs.append(source.path)
-    # every output path is checked before any work starts
-    check_job(out if part is None else part_path(out, *part), inputs, overwrite=overwrite, resume=resume)
-    if part is not None:
-        check_destination(out, inputs, overwrite=True)  # where the join will publish
-    if png is not None:
-        check_destination(png, inputs + [out], overwrite=overwrite, what="png")
-        if same_or_inside(png, out):
-            raise OutputError(f"png {os.fspath(png)} is the output {os.fspath(out)} or inside it; "
-                              "give the PNG a path of its own")
+    _check_outputs(out, part, png, inputs, overwrite, resume)
     loaded, meta = _load_model(model)
     identity = {"source": _source_name(source), "source_stamp": _content(source),
                 "overlap": None if overlap is None else [int(o) for o in overlap],
@@ -665,6 +657,20 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
         return _predict(loaded, source, job, block, overlap, batch_size, _masks(mask, source),
                         mask_coverage, num_workers, client, quiet, checkpoint_blocks, cache_dir,
                         storage_options)
+
+
+def _check_outputs(out: Any, part: Any, png: Any, inputs: list, overwrite: bool, resume: bool) -> None:
+    """Every output path of ``predict``, checked before any work starts."""
+    from .outputs import check_destination, check_job, same_or_inside
+
+    check_job(out if part is None else part_path(out, *part), inputs, overwrite=overwrite, resume=resume)
+    if part is not None:
+        check_destination(out, inputs, overwrite=True)  # where the join will publish
+    if png is not None:
+        check_destination(png, inputs + [out], overwrite=overwrite, what="png")
+        if same_or_inside(png, out):
+            raise OutputError(f"png {os.fspath(png)} is the output {os.fspath(out)} or inside it; "
+                              "give the PNG a path of its own")
 
 
 class _Job:
@@ -889,6 +895,23 @@ def _part_attrs(output: Any, k: int, n: int) -> dict:
     return attrs
 
 
+def _check_parts(output: Any, n: int, model: Any, source: Any) -> list[dict]:
+    """The attributes of every part, checked: all there, of one job, model and source unchanged."""
+    attrs = [_part_attrs(output, k, n) for k in range(n)]
+    jobs = [a.get("job") or {} for a in attrs]
+    for k, job in enumerate(jobs):
+        if job != jobs[0]:
+            diff = sorted(key for key in set(job) | set(jobs[0]) if job.get(key) != jobs[0].get(key))
+            raise OutputError(f"{os.fspath(output)}: part {k} is from another job than part 0 "
+                              f"(they differ in {', '.join(diff)}); run every part with the same options")
+    now = {"model": None if model is None else _model_identity(model),
+           "source_stamp": None if source is None else _content(source)}
+    for key, value in now.items():
+        if value is not None and value != jobs[0].get(key):
+            raise OutputError(f"{os.fspath(output)}: the {key.split('_')[0]} changed since the parts ran")
+    return attrs
+
+
 def predict_join(output: str | os.PathLike, parts: int, *, png: str | os.PathLike | None = None,
                  overwrite: bool = False, model: Any = None, source: Any = None) -> da.Array:
     """Check that every part of a split ``predict`` is complete, then publish ``output``.
@@ -923,18 +946,8 @@ def predict_join(output: str | os.PathLike, parts: int, *, png: str | os.PathLik
     from .outputs import OutputJob, critical, remove_path
 
     n = _check_part((0, parts))[1]  # type: ignore[index]
-    attrs = [_part_attrs(output, k, n) for k in range(n)]
-    jobs = [a.get("job") for a in attrs]
-    for k, job in enumerate(jobs):
-        if job != jobs[0]:
-            diff = sorted(key for key in set(job) | set(jobs[0]) if job.get(key) != jobs[0].get(key))
-            raise OutputError(f"{os.fspath(output)}: part {k} is from another job than part 0 "
-                              f"(they differ in {', '.join(diff)}); run every part with the same options")
-    now = {"model": None if model is None else _model_identity(model),
-           "source_stamp": None if source is None else _content(source)}
-    for key, value in now.items():
-        if value is not None and value != jobs[0].get(key):
-            raise OutputError(f"{os.fspath(output)}: the {key.split('_')[0]} changed since the parts ran")
+    attrs = _check_parts(output, n, model, source)
+    jobs = [a["job"] for a in attrs]
     paths = [part_path(output, k, n) for k in range(n)]
     first = zarr.open_array(paths[0], mode="r")
     identity = dict(jobs[0], joined=n)
