@@ -75,7 +75,8 @@ def epoch(source: str, cache_dir: Path | None = None) -> tuple[float, DaskVesuvi
 
 def rate_limited(path: Path, reps: int, allow: float) -> None:
     """The rate-limited rows: blocks/s, answered requests/s against the allowance, refusals."""
-    cases = [("token bucket, no Retry-After", dict(rate=allow, burst=10), allow),
+    cases = [("none (the client's own pace)", {}, float("nan")),
+             ("token bucket, no Retry-After", dict(rate=allow, burst=10), allow),
              ("token bucket, Retry-After", dict(rate=allow, burst=10, retry_after="auto"), allow),
              ("8 in flight at most", dict(max_in_flight=8), 8 / 0.02)]
     print(f"\nrate-limited server (20 ms per request), {N} blocks cold, median of {reps}:\n")

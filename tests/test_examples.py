@@ -42,7 +42,21 @@ def test_train_ink_example_beats_the_baselines():
     assert "50% of blocks hold ink" in proc.stdout  # label-balanced sampling by default
 
 
-@pytest.mark.parametrize("script", ["make_example.py", "export_model.py", "train_ink.py", "train.py"])
+def test_train_native3d_example_beats_the_baselines():
+    """Native-3D: trained on training patches, scored on validation patches above all-ink."""
+    import re
+
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_native3d.py"), "--steps", "40"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    line = [s for s in proc.stdout.splitlines() if s.startswith("validation voxels")][0]
+    f1, ink_f1 = (float(v) for v in re.search(r"ink F1 ([\d.]+) \(all-background [\d.]+, all-ink ([\d.]+)\)",
+                                               line).groups())
+    assert f1 > ink_f1 + 0.1, line
+
+
+@pytest.mark.parametrize("script", ["make_example.py", "export_model.py", "train_ink.py", "train.py",
+                                    "train_native3d.py"])
 def test_examples_take_help_and_write_nothing(tmp_path, script):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Sampler,
         UniformSampler,
     )
+    from .sampling.surface_patches import SurfaceSampler, SurfaceSegment
     from .surfaces.render import render_segment, render_surface
     from .surfaces.tifxyz import Surface, open_surface
     from .writers.convert import convert_tiffs, convert_zarr
@@ -67,6 +68,8 @@ __all__ = [
     "LocalitySampler",
     "BalancedSampler",
     "GridSampler",
+    "SurfaceSampler",
+    "SurfaceSegment",
     "ReadOptions",
     "convert_tiffs",
     "convert_zarr",
@@ -113,6 +116,8 @@ _LAZY = {
     "LocalitySampler": ("sampling.samplers", "LocalitySampler"),
     "BalancedSampler": ("sampling.samplers", "BalancedSampler"),
     "GridSampler": ("sampling.samplers", "GridSampler"),
+    "SurfaceSampler": ("sampling.surface_patches", "SurfaceSampler"),
+    "SurfaceSegment": ("sampling.surface_patches", "SurfaceSegment"),
     "ReadOptions": ("loaders.options", "ReadOptions"),
     "convert_tiffs": ("writers.convert", "convert_tiffs"),
     "convert_zarr": ("writers.convert", "convert_zarr"),

@@ -313,30 +313,28 @@ def layer_fetcher(url: str, layers: list[RemoteLayer], storage_options: dict | N
     return remote.with_cache(cache)
 
 
-def remote_images(url: str, probe: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """The segment's mask, ink labels and IR image (``<id>_mask.png`` or ``mask.png`` ...), fetched whole."""
-    import dask.array as da
+def remote_images(url: str, probe: Any) -> dict[str, tuple[str, bytes]]:
+    """The segment's mask, ink labels and IR image (``<id>_mask.png`` or ``mask.png`` ...), fetched whole.
 
-    from .segments import decode_image_bytes
-
+    ``{"mask" | "labels" | "ir": (URL, bytes)}`` for those the server has.
+    """
     seg_id = url.rstrip("/").rsplit("/", 1)[-1]
-    images: dict[str, Any] = {}
-    sources: dict[str, str] = {}
+    found: dict[str, tuple[str, bytes]] = {}
     for name, stem in (("mask", "mask"), ("labels", "inklabels"), ("ir", "ir")):
-        images[name] = None
         for key in (f"{seg_id}_{stem}.png", f"{stem}.png"):
             data = probe.get(key)
             if data is not None:
-                arr = decode_image_bytes(data, probe.url(key))
-                images[name] = da.from_array(arr, chunks=arr.shape)
-                sources[name] = probe.url(key)
+                found[name] = (probe.url(key), data)
                 break
-    return images, sources
+    return found
 
 
 def open_remote_segment(url: str, *, storage_options: dict | None = None, cache_dir: Any = None,
-                        chunks: Any = None) -> Any:
-    """A segment folder by URL as a :class:`~vesuvius_dask.io.segments.Segment` (see the module notes).
+                        chunks: Any = None) -> tuple[Any, dict[str, tuple[str, bytes]]]:
+    """A segment folder by URL: its volume (a :class:`~vesuvius_dask.io.volume.Volume`) and images.
+
+    :func:`~vesuvius_dask.io.segments.open_segment` makes the
+    :class:`~vesuvius_dask.io.segments.Segment` of them (see the module notes).
 
     Parameters
     ----------
@@ -350,20 +348,23 @@ def open_remote_segment(url: str, *, storage_options: dict | None = None, cache_
         Dask chunks (default: up to 16 layers x 64 rows x all columns; a whole layer
         per chunk when no layer reads by range).
 
+    Returns
+    -------
+    (Volume, dict)
+        The volume, and ``{"mask" | "labels" | "ir": (URL, PNG bytes)}`` found.
+
     Raises
     ------
     VolumeNotFoundError
         No layer ``00`` under ``layers/`` or ``surface_volume/``, or a gap in the layers.
     VolumeError
-        An unreadable TIFF header, layers that differ, an image of the wrong size
-        (each naming its URL).
+        An unreadable TIFF header or layers that differ (naming the URL).
     ChunkFetchError
         The server failed (after retries), naming the URL.
     """
     import dask.array as da
     from dask.base import tokenize
 
-    from .segments import Segment, check_images
     from .volume import Volume
 
     url = url.rstrip("/")
@@ -377,7 +378,4 @@ def open_remote_segment(url: str, *, storage_options: dict | None = None, cache_
         chunks = (min(nz, REMOTE_LAYERS_PER_CHUNK), min(ny, REMOTE_ROWS), nx) if ranged else (1, ny, nx)
     token = "volume-remote-tiff-" + tokenize(stack.url, layers)
     arr = da.from_array(stack, chunks=chunks, name=token, asarray=False)
-    record = Volume(arr, f"{url}/{folder}")
-    images, sources = remote_images(url, probe)
-    check_images(images, sources, record.shape[1:], f"the volume {record.name}")  # type: ignore[arg-type]
-    return Segment(url, record, **images)  # type: ignore[arg-type]
+    return Volume(arr, f"{url}/{folder}"), remote_images(url, probe)

@@ -255,9 +255,7 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog
     """
     folder = resolve_source(folder, catalog=catalog, kind="segment")
     if is_url(folder):
-        from .remote_tiff import open_remote_segment
-
-        return open_remote_segment(os.fspath(folder), storage_options=storage_options, cache_dir=cache_dir)
+        return _remote_segment(os.fspath(folder), storage_options, cache_dir)
     root = Path(folder)
     if not root.is_dir():
         raise VolumeNotFoundError(f"{root}: no such segment folder")
@@ -281,6 +279,22 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog
     if record is not None:
         check_images(images, sources, record.shape[1:], f"the volume {record.name}")
     return Segment(root, record, **images, tifxyz=surface, label_zarrs=label_zarrs)
+
+
+def _remote_segment(url: str, storage_options: dict | None, cache_dir: Any) -> Segment:
+    """A segment by URL (:mod:`vesuvius_dask.io.remote_tiff`): its volume, and its images decoded now."""
+    import dask.array as da
+
+    from .remote_tiff import open_remote_segment
+
+    record, found = open_remote_segment(url, storage_options=storage_options, cache_dir=cache_dir)
+    images: dict[str, Any] = {"mask": None, "labels": None, "ir": None}
+    sources: dict[str, Any] = {}
+    for name, (source, data) in found.items():
+        arr = decode_image_bytes(data, source)
+        images[name], sources[name] = da.from_array(arr, chunks=arr.shape), source
+    check_images(images, sources, record.shape[1:], f"the volume {record.name}")
+    return Segment(url.rstrip("/"), record, **images)  # type: ignore[arg-type]
 
 
 def _segment_images(folders: list[Path], label_zarrs: dict[str, Path]

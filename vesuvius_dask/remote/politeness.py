@@ -11,8 +11,7 @@ adapts its congestion window (AIMD):
   requests (slow start) until the first refusal, then grows by one request per
   window of answered requests (additive increase), never above
   ``host-concurrency`` (the documented ceiling);
-* a refusal shrinks it to 0.7 of itself (multiplicative decrease, as CUBIC's
-  beta; at most once per ``cooldown``:
+* a refusal halves it (multiplicative decrease, at most once per ``cooldown``:
   the requests already in flight when the server started refusing are answered
   by the same refusal, and count once), and a ``Retry-After`` pauses every request
   of the machine to that host until the time it names;
@@ -60,9 +59,9 @@ _SLOTS_AT = 8192  # one slot per process: 8 bytes, 1 + its requests in flight (0
 _SLOTS = 1024
 _WAITING = 1 << 32  # the flag in a slot: this process has a request waiting for room
 _POLL = 0.005
-#: What a refusal leaves of the window (CUBIC's beta: TCP's 0.5 under-uses a server whose
-#: limit sits just below the window; measured in benchmarks/remote.py --only-rate-limited).
-DECREASE = 0.7  # seconds between two looks at the other processes' counts while waiting
+#: What a refusal leaves of the window (TCP's 0.5; CUBIC's 0.7 was measured too, in
+#: benchmarks/remote.py --only-rate-limited: no better use of the allowance, 2-3x the refusals).
+DECREASE = 0.5  # seconds between two looks at the other processes' counts while waiting
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
