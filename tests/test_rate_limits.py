@@ -132,7 +132,26 @@ def test_a_huge_retry_after_waits_the_budget_then_ends(served, windows):
             vol = open_volume(server.url("v.zarr"))
             with pytest.raises(ChunkFetchError, match="throttle-budget"):
                 vol[0:4, 0:32, 0:32].compute()
-            assert sum(server.refusals.values()) <= 3 * 8  # a few tries per request in flight: no hammering
+            # the budget runs from the host's first refusal: the first wave of 8 (the initial
+            # window), the pause, one more wave, then the end (not a new budget per wave)
+            chunks = len(server.chunk_requests())
+            assert sum(server.refusals.values()) <= 2 * chunks, (server.refusals, chunks)
+
+
+@pytest.mark.parametrize("header", ["0", "-5", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_a_retry_after_of_now_is_no_licence_to_hammer(served, windows, header):
+    from vesuvius_dask import open_volume
+
+    with dask.config.set({"vesuvius-dask.remote.throttle-budget": 0.5}):
+        with SlowServer(served[0]) as server:
+            server.limit(max_in_flight=0, retry_after=header)
+            vol = open_volume(server.url("v.zarr"))
+            with pytest.raises(ChunkFetchError, match="throttle-budget"):
+                vol[0:4, 0:32, 0:32].compute()
+            # the backoff applies (first wait >= 50 ms, doubling): a handful of tries per chunk
+            # in 0.5 s (thousands without it)
+            chunks = len(server.chunk_requests())
+            assert sum(server.refusals.values()) <= 6 * chunks, (server.refusals, chunks)
 
 
 # -- the window's arithmetic -----------------------------------------------------------------
@@ -184,7 +203,7 @@ def test_slow_start_doubles_then_growth_is_additive():
     assert w.window == pytest.approx(4 * DECREASE)  # the threshold too: additive from here
     for _ in range(3):
         w.answered()
-    assert 4 * DECREASE < w.window < 4 * DECREASE + 1.1
+    assert 4 * DECREASE < w.window < 4 * DECREASE + 1.5  # three answers: + 1/w each
 
 
 def test_refusals_within_the_cooldown_count_once():
@@ -200,7 +219,7 @@ def test_processes_share_one_window_through_the_file(tmp_path):
     b = HostWindow("http://h:1", 64, 16, cooldown=0.0, folder=str(tmp_path))
     a.refused(2.0)
     a.refused(None)
-    assert b.window == pytest.approx(16 * DECREASE**2) and int(b.window) == 7 and b.paused_for() > 1.0
+    assert b.window == pytest.approx(16 * DECREASE**2) and b.paused_for() > 1.0
     a._update(lambda st: [8.0, *st[1:]])  # a window of 8, for round numbers
     assert a.processes() == 2 == b.processes()
     for _ in range(4):

@@ -388,11 +388,11 @@ class RemoteChunks:
         queued = time.monotonic()
         async with local.semaphore:
             t0 = time.monotonic()
-            failures = refusals = 0
-            refused_since = None
+            failures = refusals = attempts = 0
             while True:
                 if local.failure is not None and local.failure[0] >= queued:
                     raise ChunkFetchError(str(local.failure[1])) from local.failure[1]
+                attempts += 1
                 try:
                     return await self._attempt(local, window, path, span)
                 except FileNotFoundError as err:
@@ -405,8 +405,7 @@ class RemoteChunks:
                     if refusal is None:
                         last, reason = err, _reason(err, s.timeout)
                     else:
-                        refused_since = refused_since or time.monotonic()
-                        wait = self._refused(window, refusal, refusals, refused_since)
+                        wait = self._refused(window, refusal, refusals)
                         if wait is not None:
                             refusals += 1
                             await asyncio.sleep(wait)
@@ -414,7 +413,7 @@ class RemoteChunks:
                         last, reason = err, (f"the server went on refusing requests ({refusal.text}) "
                                              f"for {s.throttle_budget:g} s "
                                              "(vesuvius-dask.remote.throttle-budget)")
-                        failures = s.retries
+                        break
                 if failures >= s.retries:
                     break
                 failures += 1
@@ -423,7 +422,7 @@ class RemoteChunks:
             hint = (" (if this array leaves chunks out by design, set vesuvius-dask.remote.missing "
                     "to 'fill')" if isinstance(last, FileNotFoundError) else "")
             where = f"chunk {tuple(index)} " if index is not None else "chunk "
-            tried = f"{failures + refusals + 1} attempts over {time.monotonic() - t0:.1f} s"
+            tried = f"{attempts} attempts over {time.monotonic() - t0:.1f} s"
             error = ChunkFetchError(f"{self.name}: {where}could not be fetched from {url}: {reason}, "
                                     f"{tried}{hint}")
             local.failure = (time.monotonic(), error)
@@ -444,20 +443,22 @@ class RemoteChunks:
         self.stats.fetched += 1
         return bytes(data)
 
-    def _refused(self, window: Any, refusal: _Refusal, refusals: int, since: float) -> float | None:
+    def _refused(self, window: Any, refusal: _Refusal, refusals: int) -> float | None:
         """Seconds to wait after a refusal (the window told), or None once the budget is spent.
 
-        The budget runs from this request's first refusal or the host's last
-        answer, whichever is later: a request is not given up while others get
-        through.
+        The budget runs from the host's first refusal since its last answer (in
+        this process): a request is not given up while others get through, and
+        refusals arriving in waves do not each start a budget of their own. A
+        ``Retry-After`` is cut to what is left of it; one of 0, negative or in the
+        past is read as none (the backoff applies: it is no licence to hammer).
         """
         budget = float(self.settings.throttle_budget)
-        now = time.monotonic()
-        spent = now - max(since, window.last_success)
+        spent = window.refusing_for()
         if spent >= budget:
             return None
         left = budget - spent
-        pause = None if refusal.retry_after is None else min(refusal.retry_after, left)
+        pause = refusal.retry_after if refusal.retry_after and refusal.retry_after > 0 else None
+        pause = None if pause is None else min(pause, left)
         window.refused(pause)
         self.stats.refused += 1
         if pause is not None:

@@ -213,6 +213,7 @@ class HostWindow:
         self.in_use = 0
         self.refusals = 0
         self.last_success = 0.0
+        self.refusing_since: float | None = None  # the first refusal since the last answer
         self._state = self._fresh()
         self._gate: Any = None  # asyncio.Lock and Event, made on the loop that first uses them
         self._freed: Any = None
@@ -321,6 +322,8 @@ class HostWindow:
                     with contextlib.suppress(asyncio.TimeoutError):  # a request of ours ends, or look again
                         await asyncio.wait_for(self._freed.wait(), _POLL if self._shared is not None else 0.5)
             finally:
+                if self._waiting and self._shared is not None:  # also when cancelled while waiting
+                    self._shared.set_count(self.in_use, waiting=False)
                 self._waiting = False
 
     def release(self) -> None:
@@ -357,6 +360,13 @@ class HostWindow:
         self._update(grow)
         if self._freed is not None:
             self._freed.set()
+
+    def refusing_for(self) -> float:
+        """Seconds the host has refused this process's requests with no answer in between (0: now)."""
+        now = time.monotonic()
+        if self.refusing_since is None or self.last_success > self.refusing_since:
+            self.refusing_since = now
+        return now - self.refusing_since
 
     def refused(self, retry_after: float | None) -> None:
         """The server refused a request (429, 503, SlowDown): shrink the window, pause for ``retry_after``."""
