@@ -17,7 +17,11 @@ chunks. For each, and for 256 random 64^3 blocks and 256 random 80x128x128 block
 Ratios come from the same run. Medians of ``--reps``. The page cache is warm (the
 files were just written or read): this measures reading work, not the disk.
 
-    python benchmarks/partial.py [--size 1024] [--reps 3] [--blocks 256]
+Over loopback HTTP (``SlowServer``, no added latency, no ``cache_dir``): 64^3 blocks read
+by range (the partial paths) and, for uncompressed chunks, whole chunks as before;
+MB fetched per block (bytes the server sent) and requests per block (``HEAD`` not counted).
+
+    python benchmarks/partial.py [--size 1024] [--reps 3] [--blocks 256] [--http-blocks 128] [--only-http]
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class Counted:
         ranges.LocalFiles.read_ranges = read_ranges
 
 
-def whole_chunk_reader(arr):
+def whole_chunk_reader(arr, mapped=None, remote=None):
     """Today's path for an uncompressed array: each touched chunk read whole."""
     from vesuvius_dask.io.chunks import ChunkCodec, fast_reader
     from vesuvius_dask.io.partial import ArrayReader
@@ -163,11 +167,45 @@ def decode_once(path: Path, coords: np.ndarray, block) -> float:
     return len(coords) / (time.perf_counter() - t0)
 
 
+def http_rows(paths: dict, blocks: int, reps: int) -> None:
+    """The same streams over loopback HTTP (SlowServer, no added latency, no cache_dir)."""
+    from vesuvius_dask.io import shards
+    from vesuvius_dask.testing.server import SlowServer
+
+    block = BLOCKS["64^3"]
+    print(f"\nover loopback HTTP, 64^3 blocks, {blocks} blocks, batches of 32, no cache_dir")
+    print(f"  {'':<34} {'read path':<21} {'blocks/s':>12} {'MB fetched/block':>17} {'requests/block':>15}")
+    rows = [("uncompressed chunks", "uncompressed chunks", None),
+            ("uncompressed, whole chunks (before)", "uncompressed chunks", whole_chunk_reader),
+            ("sharded, 32^3 blosc-lz4 inner", "sharded, 32^3 blosc-lz4 inner", None),
+            ("sharded, 32^3 uncompressed inner", "sharded, 32^3 uncompressed inner", None)]
+    rates = {}
+    for label, kind, forced in rows:
+        path = paths[kind]
+        with SlowServer(path.parent) as server:
+            got, sent, asked = [], [], []
+            for _ in range(reps):
+                shards.SHARD_INDEXES.clear()
+                b0, r0 = server.bytes_sent, sum(server.counts.values())
+                rate, _, info = stream(server.url(path.name), block, blocks, 32, forced)
+                got.append(rate)
+                # whole chunks are answered without Range (not counted by the server): decoded bytes
+                sent.append(server.bytes_sent - b0 if forced is None else info["decoded"] * blocks)
+                asked.append(sum(server.counts.values()) - r0)
+        rates[label] = median(got)
+        print(f"  {label:<34} {info['path']:<21} {median(got):>12,.0f} {median(sent) / blocks / 1e6:>17.2f} "
+              f"{median(asked) / blocks:>15.1f}")
+    print(f"  uncompressed partial / whole chunks over HTTP: "
+          f"{rates['uncompressed chunks'] / rates['uncompressed, whole chunks (before)']:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=256)
+    parser.add_argument("--http-blocks", type=int, default=128, help="blocks over loopback HTTP (0: none)")
+    parser.add_argument("--only-http", action="store_true")
     args = parser.parse_args()
     DATA_DIR.mkdir(exist_ok=True)
     kinds = {"blosc-lz4 chunks": "blosc", "uncompressed chunks": "raw",
@@ -176,7 +214,7 @@ def main() -> None:
     counted = Counted()
     print(f"{args.size}^3 uint8 in {CHUNK}^3 chunks, {args.blocks} random blocks, cache 128 MB, "
           f"medians of {args.reps}")
-    for bname, block in BLOCKS.items():
+    for bname, block in ({} if args.only_http else BLOCKS).items():
         batch = 32 if bname == "64^3" else 16
         block_bytes = int(np.prod(block))
         print(f"\n{bname} blocks ({block_bytes / 1e6:.2f} MB each), batches of {batch}")
@@ -204,6 +242,8 @@ def main() -> None:
               f"{rates['uncompressed chunks'] / rates['blosc-lz4 chunks']:.1f}x; "
               f"sharded / blosc-lz4 chunks: "
               f"{rates['sharded, 32^3 blosc-lz4 inner'] / rates['blosc-lz4 chunks']:.1f}x")
+    if args.http_blocks:
+        http_rows(paths, args.http_blocks, args.reps)
 
 
 if __name__ == "__main__":

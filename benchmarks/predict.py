@@ -1,12 +1,17 @@
-"""Inference benchmark: grid inference vs per-block Zarr slicing, and the writer's memory.
+"""Inference benchmark: the grid read alone vs ``predict`` (3-D and 2-D output), and the writer's memory.
 
-1. Blocks/s of `predict` with an identity model (every grid block, overlap, blended
-   3-D output written to Zarr) against reading the same grid blocks by plain
-   per-block Zarr slicing (no model, no output), in one run.
+1. In one run, interleaved (one repetition of each per round, medians): blocks/s of
+   (a) the grid read alone (the stream ``predict`` uses, fresh each time, no model,
+   no output), (b) ``predict`` with an identity model (3-D output: read + blend +
+   write Zarr) and (c) ``predict`` with a max-projection over z (2-D output), and
+   the ratios (b)/(a), (c)/(a). On ``../shared/data/example.zarr`` (the real crop,
+   default block 11x64x64, overlap 0,16,16) when present, else a generated
+   64x1024x1024 volume (block 16x64x64).
 2. Peak RSS of a PredictionWriter filling a >= 2 GB float32 output (3-D, overlapping
-   blocks, hann blending), in its own process, against the output size.
+   blocks, hann blending), in its own process, against the output size
+   (``--memory``).
 
-    python benchmarks/predict.py [--out-shape 32,4096,4096] [--memory-mb 256]
+    python benchmarks/predict.py [--reps 5] [--memory [--out-shape 32,4096,4096] [--memory-mb 256]]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA_DIR, make_zarr, peak_rss_mb  # noqa: E402
+from _common import DATA_DIR, REAL_CROP, make_zarr, peak_rss_mb  # noqa: E402
 
 
 def writer_child(shape: tuple[int, int, int], memory_mb: int) -> None:
@@ -54,41 +60,78 @@ def writer_child(shape: tuple[int, int, int], memory_mb: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+def identity(x):
+    return x
+
+
+def max_projection(x):
+    return x.amax(dim=2)  # (B, 1, z, y, x) -> (B, 1, y, x): a 2-D map
+
+
+def grid_read(path: str, block: tuple, overlap: tuple, batch_size: int) -> int:
+    """Every grid block through the stream predict uses (fresh, so cold as predict's), no model."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vesuvius_dask import DaskVesuviusStream
+    from vesuvius_dask.sampling.samplers import GridSampler
+
+    stream = DaskVesuviusStream([path], *block, sampler=GridSampler(overlap=overlap),
+                                batch_size=batch_size, return_coords=True, dtype=torch.float32,
+                                normalization="none")
+    stream.set_epoch(0)
+    n = 0
+    for blocks, _ in DataLoader(stream, batch_size=None, num_workers=0):
+        n += len(blocks)
+    return n
+
+
+def headline(reps: int) -> None:
+    from vesuvius_dask import predict
+
+    if REAL_CROP.exists():
+        path, block = REAL_CROP, (11, 64, 64)
+    else:
+        path, block = make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024)), (16, 64, 64)
+    overlap, batch = (0, 16, 16), 32
+    import zarr
+
+    shape = zarr.open_array(str(path), mode="r").shape
+    print(f"benchmarks/predict.py: grid over {path} {shape}, block {block}, overlap {overlap}, "
+          f"batch {batch}, {reps} interleaved reps (medians)")
+    out = DATA_DIR / "predict-identity.zarr"
+    runs: dict[str, list[float]] = {"read": [], "3d": [], "2d": []}
+    n = 0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        n = grid_read(str(path), block, overlap, batch)
+        runs["read"].append(time.perf_counter() - t0)
+        for key, model in (("3d", identity), ("2d", max_projection)):
+            t0 = time.perf_counter()
+            predict(model, str(path), out, block=block, overlap=overlap, batch_size=batch, overwrite=True)
+            runs[key].append(time.perf_counter() - t0)
+    shutil.rmtree(out, ignore_errors=True)
+    rate = {k: n / statistics.median(v) for k, v in runs.items()}
+    print(f"  (a) grid read alone (stream, fresh):          {rate['read']:9,.0f} blocks/s ({n} blocks)")
+    print(f"  (b) predict, identity model, 3-D output:      {rate['3d']:9,.0f} blocks/s  "
+          f"(b)/(a) = {rate['3d'] / rate['read']:.2f}")
+    print(f"  (c) predict, max over z, 2-D output:          {rate['2d']:9,.0f} blocks/s  "
+          f"(c)/(a) = {rate['2d'] / rate['read']:.2f}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--writer-child":
         writer_child(tuple(json.loads(sys.argv[2])), int(sys.argv[3]))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--memory", action="store_true", help="also the writer's peak RSS on a big output")
     p.add_argument("--out-shape", default="32,4096,4096")
     p.add_argument("--memory-mb", type=int, default=256)
     args = p.parse_args()
-    import zarr
-
-    from vesuvius_dask import predict
-    from vesuvius_dask.sampling.starts import Tiling
-
-    path = make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024))
-    block, overlap = (16, 64, 64), (0, 16, 16)
-    print(f"benchmarks/predict.py: grid inference over {path.name} (64x1024x1024 uint16), "
-          f"block {block}, overlap {overlap}")
-    out = DATA_DIR / "predict-identity.zarr"
-    t0 = time.perf_counter()
-    predict(lambda x: x, str(path), out, block=block, overlap=overlap, batch_size=32,
-            overwrite=True)
-    t_pred = time.perf_counter() - t0
-    grid = Tiling((64, 1024, 1024), block, overlap)
-    z = zarr.open(str(path), mode="r")
-    starts = grid.unravel(np.arange(grid.n)).tolist()
-    t0 = time.perf_counter()
-    for a, b, c in starts:
-        z[a:a + block[0], b:b + block[1], c:c + block[2]]
-    t_slice = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
-    print(f"  predict (identity model, read + blend + write): {grid.n / t_pred:,.0f} blocks/s "
-          f"({grid.n} blocks in {t_pred:.2f} s)")
-    print(f"  per-block Zarr slicing (read only):            {grid.n / t_slice:,.0f} blocks/s")
-    print(f"  ratio: {t_slice / t_pred:.2f}x")
-
+    headline(args.reps)
+    if not args.memory:
+        return
     shape = [int(v) for v in args.out_shape.split(",")]
     res = subprocess.run([sys.executable, __file__, "--writer-child", json.dumps(shape),
                           str(args.memory_mb)], capture_output=True, text=True, check=True)

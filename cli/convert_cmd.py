@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_cache_dir, non_negative, positive, positive_triple
+from .options import add_cache_dir, add_volume, non_negative, positive, positive_triple
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards, ome=args.ome, overwrite=args.overwrite, resume=args.resume,
         client=args.scheduler, quiet=args.quiet,
     )
-    if path_kind(args.src) in (PathKind.URL, PathKind.ZARR):  # a crop of a (remote) Zarr
+    if hasattr(args.src, "__vesuvius_volume__"):  # a segment rendered from --volume: written like a Zarr
+        convert_zarr(args.src, args.dst, **common)
+    elif path_kind(args.src) in (PathKind.URL, PathKind.ZARR):  # a crop of a (remote) Zarr
         convert_zarr(args.src, args.dst, level=args.level, cache_dir=args.cache_dir, **common)
     elif args.level is not None or args.cache_dir is not None:
         flag = "--level" if args.level is not None else "--cache-dir"
@@ -75,6 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=non_negative, default=None,
                    help="level of an OME-Zarr source (default 0)")
     add_cache_dir(p)
+    add_volume(p)
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -15,14 +15,29 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from .options import Parser, add_cache_dir, add_catalog, add_stream_plan, non_negative, resolve_names
+from .options import (
+    Parser,
+    add_cache_dir,
+    add_catalog,
+    add_stream_plan,
+    add_volume,
+    non_negative,
+    render_segments,
+    resolve_names,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from vesuvius_dask.io.info import check, describe
+    from vesuvius_dask.io.paths import PathKind, path_kind
 
     status = 0
     for path in args.paths:
+        if not args.check and path_kind(path) == PathKind.SEGMENT:  # a segment or tifxyz folder
+            from vesuvius_dask.surfaces.segment import describe as describe_segment
+
+            print(describe_segment(path, level=args.level, volume=args.volume, cache_dir=args.cache_dir))
+            continue
         if not args.check:
             print(describe(path, level=args.level))
             continue
@@ -71,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read and decode every chunk and list the bad ones (exit 1 if any)")
     p.add_argument("--quiet", action="store_true", help="no progress bar with --check")
     add_cache_dir(p)
+    add_volume(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("stream", help="stream random blocks and print throughput")
@@ -80,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address (default: local threads)")
     add_cache_dir(p)
+    add_volume(p)
     p.set_defaults(func=cmd_stream)
 
-    from . import convert_cmd, ls_cmd, predict_cmd, prefetch_cmd, view_cmd
+    from . import convert_cmd, ls_cmd, predict_cmd, prefetch_cmd, render_cmd, view_cmd
 
     convert_cmd.add_parser(sub)
+    render_cmd.add_parser(sub)
     predict_cmd.add_parser(sub)
     prefetch_cmd.add_parser(sub)
     view_cmd.add_parser(sub)
@@ -172,6 +190,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         with interruptible():  # SIGTERM too ends in one line (exit 143), after cleanup
             resolve_names(args)  # scroll names and segment ids to their URLs (offline)
+            render_segments(args)  # --volume: segments never rendered, rendered lazily from it
             return int(args.func(args) or 0)
     except Interrupted as err:  # a job that kept its finished part says where and how to resume
         print(f"{where}: {err.cli_message()}{'' if err.kept else '; stopped cleanly'}", file=sys.stderr)

@@ -7,6 +7,7 @@ import cycle: ``main`` imports the commands, the commands import this module.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +104,39 @@ def resolve_names(args: argparse.Namespace) -> None:
         cat = cat or load_catalog()
         done = [resolve_source(v, catalog=cat) for v in values]
         setattr(args, dest, done if isinstance(value, list) else done[0])
+
+
+def add_volume(p: argparse.ArgumentParser) -> None:
+    """``--volume SCROLL``: the scroll volume segments never rendered are rendered from (lazily)."""
+    p.add_argument("--volume", default=None, metavar="SCROLL",
+                   help="scroll volume (Zarr, OME-Zarr, URL or name) to render a segment's surface "
+                        "volume from, lazily, when the segment has a tifxyz surface but no rendered "
+                        "volume (with --level: that level of the scroll)")
+
+
+def render_segments(args: argparse.Namespace) -> None:
+    """Segments in the volume arguments that have no rendered volume become renders from ``--volume``.
+
+    ``info`` describes the render itself (its paths stay paths); a segment with a
+    rendered volume, and any other volume, stays as given.
+    """
+    volume = getattr(args, "volume", None)
+    if volume is None or args.command == "info":
+        return
+    from vesuvius_dask.io.paths import PathKind, path_kind
+    from vesuvius_dask.surfaces.segment import open_segment
+
+    def render(value: Any) -> Any:
+        if not isinstance(value, (str, os.PathLike)) or path_kind(value) != PathKind.SEGMENT:
+            return value
+        seg = open_segment(value, volume=volume, level=getattr(args, "level", None),
+                           cache_dir=getattr(args, "cache_dir", None))
+        return seg if str(seg.sources.get("volume", "")).startswith("rendered") else value
+
+    for dest in VOLUME_ARGS:
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(args, dest, [render(v) for v in value] if isinstance(value, list) else render(value))
 
 
 #: What ``vesuvius-dask stream`` plans its blocks with, and the defaults (``prefetch`` takes the same).

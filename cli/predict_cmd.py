@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_cache_dir, non_negative, positive, positive_triple, triple
+from .options import add_cache_dir, add_volume, non_negative, positive, positive_triple, triple
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,4 +90,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--join", action="store_true",
                    help="check that every part of --parts N is complete and publish OUT")
     add_cache_dir(p)
+    add_volume(p)
     p.set_defaults(func=run)

@@ -71,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
 
     stream = _stream(args)
     try:
-        plan = prefetch(stream, args.epochs, dry_run=True)
+        plan = prefetch(stream, args.epochs, dry_run=True)  # a dry run needs no --cache-dir
+        print(plan.summary(), flush=True)
+        if args.dry_run or not plan.remote:
+            return 0
+        plan.fetch(progress=not args.quiet)
     except ArgumentError as err:
         err.cli.setdefault("the stream has no cache_dir", "no --cache-dir was given")
         raise
-    print(plan.summary(), flush=True)
-    if args.dry_run or not plan.remote:
-        return 0
-    plan.fetch(progress=not args.quiet)
     print(plan.result())
     return 0
 

@@ -158,6 +158,10 @@ def test_a_url_without_cache_dir_is_refused_before_any_chunk_request(server):
     server.reset()
     with pytest.raises(ArgumentError, match=r"files\[0\].*cache_dir"):
         vd.prefetch(s, 1)
+    plan = vd.prefetch(s, 1, dry_run=True)  # a dry run lists without a cache_dir: all to fetch
+    assert plan.to_fetch == sum(len(e.keys) for e in plan.remote) > 0
+    with pytest.raises(ArgumentError, match=r"files\[0\].*cache_dir"):
+        plan.fetch()
     assert sum(server.chunk_requests().values()) == 0
 
 

@@ -394,14 +394,15 @@ def test_cli_convert_of_a_url_and_of_a_local_zarr(server, served, tmp_path):
     assert out.returncode == 2 and "outside the volume's z range 0..16" in out.stderr, out.stderr
 
 
-def test_a_sharded_remote_array_is_read_through_zarr_and_says_cache_dir_is_unused(served, tmp_path):
+def test_a_sharded_remote_array_keeps_its_inner_chunks_in_cache_dir(served, tmp_path):
+    # issue 30: read by inner chunk with range requests (tests/test_remote_partial.py has the rest)
     root = tmp_path / "srv"
     zarr.create_array(root / "sharded.zarr", shape=SHAPE, chunks=CHUNKS, shards=(4, 64, 64),
                       dtype=np.uint16)[:] = served[1]
     with SlowServer(root) as srv:
-        with pytest.warns(UserWarning, match="cache_dir is not used for this array"):
-            vol = open_volume(srv.url("sharded.zarr"), cache_dir=tmp_path / "c")
+        vol = open_volume(srv.url("sharded.zarr"), cache_dir=tmp_path / "c")
         np.testing.assert_array_equal(vol[1:9, 30:100, 0:64].compute(), served[1][1:9, 30:100, 0:64])
+    assert list((tmp_path / "c").rglob("*#*"))
 
 
 def test_the_disk_cache_lock_is_made_anew_in_a_forked_child(tmp_path):

@@ -280,7 +280,6 @@ def test_how_a_throttle_surfaces_from_s3fs(s3, fault, status, code, errno_):
     assert response["ResponseMetadata"]["HTTPHeaders"]["retry-after"] == "2"
 
 
-@pytest.mark.xfail(strict=False, reason="rate-limit logic lands with the fetcher change")
 def test_slowdown_backs_off_and_the_read_completes(s3):
     # 12 SlowDowns of one chunk: more than the retries allow (2 attempts x s3fs's 5 tries);
     # a throttle is not a fault, so the read slows down and completes
@@ -295,3 +294,25 @@ def test_slowdown_backs_off_and_the_read_completes(s3):
     finally:
         server.throttle(path, 0)
     assert server.refusals[path] == 12
+
+
+def test_slowdowns_under_two_workers_slow_the_epoch_and_every_block_arrives(s3, tmp_path):
+    # SlowDown on half of the chunks, three times each: refusals are waited out in both
+    # worker processes (one shared request window), never counted as retries
+    server, data, _ = s3
+    server.reset()
+    throttled = [f"/scrolls/v3.zarr/c/{z}/{y}/{x}" for z in range(2) for y in range(4) for x in (0, 3)]
+    for path in throttled:
+        server.throttle(path, 3)
+    with dask.config.set({"vesuvius-dask.remote.retries": 0,
+                          "vesuvius-dask.remote.share-dir": str(tmp_path / "windows")}):
+        stream = DaskVesuviusStream(["s3://scrolls/v3.zarr"], 4, 32, 32, samples_per_epoch=128,
+                                    batch_size=16, return_coords=True, seed=5, storage_options=server.options())
+        n = 0
+        for blocks, coords in DataLoader(stream, batch_size=None, num_workers=2, timeout=120):
+            _check_blocks(blocks.numpy(), coords, data, (4, 32, 32))
+            n += blocks.shape[0]
+    for path in throttled:
+        server.throttle(path, 0)
+    assert n == 128
+    assert sum(server.refusals.values()) > 0  # the throttled chunks were asked for, refused, then read

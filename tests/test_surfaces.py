@@ -369,5 +369,5 @@ def test_rendered_segment_streams_with_its_labels(trees):
 def test_render_segment_checks_label_sizes(tmp_path):
     t = write_surface_segments(tmp_path, rendered=None, grid_shape=(6, 7))
     write_label_zarr(t["tifxyz"] / "20240101000000_inklabels_v2.zarr", np.zeros((20, 20), np.uint8))
-    with pytest.raises(VolumeError, match=r"\(labels\): image is 20x20 .* but the surface .* is 24x28"):
+    with pytest.raises(VolumeError, match=r"inklabels_v2.zarr: image is 20x20 .* the surface .* is 24x28"):
         render_segment(t["open_data"], t["scroll"])

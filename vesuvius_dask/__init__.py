@@ -38,12 +38,15 @@ _moved.install()  # the old module paths (vesuvius_dask.stream, ...) keep workin
 
 if TYPE_CHECKING:  # pragma: no cover
     from .io.catalog import Catalog, load_catalog
+    from .io.context import Context
     from .io.open import open_volume
-    from .io.segments import Segment, open_segment
+    from .io.segments import Segment
+    from .loaders.augment import BatchAugment
     from .loaders.device import DevicePrefetcher
     from .loaders.options import ReadOptions
     from .loaders.prefetch import PrefetchPlan, predict_stream, prefetch
     from .loaders.stream import DaskVesuviusStream
+    from .sampling.quotas import QuotaSampler
     from .sampling.samplers import (
         BalancedSampler,
         GridSampler,
@@ -53,7 +56,9 @@ if TYPE_CHECKING:  # pragma: no cover
         UniformSampler,
     )
     from .sampling.surface_patches import SurfaceSampler, SurfaceSegment
+    from .sampling.weights import WeightMapSampler
     from .surfaces.render import render_segment, render_surface
+    from .surfaces.segment import open_segment
     from .surfaces.tifxyz import Surface, open_surface
     from .writers.convert import convert_tiffs, convert_zarr
     from .writers.predict import PredictionWriter, model_metadata, predict, predict_join
@@ -69,6 +74,8 @@ __all__ = [
     "BalancedSampler",
     "GridSampler",
     "SurfaceSampler",
+    "QuotaSampler",
+    "WeightMapSampler",
     "SurfaceSegment",
     "ReadOptions",
     "convert_tiffs",
@@ -86,6 +93,8 @@ __all__ = [
     "predict_join",
     "model_metadata",
     "DevicePrefetcher",
+    "BatchAugment",
+    "Context",
     "prefetch",
     "PrefetchPlan",
     "predict_stream",
@@ -117,16 +126,20 @@ _LAZY = {
     "BalancedSampler": ("sampling.samplers", "BalancedSampler"),
     "GridSampler": ("sampling.samplers", "GridSampler"),
     "SurfaceSampler": ("sampling.surface_patches", "SurfaceSampler"),
+    "QuotaSampler": ("sampling.quotas", "QuotaSampler"),
+    "WeightMapSampler": ("sampling.weights", "WeightMapSampler"),
     "SurfaceSegment": ("sampling.surface_patches", "SurfaceSegment"),
     "ReadOptions": ("loaders.options", "ReadOptions"),
     "convert_tiffs": ("writers.convert", "convert_tiffs"),
     "convert_zarr": ("writers.convert", "convert_zarr"),
-    "open_segment": ("io.segments", "open_segment"),
+    "open_segment": ("surfaces.segment", "open_segment"),  # io's, plus volume= (renders)
     "PredictionWriter": ("writers.predict", "PredictionWriter"),
     "predict": ("writers.predict", "predict"),
     "predict_join": ("writers.predict", "predict_join"),
     "model_metadata": ("writers.predict", "model_metadata"),
     "DevicePrefetcher": ("loaders.device", "DevicePrefetcher"),
+    "BatchAugment": ("loaders.augment", "BatchAugment"),
+    "Context": ("io.context", "Context"),
     "prefetch": ("loaders.prefetch", "prefetch"),
     "PrefetchPlan": ("loaders.prefetch", "PrefetchPlan"),
     "predict_stream": ("loaders.prefetch", "predict_stream"),

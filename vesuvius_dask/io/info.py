@@ -98,7 +98,8 @@ def _segment_lines(path: Path) -> list[str]:
     seg = open_segment(path)
     found = segment_volume_dirs(seg.path)  # the first is the volume open_segment chose
     if not found:
-        lines = [f"  segment, no rendered volume; tifxyz surface {seg.tifxyz} (render_segment)"]
+        lines = [f"  segment, no rendered volume; tifxyz surface {seg.tifxyz} (render it from the "
+                 "scroll: --volume SCROLL, or open_segment(..., volume=SCROLL))"]
     elif seg.record is not None and seg.record.zarr is not None:
         lines = [f"  segment, volume from {found[0]}"] + describe(found[0]).splitlines()[1:]
     else:
@@ -202,13 +203,33 @@ def _check_image(img: _Lazy, name: str) -> list[str]:
     return []
 
 
+def _segment_check_tasks(path: str, level: int | None) -> tuple[list[Any], int, int]:
+    """A segment's checks: its volume (or, never rendered, its surface's grids) and its images."""
+    import dask
+
+    from .segments import open_segment
+
+    seg = open_segment(path)
+    found = segment_volume_dirs(seg.path)
+    if found:
+        tasks, n, threads = _check_tasks(os.fspath(found[0]), level)
+    else:  # a surface never rendered: its grids are what is stored
+        grids = [os.path.join(seg.tifxyz, f"{axis}.tif") for axis in "xyz"]
+        tasks, n, threads = [dask.delayed(_check_layer)(g, 0) for g in grids], 3, os.cpu_count() or 1
+    for image in ("mask", "labels", "ir"):
+        img = getattr(seg, image)
+        if img is not None:
+            tasks.append(dask.delayed(_check_image)(_Lazy(img), f"{path} {image}"))
+            n += 1
+    return tasks, n, threads
+
+
 def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[list[Any], int, int]:
     """Delayed checks (each returns a list of problems), the units they cover, threads to use."""
     import dask
     import numpy as np
     import zarr
 
-    from .segments import open_segment
     from .tiff import inspect_layers
 
     kind = path_kind(path)
@@ -217,14 +238,7 @@ def _check_tasks(path: str, level: int | None, cache_dir: Any = None) -> tuple[l
         return ([dask.delayed(_check_layer)(lay.path, lay.page) for lay in layers], len(layers),
                 os.cpu_count() or 1)
     if kind == PathKind.SEGMENT:
-        seg = open_segment(path)
-        tasks, n, threads = _check_tasks(os.fspath(segment_volume_dirs(path)[0]), level)
-        for image in ("mask", "labels", "ir"):
-            img = getattr(seg, image)
-            if img is not None:
-                tasks.append(dask.delayed(_check_image)(_Lazy(img), f"{path} {image}"))
-                n += 1
-        return tasks, n, threads
+        return _segment_check_tasks(path, level)
     open_zarr_path(path, level)  # validates the path and the level
     node = _zarr_node(path)
     arrays = [(path, node)] if isinstance(node, zarr.Array) else [

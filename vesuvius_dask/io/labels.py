@@ -58,32 +58,35 @@ def load_mask(source: Any, what: str, vol: Volume) -> np.ndarray:
     return arr
 
 
-def label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume]
+def label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume], what: str = "labels"
                   ) -> tuple[list[Volume] | None, bool]:
-    """Labels as volumes the engine can read (2-D become (1, Y, X)), and whether they are 2-D."""
+    """Labels as volumes the engine can read (2-D become (1, Y, X)), and whether they are 2-D.
+
+    ``what`` names the argument in errors (``labels``, or a target's ``targets['ink']``).
+    """
     if labels is None:
         return None, False
     out = []
     dims = set()
-    for i, (src, vol) in enumerate(zip(per_volume("labels", labels, files, "labels"), volumes)):
+    for i, (src, vol) in enumerate(zip(per_volume(what, labels, files, "labels"), volumes)):
         if src is None:
-            raise SamplingError(f"labels[{i}]: volume {vol.name} has no labels; every volume needs them")
+            raise SamplingError(f"{what}[{i}]: volume {vol.name} has no labels; every volume needs them")
         if isinstance(src, (str, os.PathLike)) and not os.fspath(src).lower().endswith(IMAGE_FILES):
             import zarr
 
             src = zarr.open(os.fspath(src), mode="r")  # a Zarr label array, 2-D or 3-D
         if isinstance(src, (str, os.PathLike)) or getattr(src, "ndim", 3) == 2:
-            arr = load_mask(src, f"labels[{i}]", vol)
-            out.append(resolve_volume(arr[None], name=f"labels[{i}]"))
+            arr = load_mask(src, f"{what}[{i}]", vol)
+            out.append(resolve_volume(arr[None], name=f"{what}[{i}]"))
             dims.add(2)
             continue
-        lv = resolve_volume(src, name=f"labels[{i}]")
+        lv = resolve_volume(src, name=f"{what}[{i}]")
         if lv.shape != vol.shape:
             raise SamplingError(
-                f"labels[{i}]: shape {lv.shape} does not match the volume {vol.name} "
+                f"{what}[{i}]: shape {lv.shape} does not match the volume {vol.name} "
                 f"{vol.shape}; 3-D labels must have the volume's shape")
         out.append(lv)
         dims.add(3)
     if len(dims) > 1:
-        raise SamplingError("labels mix 2-D and 3-D arrays; use one kind for all volumes")
+        raise SamplingError(f"{what} mix 2-D and 3-D arrays; use one kind for all volumes")
     return out, dims == {2}

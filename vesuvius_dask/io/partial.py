@@ -2,16 +2,18 @@
 
 =======================  ==================================================================
 ``partial-uncompressed``  uncompressed chunks (Zarr v2 without compressor or filters, C
-                          order; Zarr v3 with only ``bytes``, either endianness), local:
-                          a block reads only its own rows, in place (memory-mapped, or by
-                          byte range)
-``sharded``               Zarr v3 ``sharding_indexed``, local: each shard's index read once
-                          (cached), inner chunks by byte range; uncompressed inner chunks
-                          are cut in part, compressed ones decoded whole
+                          order; Zarr v3 with only ``bytes``, either endianness): a block
+                          reads only its own rows, locally in place (memory-mapped, or by
+                          byte range), remotely by range requests (not with a ``cache_dir``:
+                          then ``whole-chunk``)
+``sharded``               Zarr v3 ``sharding_indexed``, local or remote: each shard's index
+                          read once (cached), inner chunks by byte range; locally,
+                          uncompressed inner chunks are cut in part; remotely inner chunks
+                          are fetched whole (kept in ``cache_dir`` as ``<shard key>#z.y.x``)
                           (:mod:`~vesuvius_dask.io.shards`)
 ``whole-chunk``           compressed chunks the fast path decodes: each touched chunk read
-                          and decoded whole (:mod:`~vesuvius_dask.io.chunks`); also every
-                          remote array it decodes
+                          and decoded whole (:mod:`~vesuvius_dask.io.chunks`); also remote
+                          uncompressed arrays with a ``cache_dir``
 ``zarr``                  anything else, read through zarr-python
 =======================  ==================================================================
 
@@ -40,16 +42,17 @@ import numpy as np
 
 from .chunks import ChunkCodec, fast_reader
 from .pieces import cut_pieces, cut_ranges, fill_pieces, span_bytes
-from .ranges import LocalFiles
+from .ranges import LocalFiles, RemoteRanges
 from .shards import ShardedChunks
 
 __all__ = ["READ_PATHS", "MAP_FILES", "ArrayReader", "UncompressedChunks", "array_reader"]
 
 #: The read paths, with what ``info`` says about each.
 READ_PATHS = {
-    "partial-uncompressed": "uncompressed chunks read in place: a block reads only its own rows",
+    "partial-uncompressed": "uncompressed chunks read in place: a block reads only its own rows "
+                            "(over HTTP/S3 by range requests)",
     "sharded": "sharded: shard index read once, inner chunks by byte range "
-               "(uncompressed inner chunks cut in part)",
+               "(uncompressed inner chunks cut in part; over HTTP/S3 by range requests)",
     "whole-chunk": "each touched chunk read and decoded whole",
     "zarr": "read through zarr-python (codecs or layout the fast paths do not handle)",
 }
@@ -147,12 +150,20 @@ class UncompressedChunks:
                     continue
                 cut_pieces(view, out, pieces)
                 total += span_bytes(pieces, self.codec.chunks, item)
-            elif self._check_size(coords):
-                total += cut_ranges(self.source, self.codec.key(coords), 0, self.codec, pieces, out,
-                                    coords)
+            elif not self.source.local or self._check_size(coords):
+                n = cut_ranges(self.source, self.codec.key(coords), 0, self.codec, pieces, out, coords)
+                if n is None and self.source.local:  # removed since its size was asked
+                    raise self.codec.corrupt(coords, "the object holding it is absent")
+                if n is None:  # remote, absent, and read as the fill value (missing='fill')
+                    fill_pieces(out, pieces, self.codec.fill)
+                total += n or 0
             else:
                 fill_pieces(out, pieces, self.codec.fill)
         return [], total
+
+
+def _is_remote(arr: Any) -> bool:
+    return type(getattr(arr, "store", None)).__name__ == "FsspecStore"
 
 
 def _local_root(arr: Any) -> Path | None:
@@ -168,7 +179,7 @@ def _local_root(arr: Any) -> Path | None:
 MAP_FILES = True
 
 
-def array_reader(arr: Any, mapped: bool | None = None) -> ArrayReader:
+def array_reader(arr: Any, mapped: bool | None = None, remote: Any = None) -> ArrayReader:
     """The read path of a Zarr array and its readers (see the module's table).
 
     Parameters
@@ -177,20 +188,45 @@ def array_reader(arr: Any, mapped: bool | None = None) -> ArrayReader:
     mapped : bool, optional
         Local partial reads through memory maps, else by byte range (default:
         :data:`MAP_FILES`).
+    remote : RemoteChunks, optional
+        The fetcher of a remote array: its partial paths read byte ranges through it
+        (:class:`~vesuvius_dask.io.ranges.RemoteRanges`). Without it a remote array gets
+        its path (what ``info`` says) but no readers: zarr reads it.
+
+    A remote array's path: ``sharded`` as locally; ``partial-uncompressed`` unless its
+    fetcher keeps chunks in a ``cache_dir`` (then ``whole-chunk``: each chunk fetched
+    once, whole, and read from the disk later on).
     """
-    mapped = MAP_FILES if mapped is None else mapped
     if not hasattr(arr, "metadata"):
         return ArrayReader("zarr")
     root = _local_root(arr)
+    far = root is None and _is_remote(arr)
+    if root is None and not far:  # another store (in memory...): whole chunks through zarr
+        codec = ChunkCodec.of(arr)
+        return ArrayReader("zarr") if codec is None else ArrayReader("whole-chunk", codec)
+    source: Any = (LocalFiles(root, MAP_FILES if mapped is None else mapped) if root is not None
+                   else RemoteRanges(remote) if remote is not None else None)
     if getattr(arr, "shards", None):
-        sharded = ShardedChunks.of(arr, LocalFiles(root, mapped)) if root is not None else None
-        if sharded is None:
-            return ArrayReader("zarr")
-        return ArrayReader("sharded", None, sharded.read_chunk, sharded)
+        return _sharded(arr, source)
     codec = ChunkCodec.of(arr)
     if codec is None:
         return ArrayReader("zarr")
-    if root is not None and codec.uncompressed and len(codec.chunks) == 3:
-        partial = UncompressedChunks(LocalFiles(root, mapped), codec, arr.shape)
-        return ArrayReader("partial-uncompressed", codec, partial.read_chunk, partial)
-    return ArrayReader("whole-chunk", codec, fast_reader(arr))
+    if source is not None and not source.local:
+        codec.where = source.url("").rstrip("/")  # errors name the URL
+    # remote with a cache_dir: each chunk fetched once, whole, beats ranges fetched every epoch
+    if not codec.uncompressed or len(codec.chunks) != 3 or (
+            far and remote is not None and remote.cache is not None):
+        return ArrayReader("whole-chunk", codec, fast_reader(arr))
+    if source is None:  # a remote array's path, for info: nothing to read with
+        return ArrayReader("partial-uncompressed", codec)
+    pieces = UncompressedChunks(source, codec, arr.shape)
+    return ArrayReader("partial-uncompressed", codec, pieces.read_chunk, pieces)
+
+
+def _sharded(arr: Any, source: Any) -> ArrayReader:
+    sharded = ShardedChunks.of(arr, source)
+    if sharded is None:
+        return ArrayReader("zarr")
+    if source is None:  # a remote array's path, for info: nothing to read with
+        return ArrayReader("sharded")
+    return ArrayReader("sharded", None, sharded.read_chunk, sharded)

@@ -13,14 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from .ranges import merge_ranges
-
 __all__ = ["cut_pieces", "fill_pieces", "cut_ranges", "span_bytes"]
 
 
 def cut_pieces(chunk: np.ndarray, out: np.ndarray, pieces: np.ndarray) -> None:
     """``out[row, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[sz:.., sy:.., sx:..]`` per piece."""
     bz, by, bx = out.shape[1:]
+    if len(pieces) <= 8:  # a chunk's pieces in one batch are few: plain slicing, no mask to build
+        for b, dz0, dz1, dy0, dy1, dx0, dx1, sz, sy, sx in pieces.tolist():
+            out[b, dz0:dz1, dy0:dy1, dx0:dx1] = chunk[sz:sz + dz1 - dz0, sy:sy + dy1 - dy0,
+                                                      sx:sx + dx1 - dx0]
+        return
     whole = ((pieces[:, 2] - pieces[:, 1] == bz) & (pieces[:, 4] - pieces[:, 3] == by)
              & (pieces[:, 6] - pieces[:, 5] == bx))
     if whole.any():  # pieces that are whole blocks: the cheapest indexing
@@ -41,25 +44,26 @@ def fill_pieces(out: np.ndarray, pieces: np.ndarray, value: Any) -> None:
 
 def span_bytes(pieces: np.ndarray, chunks: tuple[int, ...], itemsize: int) -> int:
     """Bytes the pieces span in a C-order chunk, row by row (what a partial read touches)."""
-    dz = pieces[:, 2] - pieces[:, 1]
-    dy = pieces[:, 4] - pieces[:, 3]
-    dx = pieces[:, 6] - pieces[:, 5]
-    return int((dz * ((dy - 1) * chunks[2] + dx)).sum()) * itemsize
+    row = chunks[2]
+    return sum((dz1 - dz0) * ((dy1 - dy0 - 1) * row + dx1 - dx0)
+               for _, dz0, dz1, dy0, dy1, dx0, dx1 in pieces[:, :7].tolist()) * itemsize
 
 
 def cut_ranges(source: Any, key: str, base: int, codec: Any, pieces: np.ndarray,
-               out: np.ndarray, coords: tuple[int, ...]) -> int:
+               out: np.ndarray, coords: tuple[int, ...]) -> int | None:
     """Cut pieces of an uncompressed C-order chunk stored at byte ``base`` of object ``key``.
 
     One byte range per plane of each piece (from its first to its last voxel in that
-    plane), ranges closer than :data:`~vesuvius_dask.io.ranges.MERGE_GAP` merged,
-    all asked in one ``source.read_ranges`` call. Returns the bytes read.
+    plane), ranges merged as the source says (``source.merge``: locally across gaps of
+    :data:`~vesuvius_dask.io.ranges.MERGE_GAP`, remotely across gaps of up to
+    :data:`~vesuvius_dask.io.ranges.REMOTE_GAP`, at most twice the bytes), all asked in
+    one ``source.read_ranges`` call. Returns the bytes read, None when the object is
+    absent (nothing written).
 
     Raises
     ------
     CorruptChunkError
-        The object is absent or ends before a range does (``base`` is inside an
-        object that must hold the chunk).
+        The object ends before a range does.
     """
     cz, cy, cx = codec.chunks
     item = codec.stored.itemsize
@@ -70,14 +74,14 @@ def cut_ranges(source: Any, key: str, base: int, codec: Any, pieces: np.ndarray,
         first = base + sz * plane + sy * row + sx * item
         length = ((dy1 - dy0 - 1) * cx + dx1 - dx0) * item
         k = 0
-        for a, stop, n in merge_ranges([(first + i * plane, first + i * plane + length)
+        for a, stop, n in source.merge([(first + i * plane, first + i * plane + length)
                                         for i in range(dz1 - dz0)]):
             runs.append((len(asks), b, dz0 + k, n, dy0, dy1, dx0, dx1, stop - a))
             asks.append((a, stop))
             k += n
     got = source.read_ranges(key, asks)
     if got is None:
-        raise codec.corrupt(coords, "the object holding it is absent")
+        return None
     total = 0
     for i, b, z0, n, dy0, dy1, dx0, dx1, length in runs:
         data = got[i]

@@ -170,6 +170,8 @@ class Segment:
     ir: Any = None
     tifxyz: Path | None = None
     label_zarrs: dict = field(default_factory=dict)
+    #: Where each part came from (``"volume"``, ``"mask"``, ``"labels"``, ``"ir"``: a file or a name).
+    sources: dict = field(default_factory=dict, repr=False)
 
     @property
     def volume(self) -> Any:
@@ -179,8 +181,34 @@ class Segment:
         if self.record is None:
             raise VolumeNotFoundError(
                 f"{self.path}: no rendered surface volume, only the tifxyz surface {self.tifxyz}; "
-                "render it from the scroll volume: vesuvius_dask.render_segment(segment, volume)")
+                "render it from the scroll volume: open_segment(path, volume=SCROLL) (on the command "
+                "line --volume SCROLL) or vesuvius_dask.render_segment(segment, volume)")
         return self.record
+
+    def missing(self) -> list[str]:
+        """The parts not found: ``volume``, ``surface``, ``mask``, ``labels``, ``ir``, ``validation_mask``."""
+        absent = {"volume": self.record is None, "surface": self.tifxyz is None,
+                  "mask": self.mask is None, "labels": self.labels is None, "ir": self.ir is None,
+                  "validation_mask": "validation_mask" not in self.label_zarrs}
+        return [name for name, gone in absent.items() if gone]
+
+    def describe(self) -> str:
+        """One line: what was found (and from where) and what is missing."""
+        def name(part: str) -> str:
+            src = self.sources.get(part)
+            return f" ({Path(src).name if isinstance(src, Path) else src})" if src else ""
+
+        found = []
+        if self.record is not None:
+            found.append(f"volume {tuple(self.volume.shape)} {self.volume.dtype}{name('volume')}")
+        if self.tifxyz is not None:
+            found.append(f"surface {self.tifxyz}")
+        found += [f"{part}{name(part)}" for part in ("mask", "labels", "ir")
+                  if getattr(self, part) is not None]
+        found += [f"{kind}.zarr" for kind in self.label_zarrs]
+        gone = self.missing()
+        return (f"segment {self.path}: {', '.join(found) or 'nothing'}"
+                + (f"; missing {', '.join(gone)}" if gone else ""))
 
     def __repr__(self) -> str:
         parts = [f"volume={tuple(self.volume.shape)} {self.volume.dtype}" if self.record is not None
@@ -191,7 +219,9 @@ class Segment:
         if self.tifxyz is not None:
             parts.append("surface")
         parts += [f"{kind}.zarr" for kind in self.label_zarrs]
-        return f"Segment({str(self.path)!r}, {', '.join(parts)})"
+        gone = [m for m in self.missing() if m != "volume"]
+        missing = f"; missing {', '.join(gone)}" if gone else ""
+        return f"Segment({str(self.path)!r}, {', '.join(parts)}{missing})"
 
 
 def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -278,7 +308,9 @@ def open_segment(folder: str | os.PathLike, *, level: int | None = None, catalog
                                       label_zarrs)
     if record is not None:
         check_images(images, sources, record.shape[1:], f"the volume {record.name}")
-    return Segment(root, record, **images, tifxyz=surface, label_zarrs=label_zarrs)
+        sources["volume"] = found[0]
+    return Segment(root, record, **images, tifxyz=surface, label_zarrs=label_zarrs,
+                   sources=dict(sources))
 
 
 def _remote_segment(url: str, storage_options: dict | None, cache_dir: Any) -> Segment:
@@ -294,7 +326,8 @@ def _remote_segment(url: str, storage_options: dict | None, cache_dir: Any) -> S
         arr = decode_image_bytes(data, source)
         images[name], sources[name] = da.from_array(arr, chunks=arr.shape), source
     check_images(images, sources, record.shape[1:], f"the volume {record.name}")
-    return Segment(url.rstrip("/"), record, **images)  # type: ignore[arg-type]
+    return Segment(url.rstrip("/"), record, **images,  # type: ignore[arg-type]
+                   sources={**sources, "volume": record.name})
 
 
 def _segment_images(folders: list[Path], label_zarrs: dict[str, Path]

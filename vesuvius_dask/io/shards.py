@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from .. import config
+from ..errors import CorruptChunkError
 from ..lru import LRU
 from .chunks import ChunkCodec, strip_crc32c
 from .pieces import cut_pieces, cut_ranges, fill_pieces, span_bytes
+from .ranges import merge_ranges
 
 __all__ = ["ShardedChunks", "SHARD_INDEXES", "MISSING"]
 
@@ -40,11 +42,13 @@ __all__ = ["ShardedChunks", "SHARD_INDEXES", "MISSING"]
 MISSING = 2**64 - 1
 
 
-def _index_bytes(index: Any) -> int:
-    return int(index.nbytes) if isinstance(index, np.ndarray) else 64
+def _index_bytes(entry: Any) -> int:
+    index = entry[0]
+    return 64 + (int(index.nbytes) if isinstance(index, np.ndarray) else 0)
 
 
-#: Parsed shard indexes, by shard file (and its stamp when memory-mapped), within a byte budget
+#: Parsed shard indexes and shard sizes ``(index or None, size)``, by shard file or URL (and the
+#: file's stamp: a rewritten file is read again; a remote shard is taken as unchanged), within a byte budget
 #: (set from config ``vesuvius-dask.shard-index-bytes`` when a sharded array is opened).
 SHARD_INDEXES = LRU(config.default_bytes("shard-index-bytes"), size=_index_bytes)
 os.register_at_fork(after_in_child=SHARD_INDEXES.after_fork)
@@ -81,6 +85,8 @@ class ShardedChunks:
         self.checksum, self.at_end = checksum, at_end
         self.index_nbytes = 16 * self.count + (4 if checksum else 0)
         self.encode = arr.metadata.encode_chunk_key
+        if source is not None and not source.local:
+            codec.where = source.url("").rstrip("/")  # errors name the URL
         self.where = codec.where
         self._limit = codec.stored_limit
         self._exact = not codec.decoders  # uncompressed inner chunks: exactly their bytes
@@ -102,9 +108,10 @@ class ShardedChunks:
 
     # -- the index ---------------------------------------------------------------------
     def _shard_error(self, shard: tuple[int, ...], what: str) -> Exception:
-        from ..errors import CorruptChunkError
-
-        return CorruptChunkError(f"shard {shard} (key {self.encode(shard)!r} in store {self.where}): "
+        key = self.encode(shard)
+        if not self.source.local:
+            what += f"; fetched from {self.source.url(key)}"
+        return CorruptChunkError(f"shard {shard} (key {key!r} in store {self.where}): "
                                  f"{what}; its index holds {self.index_nbytes} bytes "
                                  f"({'x'.join(map(str, self.unit))} inner chunks)")
 
@@ -141,30 +148,34 @@ class ShardedChunks:
                 return None, None, 0, None
             buf, size, stamp = got
             cache_key = (str(self.source.path(key)), stamp)
-            index = SHARD_INDEXES.get(cache_key)
-            if index is not None:
-                return index, buf, 0, size
+            hit = SHARD_INDEXES.get(cache_key)
+            if hit is not None:
+                return hit[0], buf, 0, size
             if size < self.index_nbytes:
                 raise self._shard_error(shard, f"truncated: the shard holds {size} bytes")
             raw = buf[size - self.index_nbytes:] if self.at_end else buf[:self.index_nbytes]
             index = self._parse(shard, raw, size)
-            SHARD_INDEXES.put(cache_key, index)
+            SHARD_INDEXES.put(cache_key, (index, size))
             return index, buf, self.index_nbytes, size
-        stamp = self.source.stamp(key) if hasattr(self.source, "stamp") else ()
+        stamp = self.source.stamp(key)  # remote: () (no request), the size asked once below
         if stamp is None:
             return None, None, 0, None
-        size = stamp[1] if stamp else None
-        name = self.source.url(key) if hasattr(self.source, "url") else str(self.source.path(key))
-        cache_key = (name, stamp)
-        index = SHARD_INDEXES.get(cache_key)
-        if index is not None:
-            return index, None, 0, size
-        got = self.source.read_ranges(key, [(-self.index_nbytes, None) if self.at_end
+        cache_key = (self.source.url(key), stamp)
+        hit = SHARD_INDEXES.get(cache_key)
+        if hit is not None:
+            return hit[0], None, 0, hit[1]
+        size = stamp[1] if stamp else self.source.size(key)
+        if size is None:  # remote, absent, read as the fill value
+            SHARD_INDEXES.put(cache_key, (None, None))
+            return None, None, 0, None
+        if size < self.index_nbytes:
+            raise self._shard_error(shard, f"truncated: the shard holds {size} bytes")
+        got = self.source.read_ranges(key, [(size - self.index_nbytes, size) if self.at_end
                                             else (0, self.index_nbytes)])
         if got is None:
             return None, None, 0, None
         index = self._parse(shard, got[0], size)
-        SHARD_INDEXES.put(cache_key, index)
+        SHARD_INDEXES.put(cache_key, (index, size))
         return index, None, self.index_nbytes, size
 
     def _entry(self, index: np.ndarray, coords: tuple[int, ...], size: int | None) -> tuple[int, int] | None:
@@ -176,13 +187,18 @@ class ShardedChunks:
             return None
         if nbytes > self._limit or (self._exact and nbytes != self._limit):
             raise self.codec.corrupt(coords, f"the shard index gives it {nbytes} bytes, "
-                                             f"{'not' if self._exact else 'more than'} {self._limit}")
+                                             f"{'not' if self._exact else 'more than'} {self._limit}"
+                                             + self._from(coords))
         lo = self.index_nbytes if not self.at_end else 0
         hi = None if size is None else size - (self.index_nbytes if self.at_end else 0)
         if offset < lo or (hi is not None and offset + nbytes > hi):
             raise self.codec.corrupt(coords, f"the shard index puts it at bytes {offset}..{offset + nbytes}, "
-                                             "outside the shard's data")
+                                             f"outside the shard's data ({hi} bytes){self._from(coords)}")
         return offset, nbytes
+
+    def _from(self, coords: tuple[int, ...]) -> str:
+        """Where a remote shard was fetched from, for errors (nothing locally: the key names the file)."""
+        return "" if self.source.local else f"; fetched from {self.source.url(self.codec.key(coords))}"
 
     # -- inner chunks ------------------------------------------------------------------
     def _region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
@@ -193,6 +209,9 @@ class ShardedChunks:
                ) -> tuple[np.ndarray, int]:
         """An inner chunk decoded (or, uncompressed and mapped, a view of it) and the bytes read."""
         offset, nbytes = where
+        if not self.source.local:
+            chunks, n = self._remote_inner(key, [(coords, where)])
+            return chunks[0], n
         if buf is not None:
             if self.codec.uncompressed:
                 view = np.frombuffer(buf, dtype=self.codec.stored, count=self.codec.count, offset=offset)
@@ -223,23 +242,105 @@ class ShardedChunks:
         """Write the pieces of each ``(inner chunk index, pieces)`` of one shard into ``out``.
 
         Returns ``(decoded inner chunks worth caching, bytes read)``; uncompressed
-        inner chunks are cut in place and not returned.
+        inner chunks of a local shard are cut in place and not returned. A remote
+        shard's inner chunks are read whole, all in one :meth:`_remote_inner`.
         """
         shard = tuple(c // u for c, u in zip(items[0][0], self.unit))
         key = self.encode(shard)
         index, buf, total, size = self.index(shard)
         decoded = []
+        remote = []
         item = self.codec.stored.itemsize
         for coords, pieces in items:
             where = None if index is None else self._entry(index, coords, size)
             if where is None:
                 fill_pieces(out, pieces, self.codec.fill)
+            elif not self.source.local:
+                remote.append((coords, pieces, where))
             elif self.codec.uncompressed and buf is None:
-                total += cut_ranges(self.source, key, where[0], self.codec, pieces, out, coords)
+                n = cut_ranges(self.source, key, where[0], self.codec, pieces, out, coords)
+                if n is None:
+                    raise self.codec.corrupt(coords, "the shard holding it is gone since its index was read")
+                total += n
             else:
                 chunk, n = self._whole(key, coords, where, buf)
                 cut_pieces(chunk, out, pieces)
                 if n:
                     decoded.append((coords, chunk))
                 total += n or span_bytes(pieces, self.codec.chunks, item)
+        if remote:
+            chunks, n = self._remote_inner(key, [(coords, where) for coords, _, where in remote])
+            total += n
+            for (coords, pieces, _), chunk in zip(remote, chunks):
+                cut_pieces(chunk, out, pieces)
+                decoded.append((coords, chunk))
         return decoded, total
+
+    # -- remote shards -------------------------------------------------------------------
+    def cache_key(self, key: str, coords: tuple[int, ...]) -> str:
+        """The ``cache_dir`` key of an inner chunk: ``<shard key>#<z>.<y>.<x>`` (its place in the shard)."""
+        return f"{key}#" + ".".join(str(c % u) for c, u in zip(coords, self.unit))
+
+    def _remote_inner(self, key: str, wanted: list[tuple[tuple[int, ...], tuple[int, int]]]
+                      ) -> tuple[list[np.ndarray], int]:
+        """Inner chunks of one remote shard, decoded, and the stored bytes read.
+
+        From the fetcher's ``cache_dir`` (key :meth:`cache_key`) when it has them, the
+        others by byte range in one ``read_ranges`` call (neighbours in the shard as
+        one request); bytes are kept in ``cache_dir`` once they decoded. Cached bytes
+        that do not decode are removed and fetched again.
+        """
+        cache = self.source.cache
+        names = [self.cache_key(key, coords) for coords, _ in wanted]
+        data: list[Any] = [None] * len(wanted)
+        if cache is not None:
+            for i, name in enumerate(names):
+                hit = cache.get(name)
+                data[i] = hit if isinstance(hit, bytes) and len(hit) == wanted[i][1][1] else None
+        fresh = [i for i, d in enumerate(data) if d is None]
+        total = self._fetch_inner(key, wanted, fresh, data) + sum(len(data[i]) for i in range(len(wanted))
+                                                                  if i not in fresh)
+        chunks: list[Any] = [None] * len(wanted)
+        again = []
+        for i, (coords, _) in enumerate(wanted):
+            try:
+                chunks[i] = self.codec.decode(data[i], self._region(coords))
+            except CorruptChunkError as err:
+                if i in fresh:
+                    raise CorruptChunkError(f"{err}{self._from(coords)}") from None
+                cache.remove(names[i], data[i])
+                again.append(i)
+        if again:  # bad copies in cache_dir: from the server once more
+            total += self._fetch_inner(key, wanted, again, data)
+            for i in again:
+                coords = wanted[i][0]
+                try:
+                    chunks[i] = self.codec.decode(data[i], self._region(coords))
+                except CorruptChunkError as err:
+                    raise CorruptChunkError(f"{err}{self._from(coords)}") from None
+            fresh += again
+        if cache is not None:
+            for i in fresh:
+                cache.put(names[i], bytes(data[i]))
+        return chunks, total
+
+    def _fetch_inner(self, key: str, wanted: list[tuple[tuple[int, ...], tuple[int, int]]],
+                     which: list[int], data: list[Any]) -> int:
+        """Fetch the stored bytes of ``wanted[i]`` for ``i`` in ``which`` into ``data``; the bytes fetched."""
+        if not which:
+            return 0
+        spans = sorted((wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1], i) for i in which)
+        merged = merge_ranges([(a, b) for a, b, _ in spans], gap=0, slack=0.0)  # neighbours only
+        got = self.source.read_ranges(key, [(a, b) for a, b, _ in merged])
+        if got is None:
+            raise self.codec.corrupt(wanted[which[0]][0], "the shard holding it is gone since its index "
+                                     f"was read{self._from(wanted[which[0]][0])}")
+        j = 0
+        for (start, _, count), block in zip(merged, got):
+            for a, b, i in spans[j:j + count]:
+                data[i] = block[a - start:b - start]
+                if len(data[i]) != b - a:
+                    raise self.codec.corrupt(wanted[i][0], f"truncated: bytes {a}..{b} asked, "
+                                             f"{len(data[i])} read{self._from(wanted[i][0])}")
+            j += count
+        return sum(len(g) for g in got)

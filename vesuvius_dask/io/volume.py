@@ -131,7 +131,7 @@ class Volume:
         memory-mapped one, ``dask`` for anything else (its own dask graph).
         """
         if self.zarr is not None:
-            return read_path(self.zarr)
+            return read_path(self.zarr, self.remote)
         return "memory" if self.data is not None else "dask"
 
     @property
@@ -503,9 +503,12 @@ def read_stored(arr: Any, region: tuple[slice, ...], name: str, remote: Any = No
         A remote chunk could not be fetched, after retries.
     """
     try:
-        fast, codec = _readers(arr)
+        reader = stored_reader(arr, remote)
+        fast, codec = reader.chunk, reader.codec
     except Exception as err:
         raise _corrupt(arr, region, name, err) from err
+    if remote is not None and reader.pieces is not None:  # by byte range (a remote partial path)
+        return _read_by_pieces(arr, region, name, reader.pieces)
     if remote is not None and codec is not None:
         return _read_remote(arr, region, name, remote, codec)
     try:
@@ -546,22 +549,55 @@ def _read_remote(arr: Any, region: tuple[slice, ...], name: str, remote: Any, co
     return out
 
 
+def _read_by_pieces(arr: Any, region: tuple[slice, ...], name: str, reader: Any) -> np.ndarray:
+    """A region read by a partial reader (:mod:`~vesuvius_dask.io.partial`).
+
+    The pieces of its stored chunks, one read unit (a chunk, or a shard) at a time.
+    """
+    region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape))
+    chunks = tuple(int(c) for c in arr.chunks)
+    shape = tuple(s.stop - s.start for s in region)
+    out = np.empty((1,) + shape, dtype=arr.dtype)
+    units: dict[tuple[int, ...], list] = {}
+    spans = [range(s.start // c, max(s.start // c, (s.stop - 1) // c) + 1) for s, c in zip(region, chunks)]
+    for cid in itertools.product(*spans):
+        lo = [max(r.start, i * c) for r, i, c in zip(region, cid, chunks)]
+        hi = [min(r.stop, (i + 1) * c) for r, i, c in zip(region, cid, chunks)]
+        row = [0]
+        for a, b, r in zip(lo, hi, region):
+            row += [a - r.start, b - r.start]
+        row += [a - i * c for a, i, c in zip(lo, cid, chunks)]
+        unit = tuple(i // u for i, u in zip(cid, reader.unit))
+        units.setdefault(unit, []).append((cid, np.array([row], dtype=np.int64)))
+    try:
+        for items in units.values():
+            reader.read_pieces(items, out)
+    except CorruptChunkError as err:  # it names the chunk, its key and store already
+        raise CorruptChunkError(f"{name}: {err}") from None
+    return out[0]
+
+
 #: Fast chunk readers and codecs by array object (the entry holds the array, so its id
 #: stays its own).
 _FAST = LRU(256)
 os.register_at_fork(after_in_child=_FAST.after_fork)  # a parent thread may hold its lock at fork
 
 
-def stored_reader(arr: Any) -> Any:
-    """The array's :class:`~vesuvius_dask.io.partial.ArrayReader` (its read path), made once."""
-    entry = _FAST.get(id(arr))
-    if entry is None or entry[0] is not arr:
+def stored_reader(arr: Any, remote: Any = None) -> Any:
+    """The array's :class:`~vesuvius_dask.io.partial.ArrayReader` (its read path), made once.
+
+    With ``remote`` (the array's :class:`~vesuvius_dask.remote.fetch.RemoteChunks`), the
+    readers of a remote array's partial paths fetch byte ranges through it.
+    """
+    slot = (id(arr), id(remote))
+    entry = _FAST.get(slot)
+    if entry is None or entry[0] is not arr or entry[1] is not remote:
         from .partial import array_reader
 
-        entry = (arr, array_reader(arr))
-        _FAST.pop(id(arr))
-        _FAST.put(id(arr), entry)
-    return entry[1]
+        entry = (arr, remote, array_reader(arr, remote=remote))
+        _FAST.pop(slot)
+        _FAST.put(slot, entry)
+    return entry[2]
 
 
 def _readers(arr: Any) -> tuple[Any, Any]:
@@ -570,13 +606,14 @@ def _readers(arr: Any) -> tuple[Any, Any]:
     return reader.chunk, reader.codec
 
 
-def read_path(arr: Any) -> str:
+def read_path(arr: Any, remote: Any = None) -> str:
     """How stored chunks of a Zarr array are read.
 
     ``partial-uncompressed``, ``sharded``, ``whole-chunk`` or ``zarr`` (see
-    :mod:`vesuvius_dask.io.partial`).
+    :mod:`vesuvius_dask.io.partial`); for a remote array, what it gets with ``remote``
+    (its fetcher; without one: as opened without ``cache_dir``).
     """
-    return stored_reader(arr).path
+    return stored_reader(arr, remote).path
 
 
 def _one_chunk(arr: Any, region: tuple[slice, ...]) -> bool:
@@ -611,7 +648,7 @@ def remote_chunks(arr: Any, name: str, storage_options: dict | None = None,
     """
     if not is_remote(arr):
         return None
-    if _readers(arr)[1] is None:
+    if _readers(arr)[1] is None and read_path(arr) != "sharded":
         if cache_dir is not None:
             warnings.warn(f"{name}: cache_dir is not used for this array: its layout or codecs "
                           "(sharding, for one) are read through zarr, one request per task",
@@ -624,7 +661,7 @@ def remote_chunks(arr: Any, name: str, storage_options: dict | None = None,
     protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
     base = "/".join(p for p in (str(store.path).rstrip("/"), arr.store_path.path) if p)
     settings = RemoteSettings.from_config()
-    nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+    nbytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize  # an inner chunk's when sharded
     storage_options = remote_storage_options(f"{protocol}://{base}", storage_options)
     remote = RemoteChunks(protocol, base, name, storage_options, settings, chunk_nbytes=nbytes)
     if cache_dir is not None:

@@ -222,6 +222,8 @@ class PrefetchPlan:
 
         t0 = time.perf_counter()
         for entry in self.remote:  # counted again: another process may have fetched some since
+            if entry.remote.cache is None:
+                raise _no_cache(entry.name)
             _count_cached(entry)
         before = {id(v): v.cached_bytes for v in self.remote}
         tty = sys.stderr.isatty()
@@ -351,13 +353,20 @@ def _touched(stream: Any, epochs: list[int]) -> _Touched:
     return touched
 
 
-def _with_cache(vol: Volume, name: str, cache_dir: Any) -> Any:
-    """The volume's fetcher, fetching through ``cache_dir`` (default: the stream's)."""
+def _no_cache(name: str) -> ArgumentError:
+    return ArgumentError(f"{name} is a URL and the stream has no cache_dir: give cache_dir= "
+                         "the folder the run will read from (prefetching keeps chunks there)")
+
+
+def _with_cache(vol: Volume, name: str, cache_dir: Any, dry_run: bool = False) -> Any:
+    """The volume's fetcher, fetching through ``cache_dir`` (default: the stream's).
+
+    A dry run may go without one (every chunk then counts as to fetch).
+    """
     remote = vol.remote
     if cache_dir is None:
-        if remote.cache is None:
-            raise ArgumentError(f"{name} is a URL and the stream has no cache_dir: give cache_dir= "
-                                "the folder the run will read from (prefetching keeps chunks there)")
+        if remote.cache is None and not dry_run:
+            raise _no_cache(name)
         return remote
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(cache_dir))))
     if remote.cache is not None and Path(remote.cache.root) == root:
@@ -365,7 +374,7 @@ def _with_cache(vol: Volume, name: str, cache_dir: Any) -> Any:
     return remote.with_cache(disk_cache_for(remote, vol.zarr, root))
 
 
-def _entries(stream: Any, epochs: list[int], cache_dir: Any) -> list[VolumeChunks]:
+def _entries(stream: Any, epochs: list[int], cache_dir: Any, dry_run: bool = False) -> list[VolumeChunks]:
     touched = _touched(stream, epochs)
     entries: list[VolumeChunks] = []
     by_url: dict[str, tuple[VolumeChunks, np.ndarray]] = {}
@@ -386,7 +395,7 @@ def _entries(stream: Any, epochs: list[int], cache_dir: Any) -> list[VolumeChunk
             else:
                 entry = VolumeChunks(name, kind, lin, url=url, volume=vol,
                                      chunk_nbytes=int(np.prod(vol.zarr.chunks)) * vol.dtype.itemsize,
-                                     remote=_with_cache(vol, name, cache_dir))
+                                     remote=_with_cache(vol, name, cache_dir, dry_run))
                 entries.append(entry)
             by_url[url] = (entry, lin)
             entry.chunk_ids = np.stack(np.unravel_index(lin, _grid(vol)), axis=1).astype(np.int64) \
@@ -402,6 +411,9 @@ def _count_cached(entry: VolumeChunks) -> None:
     cache = entry.remote.cache
     entry.cached = entry.cached_bytes = 0
     entry.missing = []
+    if cache is None:  # a dry run without cache_dir: everything is to fetch
+        entry.missing = list(range(len(entry.keys)))
+        return
     for i, key in enumerate(entry.keys):
         try:
             st = os.stat(cache.file(key))
@@ -498,7 +510,7 @@ def prefetch(stream: Any, epochs: int | Iterable[int] = 1, *, cache_dir: str | o
     >>> plan.fetch(progress=True)                           # doctest: +SKIP
     """
     numbers = _epoch_list(epochs)
-    plan = PrefetchPlan(_entries(stream, numbers, cache_dir), numbers)
+    plan = PrefetchPlan(_entries(stream, numbers, cache_dir, dry_run), numbers)
     for entry in plan.remote:
         _count_cached(entry)
     if not dry_run:

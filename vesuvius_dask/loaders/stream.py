@@ -33,13 +33,15 @@ from ..errors import ArgumentError, InvalidTypeError, ResumeError, SamplingError
 from ..io.labels import label_volumes, load_mask, per_volume
 from ..io.normalize import Normalizer, normalization_spec
 from ..io.open import Volume, resolve_volume
-from ..sampling.plan import ANY_VOXEL, DEFAULT_READ_BATCH, BlockPlan
+from ..sampling.plan import ANY_VOXEL, DEFAULT_READ_BATCH
+from ..sampling.planned import plan_for
 from ..sampling.resume import STATE_FORMAT, check_state, fingerprint, merge_states, resume_point
 from ..sampling.samplers import PLAN_DEFAULTS, RandomSampler, Sampler
 from ..sampling.surface_patches import SurfacePlan
 from .batch_buffers import count_worker_iteration, into_pool, pool_allowed
 from .options import ReadOptions
 from .reader import BatchReader
+from .targets import item_dict, stream_bundle
 
 __all__ = ["DaskVesuviusStream"]
 
@@ -184,6 +186,11 @@ def _machine_cache(cache_bytes: int) -> Any:
     return MachineChunkCache(cache_bytes)
 
 
+def _second_engine(label_engine: Any, extras: Any) -> Any:
+    """What the reader reads beside the blocks: the labels' engine or the targets' bundle (never both)."""
+    return label_engine if extras is None else extras
+
+
 def _check_options(batch_size: Any, transform: Any) -> None:
     if batch_size is not None:
         positive_int("batch_size", batch_size)
@@ -318,8 +325,10 @@ class DaskVesuviusStream(IterableDataset):
         float16) raises instead of truncating.
     transform : callable, optional
         Applied to each yielded block (or batch) tensor, ``transform(block)``; with
-        ``labels``, called as ``transform(block, label)`` and must return the pair (so
-        augmentations can flip both alike).
+        ``labels`` (or ``targets``, ``context``), called as ``transform(block, label)``
+        and must return the pair (so augmentations can flip both alike; see
+        :class:`~vesuvius_dask.loaders.augment.BatchAugment`, best applied on the device
+        in the training loop instead).
     stride : int or (int, int, int), optional
         Only starts on this grid are drawn (``stride == block`` gives
         non-overlapping blocks). Default 1.
@@ -393,6 +402,23 @@ class DaskVesuviusStream(IterableDataset):
         in flight: those of the next batches while this one is read (dask config
         ``vesuvius-dask.remote.concurrency``, default 32; see
         :class:`~vesuvius_dask.remote.fetch.RemoteSettings`).
+    targets : dict, optional
+        Several aligned label volumes by name, ``{"ink": ..., "supervision": ...,
+        "distance": ...}``: each value is what ``labels`` takes (one entry per volume;
+        with one volume the entry may be given bare), 2-D maps or 3-D volumes, each
+        with its own dtype. Items become ``(block, {name: label})`` (``(block,
+        targets, coords)`` with ``return_coords``), read in the same graph as the
+        blocks. ``labels=x`` is the single-target case, yielded bare; give one or the
+        other (``positive_fraction`` needs ``labels``). See
+        :mod:`vesuvius_dask.io.targets`.
+    context : dict or Context, optional
+        ``{"level": Lc, "size": (z, y, x)}``: with each block, a ``size`` block from
+        the coarser level ``Lc`` of the same OME-Zarr multiscale image, centred on it
+        and shifted inwards at the border (never padded), in the stream's dtype and
+        normalisation, read in the same graph. The item dict gets it as
+        ``"context"``: ``(block, {"context": ..., **targets})``. The files must be
+        OME-Zarr groups holding ``Lc``, or ``"files"`` gives one coarse volume per
+        volume. See :mod:`vesuvius_dask.io.context` for the exact mapping.
     positive_fraction : float, optional
         Label-balanced sampling (needs 2-D ``labels``): exactly
         ``round(positive_fraction * samples_per_epoch)`` blocks of every epoch are
@@ -487,6 +513,8 @@ class DaskVesuviusStream(IterableDataset):
         machine_cache: bool = True,
         cache_dir: Any = None,
         normalization: Any = "none",
+        targets: Any = None,
+        context: Any = None,
     ) -> None:
         super().__init__()
         files = _file_list(files)
@@ -515,10 +543,9 @@ class DaskVesuviusStream(IterableDataset):
                     for i, m in enumerate(per_volume("masks", masks, files, "mask"))]
         self.label_volumes, self.label_2d = label_volumes(labels, files, self.volumes)
         sampler = sampler if self.surface is None else self.surface.sampler
-        self.plan = self.surface if self.surface is not None else BlockPlan(
-            self.volumes, block, **sampler.plan_options(), masks=masks_2d,
-            read_batch=self.batch_size or reading.read_batch,
-            labels_2d=[lv.data[0] for lv in self.label_volumes] if self.label_2d else None)
+        self.plan = self.surface if self.surface is not None else plan_for(  # BlockPlan, quotas, weights
+            sampler, self.volumes, block, masks=masks_2d, read_batch=self.batch_size or reading.read_batch,
+            label_volumes=self.label_volumes, label_2d=self.label_2d)
         #: The sampler in use: the one given (or built from the keywords), with the plan's seed.
         self.sampler = replace(sampler, seed=self.plan.seed) \
             if isinstance(sampler, RandomSampler) and sampler.seed is None else sampler
@@ -530,7 +557,12 @@ class DaskVesuviusStream(IterableDataset):
             cache_bytes=reading.cache_bytes // 4, num_threads=reading.num_threads)
         if reading.machine_cache and reading.client is None:
             self.engine.machine = _machine_cache(reading.cache_bytes)
-        self.reader = BatchReader(self.engine, self.label_engine, self.label_2d,
+        #: ``targets=`` and ``context=``: read in each batch's graph (None without them).
+        self.extras = stream_bundle(targets, context, files, self.volumes, block, self.dtype, labels=labels,
+                                    surface=self.surface, level=level, storage_options=storage_options,
+                                    cache_dir=cache_dir, cache_bytes=reading.cache_bytes,
+                                    num_threads=reading.num_threads)
+        self.reader = BatchReader(self.engine, _second_engine(self.label_engine, self.extras), self.label_2d,
                                   prefetch=reading.prefetch, client=reading.client,
                                   retries=reading.retries, shared=self.batch_size is not None)
         #: Batches of each epoch before this one are skipped (``predict`` resumes with it).
@@ -789,6 +821,8 @@ class DaskVesuviusStream(IterableDataset):
         for batch, label, vols, starts in results:
             if self.surface is not None:
                 label = self.surface.targets(vols, starts)
+            if self.extras is not None:  # targets and context: {name: view of the buffer}
+                label = item_dict(self.extras, label, vols, norm)
             if norm is not None:
                 batch = norm(batch, vols)
             tensor = _as_tensor(batch)

@@ -389,6 +389,7 @@ class RemoteChunks:
         async with local.semaphore:
             t0 = time.monotonic()
             failures = refusals = attempts = 0
+            refused_at = 0.0
             while True:
                 if local.failure is not None and local.failure[0] >= queued:
                     raise ChunkFetchError(str(local.failure[1])) from local.failure[1]
@@ -405,7 +406,8 @@ class RemoteChunks:
                     if refusal is None:
                         last, reason = err, _reason(err, s.timeout)
                     else:
-                        wait = self._refused(window, refusal, refusals)
+                        wait = self._refused(window, refusal, refusals, refused_at)
+                        refused_at = time.monotonic()
                         if wait is not None:
                             refusals += 1
                             await asyncio.sleep(wait)
@@ -443,14 +445,21 @@ class RemoteChunks:
         self.stats.fetched += 1
         return bytes(data)
 
-    def _refused(self, window: Any, refusal: _Refusal, refusals: int) -> float | None:
+    def _refused(self, window: Any, refusal: _Refusal, refusals: int, refused_at: float) -> float | None:
         """Seconds to wait after a refusal (the window told), or None once the budget is spent.
 
         The budget runs from the host's first refusal since its last answer (in
         this process): a request is not given up while others get through, and
-        refusals arriving in waves do not each start a budget of their own. A
-        ``Retry-After`` is cut to what is left of it; one of 0, negative or in the
-        past is read as none (the backoff applies: it is no licence to hammer).
+        refusals arriving in waves do not each start a budget of their own.
+
+        A ``Retry-After`` is cut to what is left of the budget; one of 0, negative
+        or in the past is read as none (the backoff applies: it is no licence to
+        hammer). The refused request waits that long. If it is refused again and
+        no request to the host was answered meanwhile, the server is refusing
+        everything (a quota, an outage): then every request of the machine to the
+        host pauses until the time it names. A server that shapes a rate (a token
+        bucket answers some requests and refuses others) is not paused for as a
+        whole: its other requests go on, at the smaller window.
         """
         budget = float(self.settings.throttle_budget)
         spent = window.refusing_for()
@@ -459,10 +468,11 @@ class RemoteChunks:
         left = budget - spent
         pause = refusal.retry_after if refusal.retry_after and refusal.retry_after > 0 else None
         pause = None if pause is None else min(pause, left)
-        window.refused(pause)
+        everything = refusals > 0 and window.last_success < refused_at
+        window.refused(pause if everything else None)
         self.stats.refused += 1
         if pause is not None:
-            return 0.0  # the window's pause holds every request to the host until then
+            return 0.0 if everything else pause  # 0: the window's pause holds every request until then
         # a few round trips first (the window has shrunk meanwhile), doubling up to 30 s
         first = min(self.settings.backoff, max(0.05, 4 * (window.srtt or 0.0)))
         backoff = first * 2 ** min(refusals, 10) * (1 + 0.25 * random.random())

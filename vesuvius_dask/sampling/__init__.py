@@ -4,6 +4,8 @@ Samplers (the objects the stream takes), start grids, permutations, epoch plans,
 rank and worker splits.
 """
 
+from .planned import PlannedSampler
+from .quotas import QuotaSampler
 from .samplers import (
     BalancedSampler,
     GridSampler,
@@ -27,6 +29,7 @@ from .starts import (
     Tiling,
     footprint_valid,
 )
+from .weights import WeightMapSampler
 
 __all__ = [
     "Sampler",
@@ -36,6 +39,9 @@ __all__ = [
     "LocalitySampler",
     "BalancedSampler",
     "GridSampler",
+    "PlannedSampler",
+    "QuotaSampler",
+    "WeightMapSampler",
     "StartGrid",
     "Tiling",
     "MaskedStartGrid",

@@ -180,8 +180,11 @@ class Sampler:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Sampler:
         """The sampler a :meth:`state_dict` describes."""
-        kinds = {k.__name__: k for k in (UniformSampler, ProportionalSampler, LocalitySampler,
-                                         BalancedSampler, GridSampler)}
+        kinds, todo = {}, [Sampler]
+        while todo:  # every subclass (QuotaSampler, WeightMapSampler, ... register by existing)
+            for sub in todo.pop().__subclasses__():
+                kinds[sub.__name__] = sub
+                todo.append(sub)
         kind = kinds.get(state.get("type")) if isinstance(state, dict) else None
         if kind is None:
             raise ResumeError(f"not a sampler state: {state!r}")

@@ -346,8 +346,13 @@ def convert_zarr(
 
     Parameters
     ----------
-    source : str, os.PathLike or zarr.Array
-        A Zarr array, an OME-Zarr group (with ``level``), or a URL of either.
+    source : str, os.PathLike, zarr.Array, Segment or dask.array.Array
+        A Zarr array, an OME-Zarr group (with ``level``), or a URL of either; or a
+        lazy volume, such as a segment whose surface volume is rendered from the scroll
+        (:func:`~vesuvius_dask.surfaces.segment.open_segment` with ``volume=``) or a
+        :func:`~vesuvius_dask.surfaces.render.render_surface`: its chunks are computed
+        and written (a resume needs the same graph: the same surface files, scroll and
+        options).
     output : str or os.PathLike
         Output path; it may not be, contain, or lie inside a local ``src``.
     level : int, optional
@@ -390,8 +395,12 @@ def convert_zarr(
     src, dst = source, output
     chunks, shards = _check_options(zarr_format, chunks, shards, compressor)
     vol = resolve_volume(src, level=level, storage_options=storage_options, cache_dir=cache_dir)
-    if vol.zarr is None:
+    if vol.zarr is None and isinstance(src, (str, os.PathLike)):
         raise ConversionError(f"{vol.name}: not a Zarr volume; convert TIFF stacks with convert_tiffs")
+    if vol.zarr is None:  # a lazy volume (a rendered surface, a dask array): written as computed
+        inputs = [os.fspath(p) for p in (getattr(src, "path", None),) if isinstance(p, (str, os.PathLike))]
+        return _convert_lazy(vol, dst, (z, y, x), _options_of(chunks, shards, compressor, zarr_format,
+                                                              ome, client, quiet), overwrite, resume, inputs)
     arr = vol.zarr
     src_text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else vol.name
     roi = _roi(tuple(arr.shape), (z, y, x), src_text, noun="volume")
@@ -419,6 +428,31 @@ def convert_zarr(
     return _write_volume(lambda write: stack, out_shape, np.dtype(arr.dtype), dst,
                          inputs, identity, provenance, options, overwrite, resume,
                          f"copying {src_text} -> {dst} {out_shape}")
+
+
+def _options_of(chunks: Any, shards: Any, compressor: str, zarr_format: int, ome: bool, client: Any,
+               quiet: bool) -> tuple:
+    """The writing options not yet fitted to an output shape (see :func:`_convert_lazy`)."""
+    return chunks, shards, compressor, zarr_format, bool(ome), client, quiet
+
+
+def _convert_lazy(vol: Any, dst: Any, bounds: Any, opts: tuple, overwrite: bool, resume: bool,
+                  inputs: list) -> Any:
+    """Write a region of a lazy volume (no stored chunks to copy: its dask graph computes them).
+
+    A resumed run must have the same graph (``vol.token``: a render's surface files,
+    scroll volume and options), the same region and the same writing options.
+    """
+    chunks, shards, compressor, zarr_format, ome, client, quiet = opts
+    roi = _roi(tuple(vol.shape), bounds, vol.name, noun="volume")
+    out_shape = tuple(s.stop - s.start for s in roi)
+    options = _Options(*_fitted(chunks, shards, out_shape), compressor, zarr_format, ome, client, quiet)
+    identity = {"source": vol.name, "token": vol.token, **options.identity(roi, vol.dtype)}
+    provenance = {"source": vol.name, "roi": {a: [s.start, s.stop] for a, s in zip("zyx", roi)},
+                  "source_shape": list(vol.shape)}
+    stack = vol.array[roi]
+    return _write_volume(lambda write: stack, out_shape, np.dtype(vol.dtype), dst, inputs, identity,
+                         provenance, options, overwrite, resume, f"writing {vol.name} -> {dst} {out_shape}")
 
 
 @dataclass(frozen=True)

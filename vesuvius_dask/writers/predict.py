@@ -24,6 +24,15 @@ from ..arguments import renamed
 from ..errors import ArgumentError, ModelError, OutputError, SamplingError, VesuviusDaskError
 from ..lru import LRU
 from ..sampling.starts import ANY_VOXEL
+from .accumulate import (
+    ChunkGeometry,
+    WritePool,
+    normalized,
+    output_codec,
+    pack_bits,
+    plan_counts,
+    unpack_bits,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
@@ -90,11 +99,21 @@ class PredictionWriter:
     part : (int, int), optional
         ``(k, n)``: accumulate only the output chunks part ``k`` of ``n`` owns
         (:func:`chunk_owner`); the others are skipped. ``predict(..., part=)`` uses it.
+    compressor : {"blosc-lz4", "zstd", "none"}
+        Codec of the output's chunks (default blosc-lz4 with byte shuffle: about as
+        small as zstd on float32 predictions, and ~30x faster to encode).
+    write_threads : int
+        Threads that normalise, encode and write completed chunks.
 
     Notes
     -----
     Feed it from one process (e.g. the training/inference loop fed by a DataLoader
-    with workers): :meth:`add` is thread-safe, not multi-process-safe. Between
+    with workers): :meth:`add` is thread-safe, not multi-process-safe. A batch is
+    added per output chunk: its blocks' pieces in each chunk are added with numpy
+    slicing, in the order of :meth:`add` (each voxel's sums are added in that order,
+    so the grouping changes no bit). After :meth:`expect` (the plan's block starts),
+    a chunk whose last block was added is divided and written on a thread pool right
+    away, and its accumulator freed; the rest are written by :meth:`finalize`. Between
     checkpoints, flushed chunks are written as new files (generations); a
     checkpoint commits them, so a kill never leaves a half-added batch behind.
     A chunk pushed out of memory is written whole and read back when touched again,
@@ -108,7 +127,8 @@ class PredictionWriter:
                  memory_bytes: int = config.get_bytes("predict.memory-bytes"), volume: int | None = None,
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
                  inputs: Sequence[Any] = (), identity: dict | None = None,
-                 part: tuple[int, int] | None = None) -> None:
+                 part: tuple[int, int] | None = None, compressor: str = "blosc-lz4",
+                 write_threads: int = 2) -> None:
         from .outputs import OutputJob
 
         self.path = Path(output)
@@ -129,8 +149,12 @@ class PredictionWriter:
         self.memory_bytes = int(memory_bytes)
         self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
         self.part = None if part is None else (int(part[0]), int(part[1]))
+        output_codec(compressor, 3)  # a known name
+        self.compressor = compressor
+        self.geometry = ChunkGeometry(self.shape, self.block, self.chunks, self.part)
         ident = {"shape": list(self.shape), "block": list(self.block), "chunks": list(self.chunks),
-                 "blend": blend, "volume": volume, "fill_value": self.fill_value}
+                 "blend": blend, "volume": volume, "fill_value": self.fill_value,
+                 "compressor": compressor}
         ident.update(identity or {})
         self.job = OutputJob(self.path, inputs, ident, overwrite=overwrite, resume=resume,
                              what="predict")
@@ -144,6 +168,14 @@ class PredictionWriter:
         self._committed: dict[tuple[int, ...], int] = {}  # as of the last checkpoint
         self._next_gen = 0
         self.progress: Any = None
+        # after expect(): blocks still to come per chunk, and the chunks already written
+        self._expected: np.ndarray | None = None
+        self._seen: dict[tuple[int, ...], int] = {}
+        self._written = np.zeros(self.grid, dtype=bool)
+        self._out: Any = None
+        self._zarr_format: int | None = None
+        self._pool = WritePool(write_threads)
+        self._scratch = np.empty(self.block, dtype=np.float32)
         if self.job.resumed:
             self._restore()
         self._lock = threading.Lock()
@@ -164,6 +196,9 @@ class PredictionWriter:
         self._latest, self._committed = dict(chunks), dict(chunks)
         self._next_gen = int(state.get("next_gen", 0))
         self.progress = state.get("progress")
+        self._seen = {tuple(int(c) for c in k.split(".")): int(n) for k, n in state.get("seen", {}).items()}
+        if state.get("written"):
+            self._written = unpack_bits(state["written"], self.grid)
 
     # ------------------------------------------------------------------ adding
     def add(self, prediction: Any, coords: Any) -> None:
@@ -184,59 +219,138 @@ class PredictionWriter:
         if pred.shape[1:] != self.block:
             raise SamplingError(
                 f"{self.path}: predictions have shape {pred.shape[1:]}, expected {self.block}")
+        keep, starts = self._starts(coords)
+        if keep is not None:
+            pred = pred[keep]
+        for start in starts:
+            if any(s < 0 or s + b > n for s, b, n in zip(start, self.block, self.shape)):
+                raise SamplingError(f"{self.path}: block at {tuple(start)} sticks out of {self.shape}")
+        with self._lock:
+            self._add_batch(pred, starts)
+            self.items += len(starts)
+
+    def _starts(self, coords: np.ndarray) -> tuple[np.ndarray | None, list[list[int]]]:
+        """The rows of ``coords`` for this writer's volume (None: all) and their starts in the output."""
+        keep = None
         if coords.shape[1] == 4:
             if self.volume is not None:
                 keep = coords[:, 0] == self.volume
-                pred, coords = pred[keep], coords[keep]
+                coords = coords[keep]
             coords = coords[:, 1:]
-        starts = coords[:, 1:] if len(self.shape) == 2 else coords
-        with self._lock:
-            for p, start in zip(pred, starts.tolist()):
-                self._add_one(p * self.weights, start)
-                self.items += 1
+        return keep, (coords[:, 1:] if len(self.shape) == 2 else coords).tolist()
 
-    def _add_one(self, weighted: np.ndarray, start: list[int]) -> None:
-        for s, b, n in zip(start, self.block, self.shape):
-            if s < 0 or s + b > n:
-                raise SamplingError(f"{self.path}: block at {tuple(start)} sticks out of {self.shape}")
-        first = [s // c for s, c in zip(start, self.chunks)]
-        last = [(s + b - 1) // c for s, b, c in zip(start, self.block, self.chunks)]
-        for cid in np.ndindex(*[e - f + 1 for f, e in zip(first, last)]):
-            cid = tuple(f + i for f, i in zip(first, cid))
-            if self.part is not None and chunk_owner(cid, self.grid, self.part[1]) != self.part[0]:
-                continue
-            lo = [max(s, c * k) for s, c, k in zip(start, self.chunks, cid)]
-            hi = [min(s + b, c * (k + 1), n) for s, b, c, k, n in
-                  zip(start, self.block, self.chunks, cid, self.shape)]
-            src = tuple(slice(a - s, h - s) for a, h, s in zip(lo, hi, start))
-            dst = tuple(slice(a - c * k, h - c * k) for a, h, c, k in zip(lo, hi, self.chunks, cid))
-            acc_sum, acc_w = self._buffer(cid)
-            acc_sum[dst] += weighted[src]
-            acc_w[dst] += self.weights[src]
+    def _add_batch(self, pred: np.ndarray, starts: list[list[int]]) -> None:
+        """Add each block's weighted pieces, chunk by chunk (in each chunk, in the batch's order)."""
+        groups: dict[tuple[int, ...], list[tuple[int, tuple, tuple]]] = {}
+        for i, start in enumerate(starts):
+            for cid, src, dst in self.geometry.pieces(start):
+                groups.setdefault(cid, []).append((i, src, dst))
+        weighted = self._scratch  # one block's p * w at a time: the same products, no new memory
+        for cid, pieces in groups.items():
+            if self._written[cid]:
+                raise SamplingError(f"{self.path}: a block at {tuple(starts[pieces[0][0]])} touches output "
+                                    f"chunk {cid}, already complete and written (not in the plan "
+                                    "given to expect())")
+            acc_sum, _, added = self._buffer(cid)
+            for i, src, dst in pieces:
+                np.multiply(pred[i][src], self.weights[src], out=weighted[src])
+                acc_sum[dst] += weighted[src]
+                added.append((src, dst))  # its weights: added later, in this order (_weights)
+            if self._expected is not None:  # a plan: count down to the chunk's last block
+                seen = self._seen[cid] = self._seen.get(cid, 0) + len(pieces)
+                if seen >= self._expected[cid]:
+                    self._complete(cid)
+
+    def expect(self, coords: Any, zarr_format: int = 3) -> None:
+        """Declare every block that will be added (the plan, e.g. ``stream.epoch_coords()``).
+
+        ``coords`` as for :meth:`add` (all the plan's, in any order).
+
+        From then on, a chunk is divided and written (on the write threads) as soon as
+        the last block touching it has been added, and its accumulator is freed; a
+        block touching a chunk already written is refused. ``zarr_format`` must then be
+        the one given to :meth:`finalize`. A resumed writer takes the same plan.
+        """
+        coords = _numpy(coords).astype(np.int64)
+        starts = np.asarray(self._starts(coords.reshape(len(coords), -1))[1], dtype=np.int64)
+        with self._lock:
+            self._zarr_format = int(zarr_format)
+            self._expected = plan_counts(self.geometry, starts)
+            for cid in list(self._seen):
+                if self._seen[cid] >= self._expected[cid] and not self._written[cid]:
+                    self._complete(cid)
+
+    def _complete(self, cid: tuple[int, ...]) -> None:
+        """Divide the chunk's totals and write them on the pool; drop its accumulator."""
+        totals = self._totals(cid)
+        self._written[cid] = True
+        self._seen.pop(cid, None)
+        gen = self._latest.pop(cid, None)
+        if gen is not None and self._committed.get(cid) != gen:
+            self._file(cid, gen).unlink()  # never committed; a committed one goes at the next checkpoint
+        if totals is not None:
+            out = self._output(self._zarr_format or 3)
+            self._pool.submit(self._write_chunk, out, self.geometry.region(cid), totals)
+
+    def _write_chunk(self, out: Any, region: tuple[slice, ...], buf: list) -> None:
+        out[region] = normalized(buf[0], self._weights(buf), self.fill_value)
+
+    def _weights(self, buf: list) -> np.ndarray:
+        """The chunk's weight totals: ``Σ w`` of the pieces added since it was (re)loaded, in order.
+
+        The weights of a piece do not depend on the prediction, so they are added when
+        they are needed (on a write thread, when the chunk is written) rather than with
+        each batch; each voxel's weights are still added in the order of :meth:`add`.
+        """
+        s, w, added = buf
+        if w is None:
+            w = np.zeros_like(s)
+        for src, dst in added:
+            w[dst] += self.weights[src]
+        buf[1], buf[2] = w, []
+        return w
+
+    def _output(self, zarr_format: int) -> Any:
+        """The output array in the partial folder: created once (or the resumed run's, reopened)."""
+        import zarr
+
+        if self._out is None:
+            if self.job.resumed and self.job.data.exists():  # chunks the interrupted run wrote
+                self._out = zarr.open_array(self.job.data, mode="r+")
+            else:
+                self._out = zarr.create_array(self.job.data, shape=self.shape, chunks=self.chunks,
+                                              dtype="float32", fill_value=self.fill_value,
+                                              zarr_format=zarr_format, overwrite=True,
+                                              compressors=output_codec(self.compressor, zarr_format))
+        if self._out.metadata.zarr_format != zarr_format:
+            raise ArgumentError(f"{self.path}: zarr_format={zarr_format}, but expect() wrote the "
+                                f"output as format {self._out.metadata.zarr_format}")
+        return self._out
 
     def _region(self, cid: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(c * k, min(c * (k + 1), n)) for c, k, n in zip(self.chunks, cid, self.shape))
+        return self.geometry.region(cid)
 
     def _buffer_bytes(self, buf: Any) -> int:
         return self._chunk_bytes  # every buffer counts as a whole chunk, as the budget says
 
-    def _buffer(self, cid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _buffer(self, cid: tuple[int, ...]) -> list:
+        """``[Σ w·p, Σ w or None, pieces whose weights are not in Σ w yet]`` of the chunk."""
         buf = self._buffers.get(cid)
         if buf is not None:
             return buf
         gen = self._latest.get(cid)
         if gen is not None:  # pushed out before: go on adding to its totals, in order
             s, w = np.load(self._file(cid, gen))
-            buf = (s, w)
+            buf = [s, w, []]
         else:
-            shape = tuple(r.stop - r.start for r in self._region(cid))
-            buf = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+            shape = self.geometry.chunk_shape(cid)
+            buf = [np.zeros(shape, np.float32), None, []]
         self._buffers.put(cid, buf)  # may flush the least recently used others
         return buf
 
-    def _flush(self, cid: tuple[int, ...], buf: tuple[np.ndarray, np.ndarray]) -> None:
+    def _flush(self, cid: tuple[int, ...], buf: list) -> None:
         """Write the chunk's totals as a new generation file (the old one stays until committed)."""
-        totals = np.stack(buf)
+        totals = np.stack((buf[0], self._weights(buf)))
         prev = self._latest.get(cid)
         gen = self._next_gen
         self._next_gen += 1
@@ -260,25 +374,28 @@ class PredictionWriter:
         with self._lock:
             while self._buffers:
                 self._flush(*self._buffers.pop_oldest())
-            os.sync()  # the generation files reach the disk before the state naming them
+            self._pool.wait()  # the chunks recorded as written are written
+            os.sync()  # the generation files and chunks reach the disk before the state naming them
             with critical():
                 self.job.save_state("state.json", {
                     "progress": progress, "next_gen": self._next_gen,
-                    "chunks": {".".join(map(str, c)): g for c, g in self._latest.items()}})
+                    "chunks": {".".join(map(str, c)): g for c, g in self._latest.items()},
+                    "seen": {".".join(map(str, c)): n for c, n in self._seen.items()},
+                    "written": pack_bits(self._written) if self._written.any() else None})
                 for cid, gen in self._committed.items():
                     if self._latest.get(cid) != gen:
                         self._file(cid, gen).unlink()
                 self._committed = dict(self._latest)
             self.progress = progress
 
-    def _totals(self, cid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    def _totals(self, cid: tuple[int, ...]) -> list | None:
         """Sum and weight of one chunk: in-memory part plus flushed part (None: empty)."""
         buf = self._buffers.pop(cid, None)
         gen = self._latest.get(cid)
         if buf is not None or gen is None:  # in memory, the totals are whole
             return buf
         s, w = np.load(self._file(cid, gen))
-        return s, w
+        return [s, w, []]
 
     # ------------------------------------------------------------------ output
     def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3,
@@ -306,19 +423,15 @@ class PredictionWriter:
         if png is not None and len(self.shape) != 2:
             raise SamplingError("png= needs a 2-D output")
         with self._lock:
-            out = zarr.create_array(self.job.data, shape=self.shape, chunks=self.chunks,
-                                    dtype="float32", fill_value=self.fill_value,
-                                    zarr_format=zarr_format, overwrite=True)
+            out = self._output(zarr_format)
             out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
                                           "predictions": self.items, **(attrs or {})}
-            for cid in np.ndindex(*[-(-n // c) for n, c in zip(self.shape, self.chunks)]):
+            for cid in sorted(set(self._latest) | set(self._buffers.keys())):
                 totals = self._totals(cid)
-                if totals is None:  # nothing landed here: leave the fill value
-                    continue
-                s, w = totals
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    out[self._region(cid)] = np.where(w > 0, s / np.where(w > 0, w, 1),
-                                                      self.fill_value)
+                if totals is not None:  # (nothing landed elsewhere: the fill value stays)
+                    self._pool.submit(self._write_chunk, out, self.geometry.region(cid), totals)
+            self._pool.wait()
+            self._pool.close()
             if png is not None:
                 write_preview(np.asarray(out[...]), self.job.partial / "preview.png")
             self.job.publish(extra=[(self.job.partial / "preview.png", Path(png))]
@@ -339,6 +452,7 @@ class PredictionWriter:
         """
         with self._lock:
             self._buffers.clear()
+            self._pool.close(cancel=True)  # no write runs into a folder being removed
             if error is not None and keep is None:
                 self.job.stopped(error)
             else:
@@ -784,8 +898,25 @@ def _part_batches(stream: Any, writer: PredictionWriter, batch_size: int) -> lis
     return np.unique(np.nonzero(needed)[0] // batch_size).tolist()
 
 
+def _scaled(blocks: Any, scale: float | None) -> Any:
+    """``blocks / scale``, bit for bit; 8- and 16-bit volumes' batches in place, with numpy.
+
+    (torch's two-thread kernels stall on a busy machine: 20x numpy's time here. Both
+    divide float32 by float32 with correct rounding: checked for every 8- and 16-bit value.)
+    """
+    if scale is None or scale == 1.0:  # (x / 1.0 is x)
+        return blocks
+    import torch
+
+    if scale <= 65535 and blocks.dtype == torch.float32 and blocks.device.type == "cpu":
+        values = blocks.numpy()  # the stream's batch, ours to change
+        np.divide(values, scale, out=values)
+        return blocks
+    return blocks / scale
+
+
 def _run_model(model: Any, blocks: Any, scale: float | None) -> Any:
-    pred = model((blocks if scale is None else blocks / scale).unsqueeze(1))
+    pred = model(_scaled(blocks, scale).unsqueeze(1))
     return pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
 
 
@@ -829,6 +960,7 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
         with torch.no_grad():
             if job.part is not None:  # the part's batches need the output's shape: one probe
                 writer = job.writer(vshape, _first_prediction(model, stream, scale))
+                writer.expect(stream.epoch_coords(0))
                 subset = _part_batches(stream, writer, batch_size)
                 total = len(subset) * batch_size
                 batch = int(writer.progress["batches"]) if writer.progress else 0
@@ -841,6 +973,7 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
                     pred = _run_model(model, blocks, scale)
                     if writer is None:
                         writer = job.writer(vshape, pred)
+                        writer.expect(stream.epoch_coords(0))
                         if writer.progress:  # resumed: start after the last checkpoint
                             batch = stream.start_batch = int(writer.progress["batches"])
                             restart = True
@@ -955,7 +1088,8 @@ def predict_join(output: str | os.PathLike, parts: int, *, png: str | os.PathLik
                     overwrite=overwrite, what="predict --join")
     try:
         out = zarr.create_array(job.data, shape=first.shape, chunks=first.chunks, dtype="float32",
-                                fill_value=first.fill_value, zarr_format=first.metadata.zarr_format)
+                                fill_value=first.fill_value, zarr_format=first.metadata.zarr_format,
+                                compressors=first.compressors or None)
         out.attrs["vesuvius_dask"] = {k: v for k, v in attrs[0].items() if k not in ("part", "job", "shape")}
         grid = tuple(-(-s // c) for s, c in zip(first.shape, first.chunks))
         sources = [zarr.open_array(p, mode="r") for p in paths]

@@ -1,0 +1,204 @@
+"""Pieces of the prediction writer: output-chunk geometry, the plan's counts, the write pool.
+
+:class:`ChunkGeometry` cuts a block into the pieces that fall into each output chunk
+(numpy slices, per axis cached), :func:`plan_counts` counts how many blocks of a plan
+touch each chunk (so a chunk is known complete when its last block is added), and
+:class:`WritePool` normalises and writes completed chunks on threads (numpy and
+zarr's codecs release the GIL), with a bounded number in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import itertools
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArgumentError
+
+__all__ = ["ChunkGeometry", "plan_counts", "WritePool", "normalized", "output_codec", "COMPRESSORS",
+           "pack_bits", "unpack_bits"]
+
+#: Codecs of ``PredictionWriter`` outputs. ``blosc-lz4`` (byte shuffle) encodes float32
+#: predictions about 30x faster than zstd level 3 at about the same size.
+COMPRESSORS = ("blosc-lz4", "zstd", "none")
+
+Piece = tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]
+
+
+def output_codec(name: str, zarr_format: int) -> Any:
+    """The compressor (``compressors=`` of ``zarr.create_array``) for ``name``; None: uncompressed."""
+    if name not in COMPRESSORS:
+        raise ArgumentError(f"unknown compressor {name!r}; expected one of {COMPRESSORS}")
+    if name == "none":
+        return None
+    if zarr_format == 2:
+        from numcodecs import Blosc, Zstd
+
+        return Zstd(level=3) if name == "zstd" else Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
+    from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+    return ZstdCodec(level=3) if name == "zstd" else BloscCodec(cname="lz4", clevel=5,
+                                                                shuffle=BloscShuffle.shuffle)
+
+
+class ChunkGeometry:
+    """Where a block's voxels fall in the output chunks (optionally only a part's chunks).
+
+    Parameters
+    ----------
+    shape, block, chunks : tuple of int
+        Output shape, block shape and output chunks (same length).
+    part : (int, int), optional
+        Only the chunks part ``k`` of ``n`` owns (contiguous runs in raster order).
+    """
+
+    def __init__(self, shape: Sequence[int], block: Sequence[int], chunks: Sequence[int],
+                 part: tuple[int, int] | None = None) -> None:
+        self.shape, self.block, self.chunks = tuple(shape), tuple(block), tuple(chunks)
+        self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
+        self.part = part
+        self.total = int(np.prod(self.grid))
+        self._strides = [int(np.prod(self.grid[i + 1:])) for i in range(len(self.grid))]
+        self._axis = functools.lru_cache(maxsize=65536)(self._axis_pieces)
+
+    def owner(self, cid: Sequence[int]) -> int:
+        """The part (of ``n``) owning chunk ``cid``."""
+        n = 1 if self.part is None else self.part[1]
+        return sum(k * s for k, s in zip(cid, self._strides)) * n // self.total
+
+    def owned(self, cid: Sequence[int]) -> bool:
+        return self.part is None or self.owner(cid) == self.part[0]
+
+    def _axis_pieces(self, axis: int, start: int) -> tuple[tuple[int, slice, slice], ...]:
+        b, c, n = self.block[axis], self.chunks[axis], self.shape[axis]
+        out = []
+        for k in range(start // c, (start + b - 1) // c + 1):
+            lo, hi = max(start, c * k), min(start + b, c * (k + 1), n)
+            out.append((k, slice(lo - start, hi - start), slice(lo - c * k, hi - c * k)))
+        return tuple(out)
+
+    def pieces(self, start: Sequence[int]) -> list[Piece]:
+        """``(chunk index, block slices, chunk slices)`` of each owned chunk a block at ``start`` touches."""
+        out = []
+        for combo in itertools.product(*(self._axis(a, s) for a, s in enumerate(start))):
+            cid = tuple(k for k, _, _ in combo)
+            if self.owned(cid):
+                out.append((cid, tuple(p[1] for p in combo), tuple(p[2] for p in combo)))
+        return out
+
+    def region(self, cid: Sequence[int]) -> tuple[slice, ...]:
+        """The chunk's voxels in the output."""
+        return tuple(slice(c * k, min(c * (k + 1), n)) for c, k, n in zip(self.chunks, cid, self.shape))
+
+    def chunk_shape(self, cid: Sequence[int]) -> tuple[int, ...]:
+        return tuple(r.stop - r.start for r in self.region(cid))
+
+
+def plan_counts(geometry: ChunkGeometry, starts: np.ndarray) -> np.ndarray:
+    """How many blocks at ``starts`` (``(N, ndim)``) touch each owned output chunk (grid-shaped)."""
+    counts = np.zeros(geometry.grid, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1, len(geometry.grid))
+    if len(starts) == 0:
+        return counts
+    chunks, block = np.asarray(geometry.chunks), np.asarray(geometry.block)
+    first, last = starts // chunks, (starts + block - 1) // chunks
+    for offset in np.ndindex(*((last - first).max(axis=0) + 1)):
+        cid = first + np.asarray(offset)
+        inside = (cid <= last).all(axis=1)
+        np.add.at(counts, tuple(cid[inside].T), 1)
+    if geometry.part is not None:
+        k, n = geometry.part
+        lin = np.arange(geometry.total).reshape(geometry.grid)
+        counts[lin * n // geometry.total != k] = 0
+    return counts
+
+
+def normalized(s: np.ndarray, w: np.ndarray, fill_value: float) -> np.ndarray:
+    """``s / w`` where some weight landed, ``fill_value`` elsewhere."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(w > 0, s / np.where(w > 0, w, 1), fill_value)
+
+
+def pack_bits(flags: np.ndarray) -> str:
+    """A boolean array as compact text (for a JSON checkpoint)."""
+    return base64.b64encode(zlib.compress(np.packbits(flags.ravel()).tobytes())).decode()
+
+
+def unpack_bits(text: str, shape: Sequence[int]) -> np.ndarray:
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.unpackbits(bits)[:int(np.prod(shape))].reshape(tuple(shape)).astype(bool)
+
+
+class WritePool:
+    """Run chunk writes on threads, at most ``in_flight`` at once; the first error is raised back.
+
+    Parameters
+    ----------
+    workers : int
+        Threads.
+    in_flight : int, optional
+        Writes queued or running before :meth:`submit` waits (default ``2 * workers``);
+        bounds the memory of chunks waiting to be written.
+    """
+
+    def __init__(self, workers: int, in_flight: int | None = None) -> None:
+        self.workers = max(1, int(workers))
+        self._slots = threading.BoundedSemaphore(in_flight or 2 * self.workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: set[Future] = set()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the pool (waits while ``in_flight`` writes are pending)."""
+        self._raise()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vesuvius-dask-write")
+        self._slots.acquire()
+        try:
+            fut = self._pool.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+            if not fut.cancelled() and fut.exception() is not None and self._error is None:
+                self._error = fut.exception()
+        self._slots.release()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def wait(self) -> None:
+        """Wait until every submitted write has finished; raise the first error."""
+        while True:
+            with self._lock:
+                pending = list(self._futures)
+            if not pending:
+                break
+            for fut in pending:
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 - recorded by _done, raised below
+                    pass
+        self._raise()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the threads (after the running writes; queued ones dropped with ``cancel``)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
