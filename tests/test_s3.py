@@ -306,8 +306,8 @@ def test_slowdowns_under_two_workers_slow_the_epoch_and_every_block_arrives(s3, 
         server.throttle(path, 3)
     with dask.config.set({"vesuvius-dask.remote.retries": 0,
                           "vesuvius-dask.remote.share-dir": str(tmp_path / "windows")}):
-        stream = DaskVesuviusStream(["s3://scrolls/v3.zarr"], 4, 32, 32, samples_per_epoch=128,
-                                    batch_size=16, return_coords=True, seed=5, storage_options=server.options())
+        stream = DaskVesuviusStream(["s3://scrolls/v3.zarr"], 4, 32, 32, samples_per_epoch=128, batch_size=16,
+                                    return_coords=True, seed=5, storage_options=server.options())
         n = 0
         for blocks, coords in DataLoader(stream, batch_size=None, num_workers=2, timeout=120):
             _check_blocks(blocks.numpy(), coords, data, (4, 32, 32))

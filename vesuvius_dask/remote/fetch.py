@@ -406,7 +406,8 @@ class RemoteChunks:
                     if refusal is None:
                         last, reason = err, _reason(err, s.timeout)
                     else:
-                        wait = self._refused(window, refusal, refusals, refused_at)
+                        sent = getattr(err, "vd_sent", None)
+                        wait = self._refused(window, refusal, refusals, refused_at, sent)
                         refused_at = time.monotonic()
                         if wait is not None:
                             refusals += 1
@@ -439,13 +440,20 @@ class RemoteChunks:
             t0 = time.monotonic()
             try:
                 data = await self._request(local, path, span)
+            except Exception as err:
+                try:  # when it was sent: a refusal of a request sent at an older window counts once
+                    err.vd_sent = t0  # type: ignore[attr-defined]
+                except AttributeError:
+                    pass
+                raise
             finally:
                 self.stats.in_flight -= 1
             window.answered(time.monotonic() - t0)
         self.stats.fetched += 1
         return bytes(data)
 
-    def _refused(self, window: Any, refusal: _Refusal, refusals: int, refused_at: float) -> float | None:
+    def _refused(self, window: Any, refusal: _Refusal, refusals: int, refused_at: float,
+                 sent: float | None = None) -> float | None:
         """Seconds to wait after a refusal (the window told), or None once the budget is spent.
 
         The budget runs from the host's first refusal since its last answer (in
@@ -469,7 +477,7 @@ class RemoteChunks:
         pause = refusal.retry_after if refusal.retry_after and refusal.retry_after > 0 else None
         pause = None if pause is None else min(pause, left)
         everything = refusals > 0 and window.last_success < refused_at
-        window.refused(pause if everything else None)
+        window.refused(pause if everything else None, sent)
         self.stats.refused += 1
         if pause is not None:
             return 0.0 if everything else pause  # 0: the window's pause holds every request until then

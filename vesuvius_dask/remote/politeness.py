@@ -368,14 +368,21 @@ class HostWindow:
             self.refusing_since = now
         return now - self.refusing_since
 
-    def refused(self, retry_after: float | None) -> None:
-        """The server refused a request (429, 503, SlowDown): shrink the window, pause for ``retry_after``."""
+    def refused(self, retry_after: float | None, started: float | None = None) -> None:
+        """The server refused a request (429, 503, SlowDown): shrink the window, pause for ``retry_after``.
+
+        ``started``: when the refused request was sent (``time.monotonic``, the
+        same clock in every process). A request sent before the window last
+        shrank was sent at the old size: its refusal does not shrink it again
+        (once per round trip, as TCP does).
+        """
         self.refusals += 1
         now = time.monotonic()
-        cooldown = self.cooldown if self.cooldown is not None else max(0.02, 1.5 * (self.srtt or 0.0))
+        cooldown = self.cooldown if self.cooldown is not None else (
+            0.0 if started is not None else max(0.02, 1.5 * (self.srtt or 0.0)))
 
         def shrink(s: list[float]) -> list[float]:
-            if now - s[3] >= cooldown:
+            if now - s[3] >= cooldown and (started is None or started > s[3]):
                 s[0] = max(1.0, s[0] * DECREASE)
                 s[1] = s[0]
                 s[3] = now

@@ -25,6 +25,7 @@ from ..errors import ArgumentError, ModelError, OutputError, SamplingError, Vesu
 from ..lru import LRU
 from ..sampling.starts import ANY_VOXEL
 from .accumulate import (
+    ChunkFiles,
     ChunkGeometry,
     WritePool,
     normalized,
@@ -173,6 +174,7 @@ class PredictionWriter:
         self._seen: dict[tuple[int, ...], int] = {}
         self._written = np.zeros(self.grid, dtype=bool)
         self._out: Any = None
+        self._files: ChunkFiles | None = None
         self._zarr_format: int | None = None
         self._pool = WritePool(write_threads)
         self._scratch = np.empty(self.block, dtype=np.float32)
@@ -289,11 +291,13 @@ class PredictionWriter:
         if gen is not None and self._committed.get(cid) != gen:
             self._file(cid, gen).unlink()  # never committed; a committed one goes at the next checkpoint
         if totals is not None:
-            out = self._output(self._zarr_format or 3)
-            self._pool.submit(self._write_chunk, out, self.geometry.region(cid), totals)
+            self._output(self._zarr_format or 3)
+            self._pool.submit(self._write_chunk, cid, totals)
 
-    def _write_chunk(self, out: Any, region: tuple[slice, ...], buf: list) -> None:
-        out[region] = normalized(buf[0], self._weights(buf), self.fill_value)
+    def _write_chunk(self, cid: tuple[int, ...], buf: list) -> None:
+        """Divide the chunk's totals (in place: they are ours) and store it (see :class:`ChunkFiles`)."""
+        self._files.write(cid, normalized(buf[0], self._weights(buf), self.fill_value,  # type: ignore[union-attr]
+                                          inplace=True))
 
     def _weights(self, buf: list) -> np.ndarray:
         """The chunk's weight totals: ``Σ w`` of the pieces added since it was (re)loaded, in order.
@@ -325,6 +329,8 @@ class PredictionWriter:
         if self._out.metadata.zarr_format != zarr_format:
             raise ArgumentError(f"{self.path}: zarr_format={zarr_format}, but expect() wrote the "
                                 f"output as format {self._out.metadata.zarr_format}")
+        if self._files is None:
+            self._files = ChunkFiles(self._out, self.job.data, self.compressor)
         return self._out
 
     def _region(self, cid: tuple[int, ...]) -> tuple[slice, ...]:
@@ -429,7 +435,7 @@ class PredictionWriter:
             for cid in sorted(set(self._latest) | set(self._buffers.keys())):
                 totals = self._totals(cid)
                 if totals is not None:  # (nothing landed elsewhere: the fill value stays)
-                    self._pool.submit(self._write_chunk, out, self.geometry.region(cid), totals)
+                    self._pool.submit(self._write_chunk, cid, totals)
             self._pool.wait()
             self._pool.close()
             if png is not None:
