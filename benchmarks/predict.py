@@ -1,17 +1,19 @@
 """Inference benchmark: the grid read alone vs ``predict`` (3-D and 2-D output), and the writer's memory.
 
-1. In one run, interleaved (one repetition of each per round, medians): blocks/s of
-   (a) the grid read alone (the stream ``predict`` uses, fresh each time, no model,
-   no output), (b) ``predict`` with an identity model (3-D output: read + blend +
-   write Zarr) and (c) ``predict`` with a max-projection over z (2-D output), and
-   the ratios (b)/(a), (c)/(a). On ``../shared/data/example.zarr`` (the real crop,
-   default block 11x64x64, overlap 0,16,16) when present, else a generated
-   64x1024x1024 volume (block 16x64x64).
+1. In one run, per volume, interleaved (one repetition of each per round, medians):
+   blocks/s of (a) the grid read alone (the stream ``predict`` uses, fresh each time,
+   no model, no output), (b) ``predict`` with an identity model (3-D output: read +
+   blend + write Zarr) and (c) ``predict`` with a max-projection over z (2-D output),
+   and the ratios (b)/(a), (c)/(a). Volumes: ``../shared/data/example.zarr`` (the real
+   crop, 441 blocks of 11x64x64, overlap 0,16,16) when present, else a generated
+   64x1024x1024 volume; then a generated uint16 volume of ``--shape`` (default
+   64x2048x2048, blocks of 16x64x64: the per-run costs amortised; ``--shape ''``
+   skips it).
 2. Peak RSS of a PredictionWriter filling a >= 2 GB float32 output (3-D, overlapping
    blocks, hann blending), in its own process, against the output size
    (``--memory``).
 
-    python benchmarks/predict.py [--reps 5] [--memory [--out-shape 32,4096,4096] [--memory-mb 256]]
+    python benchmarks/predict.py [--reps 5] [--shape 64,2048,2048] [--memory [--out-shape 32,4096,4096] [--memory-mb 256]]
 """
 
 from __future__ import annotations
@@ -86,37 +88,51 @@ def grid_read(path: str, block: tuple, overlap: tuple, batch_size: int) -> int:
     return n
 
 
-def headline(reps: int) -> None:
-    from vesuvius_dask import predict
-
+def _cases(shape: str) -> list[tuple[str, Path, tuple]]:
+    """The volumes measured: the real crop (else a generated 64x1024x1024), and ``--shape`` if given."""
+    cases = []
     if REAL_CROP.exists():
-        path, block = REAL_CROP, (11, 64, 64)
+        cases.append(("real crop", REAL_CROP, (11, 64, 64)))
     else:
-        path, block = make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024)), (16, 64, 64)
-    overlap, batch = (0, 16, 16), 32
+        cases.append(("generated", make_zarr(DATA_DIR / "medium-64x1024x1024.zarr", (64, 1024, 1024)),
+                      (16, 64, 64)))
+    if shape:
+        dims = tuple(int(v) for v in shape.split(","))
+        path = make_zarr(DATA_DIR / f"synthetic-{'x'.join(map(str, dims))}.zarr", dims)
+        cases.append(("synthetic", path, tuple(min(b, n) for b, n in zip((16, 64, 64), dims))))
+    return cases
+
+
+def headline(reps: int, shape: str = "") -> None:
+    """Each volume: grid read, predict 3-D, predict 2-D, interleaved; ratios from the same run."""
+    from vesuvius_dask import predict
     import zarr
 
-    shape = zarr.open_array(str(path), mode="r").shape
-    print(f"benchmarks/predict.py: grid over {path} {shape}, block {block}, overlap {overlap}, "
-          f"batch {batch}, {reps} interleaved reps (medians)")
+    overlap, batch = (0, 16, 16), 32
     out = DATA_DIR / "predict-identity.zarr"
-    runs: dict[str, list[float]] = {"read": [], "3d": [], "2d": []}
-    n = 0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        n = grid_read(str(path), block, overlap, batch)
-        runs["read"].append(time.perf_counter() - t0)
-        for key, model in (("3d", identity), ("2d", max_projection)):
+    print(f"benchmarks/predict.py: grid read vs predict, overlap {overlap}, batch {batch}, "
+          f"{reps} interleaved reps per volume (medians)")
+    for label, path, block in _cases(shape):
+        vshape = zarr.open_array(str(path), mode="r").shape
+        runs: dict[str, list[float]] = {"read": [], "3d": [], "2d": []}
+        n = 0
+        for _ in range(reps):
             t0 = time.perf_counter()
-            predict(model, str(path), out, block=block, overlap=overlap, batch_size=batch, overwrite=True)
-            runs[key].append(time.perf_counter() - t0)
-    shutil.rmtree(out, ignore_errors=True)
-    rate = {k: n / statistics.median(v) for k, v in runs.items()}
-    print(f"  (a) grid read alone (stream, fresh):          {rate['read']:9,.0f} blocks/s ({n} blocks)")
-    print(f"  (b) predict, identity model, 3-D output:      {rate['3d']:9,.0f} blocks/s  "
-          f"(b)/(a) = {rate['3d'] / rate['read']:.2f}")
-    print(f"  (c) predict, max over z, 2-D output:          {rate['2d']:9,.0f} blocks/s  "
-          f"(c)/(a) = {rate['2d'] / rate['read']:.2f}")
+            n = grid_read(str(path), block, overlap, batch)
+            runs["read"].append(time.perf_counter() - t0)
+            for key, model in (("3d", identity), ("2d", max_projection)):
+                t0 = time.perf_counter()
+                predict(model, str(path), out, block=block, overlap=overlap, batch_size=batch,
+                        overwrite=True)
+                runs[key].append(time.perf_counter() - t0)
+        shutil.rmtree(out, ignore_errors=True)
+        rate = {k: n / statistics.median(v) for k, v in runs.items()}
+        print(f"  {label} {path.name} {tuple(vshape)}, block {block}, {n} blocks:")
+        print(f"    (a) grid read alone (stream, fresh):          {rate['read']:9,.0f} blocks/s")
+        print(f"    (b) predict, identity model, 3-D output:      {rate['3d']:9,.0f} blocks/s  "
+              f"(b)/(a) = {rate['3d'] / rate['read']:.2f}")
+        print(f"    (c) predict, max over z, 2-D output:          {rate['2d']:9,.0f} blocks/s  "
+              f"(c)/(a) = {rate['2d'] / rate['read']:.2f}")
 
 
 def main() -> None:
@@ -125,11 +141,14 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--shape", default="64,2048,2048",
+                   help="also a generated uint16 volume of this shape (Z,Y,X; '' for none): "
+                        "per-run costs amortised over more blocks")
     p.add_argument("--memory", action="store_true", help="also the writer's peak RSS on a big output")
     p.add_argument("--out-shape", default="32,4096,4096")
     p.add_argument("--memory-mb", type=int, default=256)
     args = p.parse_args()
-    headline(args.reps)
+    headline(args.reps, args.shape)
     if not args.memory:
         return
     shape = [int(v) for v in args.out_shape.split(",")]

@@ -111,3 +111,18 @@ def test_old_module_paths_still_work_with_a_warning():
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_the_design_notes_name_every_module():
+    # docs/design.md's layout is the one list of modules, each with its job: a new module
+    # that is not in it fails here
+    import re
+
+    text = (PKG.parent / "docs" / "design.md").read_text()
+    block = text[text.index("```\nvesuvius_dask/"):]
+    block = block[: block.index("```", 4)]
+    named = set(re.findall(r"[\w]+\.py", block))
+    modules = [p for root in (PKG, PKG.parent / "cli") for p in root.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")]
+    missing = sorted(str(p.relative_to(PKG.parent)) for p in modules if p.name not in named)
+    assert not missing, f"add to docs/design.md's layout: {missing}"

@@ -10,6 +10,7 @@ renames it into place. :func:`predict` runs a TorchScript model over a grid stre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -41,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PredictionWriter", "predict", "predict_join", "model_metadata", "BLENDS"]
 
 BLENDS = ("hann", "mean")
+
+#: Threads ``PredictionWriter`` divides, encodes and writes on (its ``write_threads`` default).
+WRITE_THREADS = 2
 
 
 def blend_window(block: Sequence[int], blend: str) -> np.ndarray:
@@ -129,7 +133,7 @@ class PredictionWriter:
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
                  inputs: Sequence[Any] = (), identity: dict | None = None,
                  part: tuple[int, int] | None = None, compressor: str = "blosc-lz4",
-                 write_threads: int = 2) -> None:
+                 write_threads: int = WRITE_THREADS) -> None:
         from .outputs import OutputJob
 
         self.path = Path(output)
@@ -178,6 +182,11 @@ class PredictionWriter:
         self._zarr_format: int | None = None
         self._pool = WritePool(write_threads)
         self._scratch = np.empty(self.block, dtype=np.float32)
+        # chunk buffers of written chunks, reused (zeroed) for new accumulators: fresh memory
+        # costs a page fault per 4 KiB on first touch, more than the additions themselves
+        self._spare: list[np.ndarray] = []
+        self._spare_max = 2 * self._pool.workers + 2
+        self._spare_lock = threading.Lock()
         if self.job.resumed:
             self._restore()
         self._lock = threading.Lock()
@@ -298,6 +307,27 @@ class PredictionWriter:
         """Divide the chunk's totals (in place: they are ours) and store it (see :class:`ChunkFiles`)."""
         self._files.write(cid, normalized(buf[0], self._weights(buf), self.fill_value,  # type: ignore[union-attr]
                                           inplace=True))
+        self._recycle(buf[0], buf[1])
+
+    def _zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A zeroed float32 array of ``shape`` (at most a chunk): a spare chunk buffer when there is one."""
+        with self._spare_lock:
+            flat = self._spare.pop() if self._spare else None
+        if flat is None:
+            flat = np.zeros(int(np.prod(self.chunks)), np.float32)
+        else:
+            flat.fill(0)
+        return flat[:int(np.prod(shape))].reshape(shape)
+
+    def _recycle(self, *arrays: np.ndarray | None) -> None:
+        """Keep the buffers of :meth:`_zeros` behind ``arrays`` (no longer used) for later chunks."""
+        size = int(np.prod(self.chunks))
+        with self._spare_lock:
+            for a in arrays:
+                base = None if a is None else a.base
+                if (isinstance(base, np.ndarray) and base.ndim == 1 and base.size == size
+                        and base.dtype == np.float32 and len(self._spare) < self._spare_max):
+                    self._spare.append(base)
 
     def _weights(self, buf: list) -> np.ndarray:
         """The chunk's weight totals: ``Σ w`` of the pieces added since it was (re)loaded, in order.
@@ -308,7 +338,7 @@ class PredictionWriter:
         """
         s, w, added = buf
         if w is None:
-            w = np.zeros_like(s)
+            w = self._zeros(s.shape)
         for src, dst in added:
             w[dst] += self.weights[src]
         buf[1], buf[2] = w, []
@@ -350,7 +380,7 @@ class PredictionWriter:
             buf = [s, w, []]
         else:
             shape = self.geometry.chunk_shape(cid)
-            buf = [np.zeros(shape, np.float32), None, []]
+            buf = [self._zeros(shape), None, []]
         self._buffers.put(cid, buf)  # may flush the least recently used others
         return buf
 
@@ -361,6 +391,7 @@ class PredictionWriter:
         gen = self._next_gen
         self._next_gen += 1
         np.save(self._file(cid, gen), totals)
+        self._recycle(buf[0], buf[1])
         self._latest[cid] = gen
         if prev is not None and self._committed.get(cid) != prev:
             self._file(cid, prev).unlink()  # superseded and never committed
@@ -926,6 +957,28 @@ def _run_model(model: Any, blocks: Any, scale: float | None) -> Any:
     return pred[:, 0] if pred.ndim in (4, 5) and pred.shape[1] == 1 else pred
 
 
+@contextlib.contextmanager
+def _model_threads() -> Any:
+    """torch's intra-op threads while ``predict`` runs the model: the cores the write threads leave.
+
+    On a small machine torch's default (one per core) competes with the readers and the
+    write threads, and its kernels stall waiting for a busy core; the user's setting
+    comes back on exit.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = max(1, min(before, cores - WRITE_THREADS))
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _first_prediction(model: Any, stream: Any, scale: float | None) -> Any:
     """The model's output for the plan's first batch (its shape sizes the writer)."""
     from torch.utils.data import DataLoader
@@ -963,7 +1016,7 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
                mininterval=0.5 if tty else 30.0, dynamic_ncols=tty)
     batch = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _model_threads():
             if job.part is not None:  # the part's batches need the output's shape: one probe
                 writer = job.writer(vshape, _first_prediction(model, stream, scale))
                 writer.expect(stream.epoch_coords(0))
