@@ -13,7 +13,8 @@
    blocks, hann blending), in its own process, against the output size
    (``--memory``).
 
-    python benchmarks/predict.py [--reps 5] [--shape 64,2048,2048] [--memory [--out-shape 32,4096,4096] [--memory-mb 256]]
+    python benchmarks/predict.py [--reps 5] [--shape 64,2048,2048]
+                                 [--memory [--out-shape 32,4096,4096] [--memory-mb 256]]
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def _cases(shape: str) -> list[tuple[str, Path, tuple]]:
 
 def headline(reps: int, shape: str = "") -> None:
     """Each volume: grid read, predict 3-D, predict 2-D, interleaved; ratios from the same run."""
-    from vesuvius_dask import predict
     import zarr
+
+    from vesuvius_dask import predict
 
     overlap, batch = (0, 16, 16), 32
     out = DATA_DIR / "predict-identity.zarr"

@@ -19,6 +19,7 @@ Medians of --reps repetitions. Data is generated once into bench-data/ (the scro
 about 2 GB by default: --scroll-shape 384,2304,2304).
 
     python benchmarks/surfaces.py [--reps 3] [--size 2048] [--scroll-shape 384,2304,2304]
+    python benchmarks/surfaces.py --only-native3d [--levels 0,2] [--profile 30]   # (b) alone, profiled
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def decode_once(arr, starts: np.ndarray, block) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(d.nbytes for d in chunks.values())
 
 
-def native3d(scroll: Path, segment: Path, reps: int, cache_mb: int, block=(80, 128, 128)) -> None:
+def native3d(scroll: Path, segment: Path, reps: int, cache_mb: int, block=(80, 128, 128),
+             levels=(0, 2), profile: int = 0) -> None:
     import torch
     import zarr
 
@@ -229,7 +231,7 @@ def native3d(scroll: Path, segment: Path, reps: int, cache_mb: int, block=(80, 1
     print(f"(b) native-3D blocks {block}, stream cache {cache_mb} MiB (scroll level 0: "
           f"{sum(f.stat().st_size for f in (scroll / '0').rglob('*') if f.is_file()) / 2**20:,.0f} MiB "
           "stored)")
-    for level in (0, 2):
+    for level in levels:
         seg = SurfaceSegment.from_segment(segment, scroll)
         sampler = SurfaceSampler(level=level, overlap=0.5, half_thickness=8, seed=0)
 
@@ -237,6 +239,8 @@ def native3d(scroll: Path, segment: Path, reps: int, cache_mb: int, block=(80, 1
             return DaskVesuviusStream([seg], block=block, batch_size=8, sampler=sampler,
                                       cache_bytes=cache_mb << 20, dtype=torch.uint8)
 
+        if profile:
+            _profile(make(), profile)
         secs, amps = [], []
         n = 0
         for _ in range(reps):
@@ -256,6 +260,21 @@ def native3d(scroll: Path, segment: Path, reps: int, cache_mb: int, block=(80, 1
               f"{amp_lim:.2f} | stream / limit {(n / t) / (len(starts) / t_lim):.2f}")
 
 
+def _profile(stream, top: int) -> None:
+    """One epoch under cProfile (the main thread: labels and assembly; reads run in threads)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    n = sum(image.shape[0] for image, _targets in stream)
+    prof.disable()
+    print(f"  profiled epoch: {n} blocks in {time.perf_counter() - t0:.2f} s")
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -266,6 +285,10 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=int, default=256, help="stream cache in (b)")
     ap.add_argument("--skip-render", action="store_true")
     ap.add_argument("--skip-native3d", action="store_true")
+    ap.add_argument("--only-native3d", action="store_true", help="part (b) alone (same as --skip-render)")
+    ap.add_argument("--levels", default="0,2", help="pyramid levels of (b)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="before timing (b), profile one epoch per level; print the top N functions")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.scroll_shape.split(","))
     DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -273,11 +296,12 @@ def main() -> None:
     scroll = make_scroll(DATA_DIR / ("surface-scroll-" + "x".join(map(str, shape)) + ".ome.zarr"), shape)
     segment = make_segment(DATA_DIR / "surface-segments", args.size, shape)
     print(f"data ready in {time.perf_counter() - t0:.1f} s: {scroll}, {segment}")
-    if not args.skip_render:
+    if not (args.skip_render or args.only_native3d):
         render_vs_zarr(scroll, segment, args.reps, args.blocks,
                        tuple(int(v) for v in args.block.split(",")), 32)
     if not args.skip_native3d:
-        native3d(scroll, segment, args.reps, args.cache_mb)
+        native3d(scroll, segment, args.reps, args.cache_mb,
+                 levels=tuple(int(v) for v in args.levels.split(",")), profile=args.profile)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,11 @@ def per_volume(name: str, value: Any, files: Sequence[Any], attr: str) -> list[A
     return list(value)
 
 
-def load_mask(source: Any, what: str, vol: Volume) -> np.ndarray:
-    """A 2-D mask (or label image) as numpy, checked against the volume's (Y, X)."""
+def load_mask(source: Any, what: str, vol: Volume, kind: str = "masks") -> np.ndarray:
+    """A 2-D mask (or label image) as numpy, checked against the volume's (Y, X).
+
+    ``kind`` names the argument in the error's advice (``masks``, ``labels``, ``targets``).
+    """
     from .segments import read_image
 
     if isinstance(source, (str, os.PathLike)):
@@ -54,7 +57,7 @@ def load_mask(source: Any, what: str, vol: Volume) -> np.ndarray:
     if arr.ndim != 2 or arr.shape != vol.shape[1:]:
         raise SamplingError(
             f"{what}: shape {arr.shape} does not match the (Y, X) = {vol.shape[1:]} of the "
-            f"volume {vol.name}; masks are 2-D images of the volume's height and width")
+            f"volume {vol.name}; 2-D {kind} are images of the volume's height and width")
     return arr
 
 
@@ -76,7 +79,7 @@ def label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume], what
 
             src = zarr.open(os.fspath(src), mode="r")  # a Zarr label array, 2-D or 3-D
         if isinstance(src, (str, os.PathLike)) or getattr(src, "ndim", 3) == 2:
-            arr = load_mask(src, f"{what}[{i}]", vol)
+            arr = load_mask(src, f"{what}[{i}]", vol, what.split("[")[0])
             out.append(resolve_volume(arr[None], name=f"{what}[{i}]"))
             dims.add(2)
             continue
@@ -84,7 +87,7 @@ def label_volumes(labels: Any, files: Sequence[Any], volumes: list[Volume], what
         if lv.shape != vol.shape:
             raise SamplingError(
                 f"{what}[{i}]: shape {lv.shape} does not match the volume {vol.name} "
-                f"{vol.shape}; 3-D labels must have the volume's shape")
+                f"{vol.shape}; 3-D {what.split('[')[0]} must have the volume's shape")
         out.append(lv)
         dims.add(3)
     if len(dims) > 1:

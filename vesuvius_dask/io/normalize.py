@@ -50,23 +50,69 @@ _cache_lock = threading.Lock()
 def normalization_spec(value: Any) -> dict[str, Any]:
     """``{"scheme": name, "statistics": dict or None}`` from a scheme name or such a dict.
 
+    A dict may also hold ``"volumes"`` (what :meth:`Normalizer.describe` saves, not
+    read here). Statistics hold ``mean``, ``std``, ``p0.5`` and ``p99.5`` (and may hold
+    the other keys :func:`volume_statistics` reports), each a finite number; ``std``
+    is positive and ``p0.5 <= p99.5``.
+
     Raises
     ------
     ArgumentError
-        An unknown scheme, or statistics without the keys the scheme needs.
+        One line naming the key: an unknown scheme or key, statistics without the keys
+        the scheme needs, a value that is not a finite number, ``std <= 0``, a low
+        percentile above the high one.
     """
     if isinstance(value, Mapping):
+        unknown = sorted(str(k) for k in value if k not in _SPEC_KEYS)
+        if unknown:
+            raise ArgumentError(f"normalization: unknown key {unknown[0]!r}; expected "
+                                f"{', '.join(_SPEC_KEYS)} (the volume's mean, std... go in 'statistics')")
         scheme, stats = value.get("scheme"), value.get("statistics")
     else:
         scheme, stats = value, None
     if scheme not in SCHEMES:
         raise ArgumentError(f"unknown normalization {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if stats is not None:
-        if not isinstance(stats, Mapping) or any(k not in stats for k in _STAT_KEYS):
-            raise ArgumentError(f"normalization statistics need the keys {', '.join(_STAT_KEYS)}; "
-                                f"got {stats!r}")
-        stats = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float, np.number))}
+        stats = _checked_statistics(stats)
     return {"scheme": scheme, "statistics": stats if scheme in GLOBAL_SCHEMES else None}
+
+
+#: The keys of a normalisation dict.
+_SPEC_KEYS = ("scheme", "statistics", "volumes")
+#: The keys statistics may hold (those :func:`volume_statistics` reports).
+_KNOWN_STATS = ("mean", "std", "min", "max", "voxels", *(f"p{q:g}" for q in PERCENTILES),
+                "chunks", "chunks_total")
+#: Pairs of statistics that must be ordered (low <= high) when both are given.
+_ORDERED = (("p0.5", "p99.5"), ("p1", "p99"), ("min", "max"))
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _checked_statistics(stats: Any) -> dict[str, float]:
+    """Statistics as floats, checked; one-line errors naming the key."""
+    if not isinstance(stats, Mapping):
+        raise ArgumentError(f"normalization statistics must be a dict of {', '.join(_STAT_KEYS)}; "
+                            f"got {stats!r}")
+    missing = [k for k in _STAT_KEYS if k not in stats]
+    if missing:
+        raise ArgumentError(f"normalization statistics: no {missing[0]!r} (they need the keys "
+                            f"{', '.join(_STAT_KEYS)}); got {stats!r}")
+    out = {}
+    for k, v in stats.items():
+        if k not in _KNOWN_STATS:
+            raise ArgumentError(f"normalization statistics: unknown key {k!r}; expected some of "
+                                f"{', '.join(_KNOWN_STATS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not (
+                abs(float(v)) <= _FLOAT32_MAX):  # NaN compares False
+            raise ArgumentError(f"normalization statistics: {k!r} is {v!r}, not a finite number "
+                                "(within float32's range)")
+        out[k] = float(v)
+    if not out["std"] > 0:
+        raise ArgumentError(f"normalization statistics: 'std' is {out['std']!r}; it must be positive")
+    for low, high in _ORDERED:
+        if low in out and high in out and out[low] > out[high]:
+            raise ArgumentError(f"normalization statistics: {low!r} ({out[low]:g}) is above "
+                                f"{high!r} ({out[high]:g})")
+    return out
 
 
 def _items(x: np.ndarray) -> tuple[int, ...]:

@@ -45,7 +45,7 @@ from .pieces import cut_pieces, cut_ranges, fill_pieces, span_bytes
 from .ranges import LocalFiles, RemoteRanges
 from .shards import ShardedChunks
 
-__all__ = ["READ_PATHS", "MAP_FILES", "ArrayReader", "UncompressedChunks", "array_reader"]
+__all__ = ["READ_PATHS", "MAP_FILES", "map_files", "ArrayReader", "UncompressedChunks", "array_reader"]
 
 #: The read paths, with what ``info`` says about each.
 READ_PATHS = {
@@ -174,9 +174,18 @@ def _local_root(arr: Any) -> Path | None:
     return root if root.is_dir() else None
 
 
-#: Whether local partial reads memory-map files (else they read byte ranges, as a remote
-#: source would: the tests and benchmarks switch it to check and count that path).
-MAP_FILES = True
+#: Whether local partial reads memory-map files (else they read byte ranges with ``pread``,
+#: as a remote source would). None: the setting ``map-files`` (read when an array's read
+#: path is chosen, at its first read in a process); the tests and benchmarks set True or
+#: False to check and count either path.
+MAP_FILES: bool | None = None
+
+
+def map_files() -> bool:
+    """Whether local partial reads memory-map files now (:data:`MAP_FILES`, else ``map-files``)."""
+    from .. import config
+
+    return bool(config.get("map-files")) if MAP_FILES is None else bool(MAP_FILES)
 
 
 def array_reader(arr: Any, mapped: bool | None = None, remote: Any = None) -> ArrayReader:
@@ -187,7 +196,9 @@ def array_reader(arr: Any, mapped: bool | None = None, remote: Any = None) -> Ar
     arr : zarr.Array
     mapped : bool, optional
         Local partial reads through memory maps, else by byte range (default:
-        :data:`MAP_FILES`).
+        :func:`map_files`: the setting ``map-files``). A file truncated or rewritten
+        in place while it is mapped kills the process with SIGBUS; byte ranges only
+        read fewer bytes (a ``CorruptChunkError``).
     remote : RemoteChunks, optional
         The fetcher of a remote array: its partial paths read byte ranges through it
         (:class:`~vesuvius_dask.io.ranges.RemoteRanges`). Without it a remote array gets
@@ -204,7 +215,7 @@ def array_reader(arr: Any, mapped: bool | None = None, remote: Any = None) -> Ar
     if root is None and not far:  # another store (in memory...): whole chunks through zarr
         codec = ChunkCodec.of(arr)
         return ArrayReader("zarr") if codec is None else ArrayReader("whole-chunk", codec)
-    source: Any = (LocalFiles(root, MAP_FILES if mapped is None else mapped) if root is not None
+    source: Any = (LocalFiles(root, map_files() if mapped is None else mapped) if root is not None
                    else RemoteRanges(remote) if remote is not None else None)
     if getattr(arr, "shards", None):
         return _sharded(arr, source)

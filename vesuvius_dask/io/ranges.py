@@ -9,7 +9,12 @@ one function a remote source can serve with range requests later. Locally, a
 A local source also memory-maps files (:meth:`LocalFiles.mapped`): a block then
 reads only the pages it touches, with no per-range Python call. Maps are kept in a
 bounded least-recently-used map per process (:data:`MAPPED_FILES`); a map holds no
-file descriptor.
+file descriptor. A mapped file truncated or rewritten *in place* (``cp`` over it,
+``truncate``) makes the next touch of a vanished page a SIGBUS, which kills the
+process (Python cannot catch it); a file replaced by rename (as zarr writes chunks)
+is safe, the old inode stays mapped. The setting ``map-files: false`` (see
+:func:`~vesuvius_dask.io.partial.map_files`) makes every local partial read a
+``pread`` instead.
 
 :func:`merge_ranges` coalesces ranges whose gap is small (a ``pread`` costs about
 as much as copying a few kilobytes), adding at most a quarter to the bytes read.

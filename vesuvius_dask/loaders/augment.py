@@ -53,6 +53,28 @@ class AugmentParams:
     bias: torch.Tensor
 
 
+def _check_target(name: str, t: Any, image: torch.Size, context: bool) -> None:
+    """One line naming the target when its batch, y, x (or layers) differ from the image's.
+
+    A context (another level) need only have the batch size; a target is ``(B, Y, X)``
+    (a 2-D map per sample) or ``(B, [C,] Z, Y, X)`` aligned with the image.
+    """
+    shape = tuple(getattr(t, "shape", ()))
+    what = f"BatchAugment: {name} has shape {shape}, the image {tuple(image)}"
+    if len(shape) < 3:
+        raise ArgumentError(f"{what}; expected (B, Y, X) or (B, [C,] Z, Y, X)")
+    if shape[0] != image[0]:
+        raise ArgumentError(f"{what}: batch size {shape[0]}, not {image[0]}")
+    if context:
+        return
+    if shape[-2:] != tuple(image[-2:]):
+        raise ArgumentError(f"{what}: y, x {shape[-2]}x{shape[-1]}, not {image[-2]}x{image[-1]}; "
+                            "targets must be aligned with the image")
+    if len(shape) > 3 and shape[-3] != image[-3]:
+        raise ArgumentError(f"{what}: {shape[-3]} layers, not {image[-3]}; targets must be aligned "
+                            "with the image")
+
+
 def _check(name: str, value: float, low: float = 0.0, high: float = float("inf")) -> float:
     value = float(value)
     if not low <= value <= high:
@@ -250,18 +272,17 @@ class BatchAugment:
         if targets is None:
             return out, None
         if isinstance(targets, torch.Tensor):
-            return out, self._target(targets, p, image.shape[-3], False)
-        depth = image.shape[-3]
-        return out, {k: self._target(v, p, depth, k in self.context_keys) for k, v in targets.items()}
+            return out, self._target("targets", targets, p, image.shape, False)
+        return out, {k: self._target(f"targets[{k!r}]", v, p, image.shape, k in self.context_keys)
+                     for k, v in targets.items()}
 
-    def _target(self, t: torch.Tensor, p: AugmentParams, depth: int, context: bool) -> torch.Tensor:
+    def _target(self, name: str, t: torch.Tensor, p: AugmentParams, image: torch.Size,
+                context: bool) -> torch.Tensor:
+        _check_target(name, t, image, context)
         if context:
             return self._jitter(self._orient(t, p, False), p)
         if t.ndim == 3:  # a 2-D map per sample
             return self._orient(t, p, True)
-        if t.shape[-3] != depth:
-            raise ArgumentError(f"BatchAugment: a 3-D target has {t.shape[-3]} layers, the image {depth}; "
-                                "targets must be aligned with the image")
         return self._orient(self._depth(t, p, 0), p, False)
 
     def __call__(self, image: torch.Tensor, targets: Any = None) -> Any:

@@ -245,10 +245,17 @@ class QuotaPlan:
                                     f"{len(self.volumes)} volumes; give one per volume")
             weights = [sampler.volume_weights[v] for v in vols]
         total = sampler.quotas[group] * self.batches_per_epoch
+        if total and not isinstance(sampler.volume_weights, str) and not any(w > 0 for w in weights):
+            raise SamplingError(f"group {group!r} needs {total} blocks per epoch ({sampler.quotas[group]} "
+                                f"per batch) but volume_weights of its volumes {vols.tolist()} are "
+                                f"{[float(w) for w in weights]}: give one of them a weight above 0 "
+                                "(or the group a quota of 0)")
         if total > sum(s for s, w in zip(starts, weights) if w > 0):
+            zero = [int(v) for v, w in zip(vols, weights) if not w > 0]
+            note = f" (volumes {zero} weigh 0: never drawn)" if zero else ""
             raise SamplingError(f"group {group!r} needs {total} blocks per epoch ({sampler.quotas[group]} "
                                 f"per batch x {self.batches_per_epoch} batches) but its volumes "
-                                f"{vols.tolist()} have {starts} valid starts; lower samples_per_epoch")
+                                f"{vols.tolist()} have {starts} valid starts{note}; lower samples_per_epoch")
         return apportion(total, weights, starts)
 
     # ------------------------------------------------------------------ epochs

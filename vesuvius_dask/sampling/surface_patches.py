@@ -48,7 +48,7 @@ from ..arguments import int_triple, positive_int, positive_triple
 from ..errors import InvalidTypeError, SamplingError
 from ..io.open import resolve_volume
 from ..lru import LRU
-from ..surfaces.project import project_labels
+from ..surfaces.project import LabelTile, rasterize
 from ..surfaces.tifxyz import Surface, open_surface
 from .samplers import Sampler
 from .starts import FeistelPermutation
@@ -61,7 +61,8 @@ SPLITS = ("train", "validation")
 _SALT_ORDER, _SALT_SHIFT = 101, 102
 #: Label pixels per side of a tile of the label index (tiles are found by their 3-D boxes).
 TILE = 64
-#: Bytes of projected tiles (points, normals, ink flags) kept per process.
+#: Bytes of projected tiles (bit-packed label boxes, :class:`~vesuvius_dask.surfaces.project.LabelTile`) kept
+#: per process: about 40 KiB per level-0 tile of a flat-ish sheet with ``half_thickness=8``.
 TILE_CACHE_BYTES = 64 << 20
 
 
@@ -560,15 +561,17 @@ class SurfacePlan:
             hit = np.nonzero(np.all(lab.boxes[:, 3:] >= lo, axis=1)
                              & np.all(lab.boxes[:, :3] < hi, axis=1))[0]
             for t in hit.tolist():
-                pts, nrm, flags = self._tile(j, t)
-                project_labels(pts, nrm, flags, self.half_thickness, start, ink, sup)
+                self._tile(j, t).paste(start, ink, sup)
 
-    def _tile(self, seg: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _tile(self, seg: int, t: int) -> LabelTile:
+        """Tile ``t`` of segment ``seg`` projected once into its box of the volume (kept in an LRU)."""
         key = (seg, t)
         value = self._tiles.get(key)
         if value is None:
             lab = self._labels[seg]
-            value = self._tile_pixels(self.segments[seg], lab.region, lab.ink, tuple(lab.tiles[t].tolist()))
+            pts, nrm, flags = self._tile_pixels(self.segments[seg], lab.region, lab.ink,
+                                                tuple(lab.tiles[t].tolist()))
+            value = rasterize(pts, nrm, flags, self.half_thickness, max(self.volumes[seg].shape))
             self._tiles.put(key, value)
         return value
 
@@ -584,8 +587,8 @@ class SurfacePlan:
                 f"block={self.block}, level={self.level}, samples_per_epoch={self.samples_per_epoch})")
 
 
-def _tile_bytes(value: tuple[np.ndarray, ...]) -> int:
-    return sum(a.nbytes for a in value)
+def _tile_bytes(value: LabelTile) -> int:
+    return value.nbytes
 
 
 def _checked_segment(seg: Any, i: int) -> SurfaceSegment:

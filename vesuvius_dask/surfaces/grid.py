@@ -61,7 +61,11 @@ def corners(rows: np.ndarray, cols: np.ndarray, scale_yx: tuple[float, float],
 
 
 def interpolate(values: np.ndarray, c: Corners) -> np.ndarray:
-    """Bilinear interpolation of grid ``values`` ``(H, W, ...)`` at the pixels of ``c``."""
+    """Bilinear interpolation of grid ``values`` ``(H, W, ...)`` at the pixels of ``c``.
+
+    ``values`` must be finite everywhere: a node of weight 0 still enters as ``0 * v``,
+    which is NaN for a NaN ``v`` (so invalid nodes hold 0, see :meth:`Surface.nodes`).
+    """
     more = (None,) * (values.ndim - 2)  # weights broadcast over trailing value axes
     wy, wx = c.wy[(..., *more)], c.wx[(..., *more)]
     return ((1 - wy) * ((1 - wx) * values[c.j0, c.i0] + wx * values[c.j0, c.i1])

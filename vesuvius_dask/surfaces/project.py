@@ -16,18 +16,37 @@ every axis (halves go up). Positions outside the block are dropped. The block ge
 Labels from several surfaces (crossing segments) merge by max: a voxel is ink when any
 ink pixel landed in it. Everything is vectorised: one array operation per group of
 pixels, no Python loop per pixel.
+
+Two ways give the same voxels:
+
+- :func:`project_labels` projects pixels into one block (pixels that cannot reach the
+  block are dropped first, by a conservative box test on each pixel).
+- :func:`rasterize` projects a group of pixels (a tile of a segment) **once** into a
+  box of the volume (:class:`LabelTile`, bit-packed); :meth:`LabelTile.paste` then ORs
+  the box into any block it overlaps. The nearest voxel of ``(p - start) + s·n`` can
+  depend on the block's ``start`` through floating-point rounding only when the
+  position lies within a few ulps of a voxel boundary (``x + 0.5`` next to an
+  integer) and the arithmetic is inexact; those few positions are kept aside and
+  projected into each block with the block's own ``start``, so the result is
+  bit-identical to :func:`project_labels`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["normal_offsets", "project_labels"]
+__all__ = ["normal_offsets", "project_labels", "rasterize", "LabelTile"]
 
 #: Largest step between offsets along the normal, in voxels (so the sheet has no holes).
 MAX_STEP = 0.5
+#: Coordinates (voxels) below which tie positions on a 2^-24 grid are computed exactly in any frame.
+_EXACT_BOUND = 2.0 ** 25
+_EXACT_GRID = 24
+#: Largest box of a :class:`LabelTile` (voxels); a tile reaching further is projected per block.
+MAX_BOX_VOXELS = 1 << 24
 
 
 def normal_offsets(half_thickness: float) -> np.ndarray:
@@ -36,6 +55,18 @@ def normal_offsets(half_thickness: float) -> np.ndarray:
     if h <= 0:
         return np.zeros(1)
     return np.linspace(-h, h, int(np.ceil(2 * h / MAX_STEP)) + 1)
+
+
+def _check_blocks(inklabels: np.ndarray, supervision: np.ndarray) -> None:
+    if not (inklabels.flags.c_contiguous and supervision.flags.c_contiguous):
+        raise ValueError("project_labels writes into C-contiguous blocks only")
+
+
+def _pixels(points: np.ndarray, normals: np.ndarray, ink: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.asarray(points, dtype=np.float64).reshape(-1, 3),
+            np.asarray(normals, dtype=np.float64).reshape(-1, 3),
+            np.asarray(ink, dtype=bool).reshape(-1))
 
 
 def project_labels(points: np.ndarray, normals: np.ndarray, ink: np.ndarray, half_thickness: float,
@@ -58,21 +89,169 @@ def project_labels(points: np.ndarray, normals: np.ndarray, ink: np.ndarray, hal
     group : int
         Positions computed per array operation (bounds memory).
     """
-    if not (inklabels.flags.c_contiguous and supervision.flags.c_contiguous):
-        raise ValueError("project_labels writes into C-contiguous blocks only")
+    _check_blocks(inklabels, supervision)
     offsets = normal_offsets(half_thickness)
-    shape = np.asarray(inklabels.shape, dtype=np.int64)
+    points, normals, ink = _pixels(points, normals, ink)
     origin = np.asarray(start, dtype=np.float64)
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
-    ink = np.asarray(ink, dtype=bool).reshape(-1)
-    per = max(1, group // offsets.size)
+    shape = inklabels.shape
+    rel = points - origin
+    # a pixel reaches the block only if its segment [rel - h|n|, rel + h|n|] (+1 voxel) meets
+    # [-0.5, shape - 0.5) on every axis (non-finite pixels never land: dropped here)
+    reach = float(offsets[-1]) * np.abs(normals) + 1.0
+    near = np.all((rel + reach >= -0.5) & (rel - reach < np.asarray(shape) - 0.5), axis=1)
+    if not near.all():
+        rel, normals, ink = rel[near], normals[near], ink[near]
+    _scatter(rel, normals, offsets[None, :], ink, shape, inklabels, supervision, group)
+
+
+def _scatter(rel: np.ndarray, normals: np.ndarray, offsets: np.ndarray, ink: np.ndarray,
+             shape: Sequence[int], inklabels: np.ndarray, supervision: np.ndarray, group: int) -> None:
+    """Set the voxels ``floor(rel + s·n + 0.5)`` inside ``shape`` (``offsets``: ``(1, S)`` or ``(k, 1)``)."""
+    per = max(1, group // offsets.size) if offsets.shape[0] == 1 else max(1, group)
     flat_ink, flat_sup = inklabels.reshape(-1), supervision.reshape(-1)
-    for first in range(0, points.shape[0], per):
+    for first in range(0, rel.shape[0], per):
         sl = slice(first, first + per)
-        pos = (points[sl, None, :] - origin) + offsets[None, :, None] * normals[sl, None, :]
-        vox = np.floor(pos + 0.5).astype(np.int64)  # nearest voxel, halves up
-        inside = np.all((vox >= 0) & (vox < shape), axis=-1)
-        idx = (vox[..., 0] * shape[1] + vox[..., 1]) * shape[2] + vox[..., 2]
+        s = offsets if offsets.shape[0] == 1 else offsets[sl]
+        inside = idx = None
+        for a in range(3):
+            # (p - start) + s * n, then + 0.5 (the order of project_labels' reference)
+            y = rel[sl, a, None] + s * normals[sl, a, None]
+            y += 0.5
+            ok = (y >= 0) & (y < shape[a])   # floor(y) in [0, shape): y >= 0, so floor is the cast
+            v = y.astype(np.intp)
+            inside = ok if inside is None else inside & ok
+            idx = v if idx is None else idx * shape[a] + v
         flat_sup[idx[inside]] = 1
         flat_ink[idx[inside & ink[sl, None]]] = 1
+
+
+@dataclass(eq=False)
+class LabelTile:
+    """A group of pixels projected once into a box of the volume (see :func:`rasterize`).
+
+    Attributes
+    ----------
+    origin, shape : numpy.ndarray
+        The box in volume voxels (``(3,)`` int64), or None when the tile has no box.
+    supervision, ink : numpy.ndarray
+        ``(Z, Y, ceil(X / 8))`` bits of the box (packed along x).
+    rest : tuple
+        Positions projected per block: ``(points, normals, offsets, ink)``, ``offsets``
+        ``(q, 1)`` (one per position) or ``(1, S)`` (every offset of every pixel).
+    """
+
+    origin: np.ndarray | None
+    shape: np.ndarray | None
+    supervision: np.ndarray | None
+    ink: np.ndarray | None
+    rest: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [a for a in (self.supervision, self.ink) if a is not None] + list(self.rest)
+        return sum(a.nbytes for a in arrays)
+
+    def paste(self, start: Sequence[int], inklabels: np.ndarray, supervision: np.ndarray) -> None:
+        """OR the tile's labels into the block at ``start`` (``(Z, Y, X)`` uint8, in place)."""
+        _check_blocks(inklabels, supervision)
+        start = np.asarray(start, dtype=np.int64)
+        block = np.asarray(inklabels.shape, dtype=np.int64)
+        if self.origin is not None:
+            rel = self.origin - start
+            lo, hi = np.maximum(rel, 0), np.minimum(rel + self.shape, block)
+            if (hi > lo).all():
+                (z0, y0, x0), (z1, y1, x1) = (lo - rel).tolist(), (hi - rel).tolist()
+                out = tuple(slice(a, b) for a, b in zip(lo.tolist(), hi.tolist()))
+                for bits, dest in ((self.supervision, supervision), (self.ink, inklabels)):
+                    box = np.unpackbits(bits[z0:z1, y0:y1], axis=-1, count=int(self.shape[2]))
+                    dest[out] |= box[..., x0:x1]
+        pts, nrm, offsets, ink = self.rest
+        if len(pts):
+            rel_pts = pts - start.astype(np.float64)
+            _scatter(rel_pts, nrm, offsets, ink, inklabels.shape, inklabels, supervision, 1 << 20)
+
+
+def rasterize(points: np.ndarray, normals: np.ndarray, ink: np.ndarray, half_thickness: float,
+              frame: int, *, max_box: int = MAX_BOX_VOXELS) -> LabelTile:
+    """Project pixels once into a box of the volume, for :meth:`LabelTile.paste` into any block.
+
+    Parameters
+    ----------
+    points, normals, ink, half_thickness
+        As for :func:`project_labels` (volume voxels of the level).
+    frame : int
+        The largest extent of the volume (block starts lie in ``[0, frame]``).
+    max_box : int
+        Largest box (voxels); pixels reaching further are projected per block.
+
+    Returns
+    -------
+    LabelTile
+        Pasting it into a block sets exactly the voxels :func:`project_labels` sets.
+    """
+    offsets = normal_offsets(half_thickness)
+    h = float(offsets[-1])
+    points, normals, ink = _pixels(points, normals, ink)
+    # pixels that can land in no block of the volume are dropped (non-finite ones too)
+    with np.errstate(invalid="ignore"):
+        reach = h * np.abs(normals) + 2
+        live = np.all((points + reach >= 0) & (points - reach <= frame), axis=1)
+    points, normals, ink, reach = points[live], normals[live], ink[live], reach[live]
+    empty = (np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 1)), np.zeros(0, dtype=bool))
+    if not len(points):
+        return LabelTile(None, None, None, None, empty)
+    lo = np.floor((points - reach).min(axis=0))
+    hi = np.floor((points + reach).max(axis=0)) + 1
+    if np.prod(hi - lo) > max_box:   # far-flung pixels: no box, every position per block
+        return LabelTile(None, None, None, None, (points, normals, offsets[None, :], ink))
+    # rounding differs between two frames by at most ~6 ulps of the largest magnitude involved
+    eps = 2.0 ** -48 * (float(np.abs(points).max()) + frame + float(reach.max()) + 4)
+    exact_ok = frame < _EXACT_BOUND and float(np.abs(points).max()) < _EXACT_BOUND
+    rel = points - lo
+    shape = (hi - lo).astype(np.int64)
+    ambiguous = None
+    idx = None
+    for a in range(3):
+        t = offsets[None, :] * normals[:, a, None]
+        y = rel[:, a, None] + t
+        y += 0.5                          # > 0 inside the box, so the cast is the floor
+        v = y.astype(np.int32)
+        y -= v                            # the fraction, exactly
+        y -= 0.5
+        np.abs(y, out=y)
+        near = y > 0.5 - eps              # within eps of a voxel boundary
+        if near.any():
+            r, c = np.nonzero(near)
+            if exact_ok:   # p and s·n on a fine dyadic grid: exact in every frame, so no ambiguity
+                tt, pp = t[r, c], points[r, a]
+                exact = (_on_grid(tt) & _on_grid(pp) & (np.abs(tt) < _EXACT_BOUND))
+                r, c = r[~exact], c[~exact]
+            if len(r):
+                if ambiguous is None:
+                    ambiguous = np.zeros((len(points), offsets.size), dtype=bool)
+                ambiguous[r, c] = True
+        if idx is None:
+            idx = v
+        else:
+            idx *= int(shape[a])
+            idx += v
+    sup_box = np.zeros(int(np.prod(shape)), dtype=bool)
+    ink_box = np.zeros_like(sup_box)
+    if ambiguous is None:
+        sup_box[idx] = True
+        ink_box[idx[ink]] = True
+        rest = empty
+    else:
+        keep = ~ambiguous
+        sup_box[idx[keep]] = True
+        ink_box[idx[keep & ink[:, None]]] = True
+        r, c = np.nonzero(ambiguous)
+        rest = (points[r], normals[r], offsets[c][:, None], ink[r])
+    return LabelTile(lo.astype(np.int64), shape, np.packbits(sup_box.reshape(tuple(shape)), axis=-1),
+                     np.packbits(ink_box.reshape(tuple(shape)), axis=-1), rest)
+
+
+def _on_grid(x: np.ndarray) -> np.ndarray:
+    """``x`` is a multiple of ``2^-24`` (so sums with integers below 2^25 are exact)."""
+    scaled = np.ldexp(x, _EXACT_GRID)
+    return scaled == np.floor(scaled)

@@ -129,13 +129,19 @@ def sample_volume(vol: Volume, positions: np.ndarray) -> np.ndarray:
 def _sample_boxes(vol: Volume, q: np.ndarray) -> np.ndarray:
     """:func:`sample_volume` by scipy at ``(3, N)`` positions: ``map_coordinates(order=1)`` in the box read.
 
-    The box spans the positions clipped to the volume (plus the upper neighbour). A
-    position outside the volume is outside the box too, where ``mode="constant"`` gives 0
-    without interpolating, as outside the volume; inside, the box holds every node.
+    Positions outside ``[0, n - 1]`` on any axis (NaN included) are 0 without reading
+    anything; the box spans the others (plus the upper neighbour), so it lies inside the
+    volume whatever the outliers are, and holds every node they interpolate.
     """
     shape = np.asarray(vol.shape, dtype=np.int64)
-    lo = np.clip(np.floor(q.min(axis=1)), 0, shape - 1).astype(np.int64)
-    hi = np.maximum(np.clip(np.floor(q.max(axis=1)).astype(np.int64) + 2, 1, shape), lo + 1)
+    inside = np.all((q >= 0) & (q <= (shape - 1)[:, None]), axis=0)  # NaN compares False
+    if not inside.all():
+        out = np.zeros(q.shape[1], dtype=np.float64)
+        if inside.any():
+            out[inside] = _sample_boxes(vol, q[:, inside])
+        return out
+    lo = np.floor(q.min(axis=1)).astype(np.int64)
+    hi = np.minimum(np.floor(q.max(axis=1)).astype(np.int64) + 2, shape)
     size = hi - lo
     if int(np.prod(size)) > MAX_BOX_VOXELS and q.shape[1] > 1:
         axis = int(np.argmax(size))

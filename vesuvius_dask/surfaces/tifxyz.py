@@ -6,8 +6,12 @@ coordinates of the scroll volume), ``meta.json`` (``"scale": [sx, sy]``, x first
 fraction of full resolution the grid is stored at, typically 0.05; ``bbox``, ``uuid``
 and any other keys are kept) and optionally ``mask.tif`` (uint8, 255 valid; the grid's
 size or an integer multiple of it). A node is invalid where ``z <= 0``, any coordinate is
-not finite (published as -1, -1, -1), or the mask is below 255 (for a mask ``k`` times
-the grid, every mask pixel that maps to the node by integer division must be 255).
+not finite (published as -1, -1, -1) or beyond :data:`MAX_COORDINATE` in magnitude, or the
+mask is below 255 (for a mask ``k`` times the grid, every mask pixel that maps to the node
+by integer division must be 255). Invalid nodes hold the point 0 in memory
+(:meth:`Surface.nodes`), so that they weigh exactly nothing where they are interpolated
+with weight 0. A scale below :data:`MIN_SCALE`, a full-resolution size above
+:data:`MAX_FULL_SIZE` pixels per axis, an empty grid and a multi-page grid TIFF are refused.
 
 :func:`open_surface` reads the headers and ``meta.json`` only; the grids load on first
 use, once per process (:meth:`Surface.nodes`). Full-resolution points and normals come
@@ -30,7 +34,15 @@ from ..io.paths import tifxyz_dir
 from .grid import all_set, corners, full_size, interpolate
 from .normals import grid_normals, pixel_normals
 
-__all__ = ["Surface", "Nodes", "open_surface", "surface_from_arrays", "read_meta"]
+__all__ = ["Surface", "Nodes", "open_surface", "surface_from_arrays", "read_meta",
+           "MIN_SCALE", "MAX_FULL_SIZE", "MAX_COORDINATE"]
+
+#: Smallest scale accepted (published grids are stored at about 0.05 of full resolution).
+MIN_SCALE = 1e-4
+#: Largest full-resolution size per axis, in pixels.
+MAX_FULL_SIZE = 1 << 31
+#: A node whose coordinate is this large or larger (in magnitude) is invalid: no scroll is.
+MAX_COORDINATE = float(1 << 31)
 
 
 @dataclass(frozen=True)
@@ -127,9 +139,7 @@ class Surface:
     @property
     def valid(self) -> Any:
         """``(H, W)`` lazy bool: the valid nodes."""
-        import dask.array as da
-
-        ok = (self.z > 0) & da.isfinite(self.z) & da.isfinite(self.y) & da.isfinite(self.x)
+        ok = (self.z > 0) & _usable(self.z) & _usable(self.y) & _usable(self.x)
         return ok if self.mask is None else ok & self.mask
 
     def with_flip(self, flip_normals: bool) -> Surface:
@@ -143,8 +153,9 @@ class Surface:
                 import dask
 
                 points, valid = dask.compute(self.points, self.valid, scheduler="synchronous")
-                points = np.asarray(points, dtype=np.float64)
+                points = np.array(points, dtype=np.float64)
                 valid = np.asarray(valid, dtype=bool)
+                points[~valid] = 0.0  # weight 0 times an invalid node is 0, never NaN
                 normals, defined = grid_normals(points, valid, flip=self.flip_normals)
                 self._cache = Nodes(points, valid, normals, defined)
             return self._cache
@@ -196,6 +207,24 @@ class Surface:
                 f"{', flipped normals' if self.flip_normals else ''})")
 
 
+def _usable(v: Any) -> Any:
+    """Finite and below :data:`MAX_COORDINATE` in magnitude (lazy, elementwise)."""
+    import dask.array as da
+
+    return da.isfinite(v) & (abs(v) < MAX_COORDINATE)
+
+
+def _check_full_size(grid: tuple[int, int], scale: tuple[float, float], path: Any) -> None:
+    """One line naming ``path`` when the grid is empty or its full resolution too large."""
+    (h, w), (sx, sy) = grid, scale
+    if h < 1 or w < 1:
+        raise VolumeError(f"{path}: the grid is empty ({h}x{w} nodes)")
+    fh, fw = full_size(h, sy), full_size(w, sx)
+    if max(fh, fw) > MAX_FULL_SIZE:
+        raise VolumeError(f"{path}: scale [{sx:g}, {sy:g}] makes the {h}x{w} grid {fh}x{fw} pixels at "
+                          f"full resolution, above {MAX_FULL_SIZE} per axis")
+
+
 def read_meta(folder: Path) -> tuple[dict, tuple[float, float]]:
     """``meta.json`` of a tifxyz folder and its ``(sx, sy)``; one-line errors naming the file."""
     path = folder / "meta.json"
@@ -222,6 +251,9 @@ def _scale(raw: Any, path: Any) -> tuple[float, float]:
         raise VolumeError(f"{path}: scale {raw!r} is not two numbers [sx, sy]") from None
     if not (np.isfinite(sx) and np.isfinite(sy) and sx > 0 and sy > 0):
         raise VolumeError(f"{path}: scale {raw!r} must be two positive numbers [sx, sy]")
+    if min(sx, sy) < MIN_SCALE:
+        raise VolumeError(f"{path}: scale {raw!r} is below {MIN_SCALE:g} (the grid would be over "
+                          f"{1 / MIN_SCALE:g} times smaller than full resolution; published: 0.05)")
     return sx, sy
 
 
@@ -235,7 +267,8 @@ def _read_page(path: str) -> np.ndarray:
     return arr[..., 0] if arr.ndim == 3 else arr
 
 
-def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _tiff_header(path: Path, *, single: bool = False) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the first page; ``single``: refuse a TIFF of several pages."""
     import tifffile
 
     if not path.is_file():
@@ -243,9 +276,13 @@ def _tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            return tuple(int(s) for s in page.shape), np.dtype(page.dtype)
+            pages = len(tif.pages) if single else 1
+            shape, dtype = tuple(int(s) for s in page.shape), np.dtype(page.dtype)
     except Exception as err:
         raise VolumeError(f"{path}: unreadable TIFF ({err})") from err
+    if pages > 1:
+        raise VolumeError(f"{path}: {pages} pages; a tifxyz grid is a single-page 2-D TIFF")
+    return shape, dtype
 
 
 def _lazy_tiff(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> Any:
@@ -264,7 +301,7 @@ def _grids(folder: Path) -> tuple[dict[str, Any], tuple[int, int]]:
     grids, shapes = {}, {}
     for axis in "xyz":
         path = folder / f"{axis}.tif"
-        shape, dtype = _tiff_header(path)
+        shape, dtype = _tiff_header(path, single=True)
         if len(shape) != 2:
             raise VolumeError(f"{path}: expected a 2-D grid, got shape {shape}")
         if dtype.kind != "f":
@@ -326,6 +363,7 @@ def open_surface(path: Any, *, flip_normals: bool = False) -> Surface:
         raise VolumeNotFoundError(f"{folder}: not a tifxyz surface (missing {', '.join(missing)})")
     meta, scale = read_meta(found)
     grids, grid = _grids(found)
+    _check_full_size(grid, scale, found / "z.tif" if 0 in grid else found / "meta.json")
     mask = _grid_mask(found / "mask.tif", grid) if (found / "mask.tif").is_file() else None
     return Surface(str(found), grids["x"], grids["y"], grids["z"], scale, meta, mask,
                    bool(flip_normals), found)
@@ -353,6 +391,7 @@ def surface_from_arrays(x: Any, y: Any, z: Any, scale: tuple[float, float], *,
         raise VolumeError(f"{name}: x, y and z must be 2-D grids of one shape; got "
                           f"{', '.join(str(a.shape) for a in arrs)}")
     sx, sy = _scale(scale, name)
+    _check_full_size(arrs[0].shape, (sx, sy), name)
     m = None if mask is None else da.asarray(np.asarray(mask)) != 0
     if m is not None and m.shape != arrs[0].shape:
         raise VolumeError(f"{name}: mask shape {m.shape} differs from the grid's {arrs[0].shape}")

@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,8 +186,13 @@ class PredictionWriter:
         # chunk buffers of written chunks, reused (zeroed) for new accumulators: fresh memory
         # costs a page fault per 4 KiB on first touch, more than the additions themselves
         self._spare: list[np.ndarray] = []
+        self._flats: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the ones _zeros made
         self._spare_max = 2 * self._pool.workers + 2
         self._spare_lock = threading.Lock()
+        # weight totals of chunks laid out alike (a grid repeats a few layouts): the same
+        # additions in the same order give the same bits, so they are replayed once per layout
+        self._patterns: set = set()
+        self._shared_weights = LRU(8)
         if self.job.resumed:
             self._restore()
         self._lock = threading.Lock()
@@ -315,18 +321,22 @@ class PredictionWriter:
             flat = self._spare.pop() if self._spare else None
         if flat is None:
             flat = np.zeros(int(np.prod(self.chunks)), np.float32)
+            self._flats[id(flat)] = flat
         else:
             flat.fill(0)
         return flat[:int(np.prod(shape))].reshape(shape)
 
     def _recycle(self, *arrays: np.ndarray | None) -> None:
-        """Keep the buffers of :meth:`_zeros` behind ``arrays`` (no longer used) for later chunks."""
-        size = int(np.prod(self.chunks))
+        """Keep the buffers of :meth:`_zeros` behind ``arrays`` (no longer used) for later chunks.
+
+        Only buffers :meth:`_zeros` made (not, e.g., a loaded accumulator's), each once;
+        never a read-only (shared) weight total.
+        """
         with self._spare_lock:
             for a in arrays:
-                base = None if a is None else a.base
-                if (isinstance(base, np.ndarray) and base.ndim == 1 and base.size == size
-                        and base.dtype == np.float32 and len(self._spare) < self._spare_max):
+                base = None if a is None or not a.flags.writeable else a.base
+                if (base is not None and self._flats.get(id(base)) is base
+                        and not any(base is s for s in self._spare) and len(self._spare) < self._spare_max):
                     self._spare.append(base)
 
     def _weights(self, buf: list) -> np.ndarray:
@@ -337,11 +347,27 @@ class PredictionWriter:
         each batch; each voxel's weights are still added in the order of :meth:`add`.
         """
         s, w, added = buf
+        key = None
+        if w is None and added:  # a fresh chunk: its totals depend only on its pieces
+            key = (s.shape, tuple(tuple((a.start, a.stop) for a in src + dst) for src, dst in added))
+            shared = self._shared_weights.get(key)
+            if shared is not None:
+                buf[1], buf[2] = shared, []
+                return shared
         if w is None:
             w = self._zeros(s.shape)
         for src, dst in added:
             w[dst] += self.weights[src]
         buf[1], buf[2] = w, []
+        if key is not None:
+            with self._spare_lock:
+                again = key in self._patterns
+                self._patterns.add(key)
+                if len(self._patterns) > 4096:
+                    self._patterns = {key}
+            if again:  # kept from its second sighting on: read only, so never recycled
+                w.flags.writeable = False
+                self._shared_weights.put(key, w)
         return w
 
     def _output(self, zarr_format: int) -> Any:
