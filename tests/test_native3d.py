@@ -322,3 +322,15 @@ def test_bad_arguments_are_one_line(scroll):
         DaskVesuviusStream([seg], block=8, sampler=SurfaceSampler(), labels="segment")
     with pytest.raises(SamplingError, match="more than the"):
         SurfacePlan([seg], (12, 16, 16), SurfaceSampler(samples_per_epoch=10_000))
+
+
+def test_label_planes_of_another_size_are_refused_in_one_line():
+    # a label plane of another segment (another size) would train on misaligned labels
+    volume = np.zeros((16, 64, 64), np.uint8)
+    good = flat_segment(volume, 8)
+    for shape in ((20, 20), (50, 60)):
+        wrong = SurfaceSegment(good.surface, volume, np.zeros(shape, np.uint8), np.ones(shape, np.uint8),
+                               name="wrong")
+        with pytest.raises(SamplingError, match=r"wrong: the label planes are \d+x\d+ at level 0.*40x40") as info:
+            SurfacePlan([wrong], (8, 16, 16), SurfaceSampler(samples_per_epoch=1))
+        assert "\n" not in str(info.value)

@@ -362,7 +362,7 @@ class SurfacePlan:
                       for src, what in ((seg.inklabels, "inklabels"), (seg.supervision, "supervision"),
                                         (seg.validation, "validation"))]
             ink, sup, val = planes
-            _check_planes(seg, ink, sup, val)
+            _check_planes(seg, ink, sup, val, self.level)
             train, valid = find_patches(sup, val, self.block[1:], sampler.overlap,
                                         sampler.min_labeled_coverage)
             for split, corners in (("train", train), ("validation", valid)):
@@ -598,10 +598,21 @@ def _checked_segment(seg: Any, i: int) -> SurfaceSegment:
     return seg
 
 
-def _check_planes(seg: SurfaceSegment, ink: np.ndarray, sup: np.ndarray, val: np.ndarray | None) -> None:
+def _check_planes(seg: SurfaceSegment, ink: np.ndarray, sup: np.ndarray, val: np.ndarray | None,
+                  level: int = 0) -> None:
+    """The label planes agree with each other and with the surface at ``level`` (halved with ceil)."""
     shapes = {"inklabels": ink.shape, "supervision": sup.shape}
     if val is not None:
         shapes["validation"] = val.shape
     if len(set(shapes.values())) > 1:
         raise SamplingError(f"{seg.name}: label planes differ in shape: "
                             + ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in shapes.items()))
+    shape = getattr(seg.surface, "shape", None)
+    if shape is not None:
+        want = tuple(-(-int(n) // 2 ** level) for n in shape)
+        got = next(iter(shapes.values()))
+        if tuple(got) != want:
+            raise SamplingError(
+                f"{seg.name}: the label planes are {got[0]}x{got[1]} at level {level}, but the surface's "
+                f"full resolution {shape[0]}x{shape[1]} makes {want[0]}x{want[1]} there: labels of "
+                "another segment or size")

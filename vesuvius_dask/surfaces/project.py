@@ -47,6 +47,8 @@ _EXACT_BOUND = 2.0 ** 25
 _EXACT_GRID = 24
 #: Largest box of a :class:`LabelTile` (voxels); a tile reaching further is projected per block.
 MAX_BOX_VOXELS = 1 << 24
+#: Positions per pass of :func:`rasterize`.
+_GROUP = 1 << 14
 
 
 def normal_offsets(half_thickness: float) -> np.ndarray:
@@ -163,7 +165,8 @@ class LabelTile:
                 (z0, y0, x0), (z1, y1, x1) = (lo - rel).tolist(), (hi - rel).tolist()
                 out = tuple(slice(a, b) for a, b in zip(lo.tolist(), hi.tolist()))
                 for bits, dest in ((self.supervision, supervision), (self.ink, inklabels)):
-                    box = np.unpackbits(bits[z0:z1, y0:y1], axis=-1, count=int(self.shape[2]))
+                    rows = bits[z0:z1, y0:y1]   # rows are whole bytes: unpack flat, then cut x
+                    box = np.unpackbits(rows.reshape(-1)).reshape(z1 - z0, y1 - y0, -1)
                     dest[out] |= box[..., x0:x1]
         pts, nrm, offsets, ink = self.rest
         if len(pts):
@@ -209,8 +212,46 @@ def rasterize(points: np.ndarray, normals: np.ndarray, ink: np.ndarray, half_thi
     exact_ok = frame < _EXACT_BOUND and float(np.abs(points).max()) < _EXACT_BOUND
     rel = points - lo
     shape = (hi - lo).astype(np.int64)
-    ambiguous = None
+    sup_box = np.zeros(int(np.prod(shape)), dtype=bool)
+    ink_box = np.zeros_like(sup_box)
+    ambiguous: list[tuple[np.ndarray, np.ndarray]] = []
+    per = max(1, _GROUP // offsets.size)   # pixels per pass (temporaries stay in cache)
+    for first in range(0, len(points), per):
+        sl = slice(first, first + per)
+        idx, near_rc = _box_voxels(rel[sl], normals[sl], points[sl], offsets, shape, eps, exact_ok)
+        if near_rc is None:
+            sup_box[idx] = True
+            ink_box[idx[ink[sl]]] = True
+        else:
+            keep = np.ones(idx.shape, dtype=bool)
+            keep[near_rc] = False
+            sup_box[idx[keep]] = True
+            ink_box[idx[keep & ink[sl, None]]] = True
+            ambiguous.append((near_rc[0] + first, near_rc[1]))
+    rest = empty
+    if ambiguous:
+        r, c = (np.concatenate(a) for a in zip(*ambiguous))
+        rest = (points[r], normals[r], offsets[c][:, None], ink[r])
+    sup_box, ink_box = sup_box.reshape(tuple(shape)), ink_box.reshape(tuple(shape))
+    if not sup_box.any():
+        return LabelTile(None, None, None, None, rest)
+    cut = []   # the box trimmed to its set voxels (ink is a subset of supervision)
+    for a in range(3):
+        used = np.nonzero(sup_box.any(axis=tuple(b for b in range(3) if b != a)))[0]
+        cut.append(slice(int(used[0]), int(used[-1]) + 1))
+    cut_t = tuple(cut)
+    origin = lo.astype(np.int64) + [c.start for c in cut]
+    shape = np.array([c.stop - c.start for c in cut], dtype=np.int64)
+    return LabelTile(origin, shape, np.packbits(sup_box[cut_t], axis=-1),
+                     np.packbits(ink_box[cut_t], axis=-1), rest)
+
+
+def _box_voxels(rel: np.ndarray, normals: np.ndarray, points: np.ndarray, offsets: np.ndarray,
+                shape: np.ndarray, eps: float, exact_ok: bool
+                ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Box indices of ``floor(rel + s·n + 0.5)`` (``(k, S)``) and the ambiguous ``(pixel, offset)``s."""
     idx = None
+    ambiguous = None
     for a in range(3):
         t = offsets[None, :] * normals[:, a, None]
         y = rel[:, a, None] + t
@@ -224,31 +265,18 @@ def rasterize(points: np.ndarray, normals: np.ndarray, ink: np.ndarray, half_thi
             r, c = np.nonzero(near)
             if exact_ok:   # p and s·n on a fine dyadic grid: exact in every frame, so no ambiguity
                 tt, pp = t[r, c], points[r, a]
-                exact = (_on_grid(tt) & _on_grid(pp) & (np.abs(tt) < _EXACT_BOUND))
+                exact = _on_grid(tt) & _on_grid(pp) & (np.abs(tt) < _EXACT_BOUND)
                 r, c = r[~exact], c[~exact]
             if len(r):
                 if ambiguous is None:
-                    ambiguous = np.zeros((len(points), offsets.size), dtype=bool)
+                    ambiguous = np.zeros(near.shape, dtype=bool)
                 ambiguous[r, c] = True
         if idx is None:
             idx = v
         else:
             idx *= int(shape[a])
             idx += v
-    sup_box = np.zeros(int(np.prod(shape)), dtype=bool)
-    ink_box = np.zeros_like(sup_box)
-    if ambiguous is None:
-        sup_box[idx] = True
-        ink_box[idx[ink]] = True
-        rest = empty
-    else:
-        keep = ~ambiguous
-        sup_box[idx[keep]] = True
-        ink_box[idx[keep & ink[:, None]]] = True
-        r, c = np.nonzero(ambiguous)
-        rest = (points[r], normals[r], offsets[c][:, None], ink[r])
-    return LabelTile(lo.astype(np.int64), shape, np.packbits(sup_box.reshape(tuple(shape)), axis=-1),
-                     np.packbits(ink_box.reshape(tuple(shape)), axis=-1), rest)
+    return idx, None if ambiguous is None else np.nonzero(ambiguous)
 
 
 def _on_grid(x: np.ndarray) -> np.ndarray:

@@ -319,11 +319,10 @@ class PredictionWriter:
         """A zeroed float32 array of ``shape`` (at most a chunk): a spare chunk buffer when there is one."""
         with self._spare_lock:
             flat = self._spare.pop() if self._spare else None
-        if flat is None:
-            flat = np.zeros(int(np.prod(self.chunks)), np.float32)
+        if flat is None:  # written now, not read first: one page fault per page instead of two
+            flat = np.empty(int(np.prod(self.chunks)), np.float32)
             self._flats[id(flat)] = flat
-        else:
-            flat.fill(0)
+        flat.fill(0)
         return flat[:int(np.prod(shape))].reshape(shape)
 
     def _recycle(self, *arrays: np.ndarray | None) -> None:
@@ -1041,6 +1040,8 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
     bar = tqdm(total=total, unit="blocks", desc="predict", disable=quiet, file=sys.stderr,
                mininterval=0.5 if tty else 30.0, dynamic_ncols=tty)
     batch = 0
+    # batch k is added on this thread while the model runs on batch k+1 (one thread: in order)
+    adder = WritePool(1, in_flight=2)
     try:
         with torch.no_grad(), _model_threads():
             if job.part is not None:  # the part's batches need the output's shape: one probe
@@ -1063,13 +1064,16 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
                             batch = stream.start_batch = int(writer.progress["batches"])
                             restart = True
                             break
-                    writer.add(pred, coords)
+                    adder.submit(writer.add, pred, coords)
                     batch += 1
                     if batch % every == 0:
+                        adder.wait()  # a checkpoint holds every batch before it
                         writer.checkpoint({"batches": batch})
                     bar.update(min(batch * batch_size, total) - bar.n)
                 if not restart:
                     break
+            adder.wait()
+        adder.close()
         bar.close()
         if writer is None:
             raise SamplingError("no block to predict (is the mask empty?)")
@@ -1079,6 +1083,7 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
                          job=dict(_join_identity(job.identity), chunks=list(writer.chunks)))
         return writer.finalize(png=job.png, attrs=attrs)
     except BaseException as err:
+        adder.close(cancel=True)  # no add runs into an aborted writer
         bar.close()
         if writer is not None:
             writer.abort(error=err)
