@@ -331,6 +331,7 @@ def test_label_planes_of_another_size_are_refused_in_one_line():
     for shape in ((20, 20), (50, 60)):
         wrong = SurfaceSegment(good.surface, volume, np.zeros(shape, np.uint8), np.ones(shape, np.uint8),
                                name="wrong")
-        with pytest.raises(SamplingError, match=r"wrong: the label planes are \d+x\d+ at level 0.*40x40") as info:
+        match = r"wrong: the label planes are \d+x\d+ at level 0.*40x40"
+        with pytest.raises(SamplingError, match=match) as info:
             SurfacePlan([wrong], (8, 16, 16), SurfaceSampler(samples_per_epoch=1))
         assert "\n" not in str(info.value)
