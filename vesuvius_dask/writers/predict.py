@@ -85,7 +85,9 @@ class PredictionWriter:
     blend : {"hann", "mean"}
         Weighting of overlapping predictions (see :func:`blend_window`).
     memory_bytes : int
-        Budget for in-memory accumulator chunks (default 256 MiB).
+        Budget for in-memory accumulator chunks (default 256 MiB). Besides it, up to
+        ``2 * write_threads + 2`` buffers of written chunks are kept for reuse and up to 8
+        chunks of weight totals shared by chunks laid out alike.
     volume : int, optional
         Only rows of ``coords`` whose first column (volume index) equals this are used.
     overwrite : bool
