@@ -405,8 +405,15 @@ _WINDOWS_LOCK = threading.Lock()
 
 
 def host_window(host: str, ceiling: int, initial: int, folder: str | None = None) -> HostWindow:
-    """The :class:`HostWindow` of ``host`` in this process (made on first use; a child makes its own)."""
-    key = (os.getpid(), host, ceiling, initial, folder)
+    """The :class:`HostWindow` of ``host`` in this process (made on first use; a child makes its own).
+
+    One per event loop too: its queue of waiting requests belongs to the loop that uses it.
+    """
+    try:
+        loop = id(asyncio.get_running_loop())
+    except RuntimeError:
+        loop = 0
+    key = (os.getpid(), loop, host, ceiling, initial, folder)
     with _WINDOWS_LOCK:
         window = _WINDOWS.get(key)
         if window is None:
