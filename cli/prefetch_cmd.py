@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     stream = _stream(args)
     try:
         plan = prefetch(stream, args.epochs, dry_run=True)  # a dry run needs no --cache-dir
+        if not args.dry_run:
+            plan.check_cache()  # refused before anything is printed
         print(plan.summary(), flush=True)
         if args.dry_run or not plan.remote:
             return 0

@@ -235,6 +235,14 @@ def test_cli_bad_input_is_one_line_exit_2(server, tmp_path, capsys, monkeypatch,
     assert sum(server.chunk_requests().values()) == 0
 
 
+def test_cli_dry_run_lists_a_url_without_cache_dir(server, capsys):
+    server.reset()
+    assert main(["prefetch", server.url("v3.zarr"), "--epochs", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "to fetch" in out and "no cache_dir: listed only" in out
+    assert sum(server.chunk_requests().values()) == 0
+
+
 def test_a_cache_dir_too_small_for_the_run_is_an_error(server, tmp_path):
     budget = 20 * 2 * int(np.prod(CHUNKS))  # about 20 chunks (random data: incompressible)
     with dask.config.set({"vesuvius-dask.remote.cache-dir-bytes": budget}):

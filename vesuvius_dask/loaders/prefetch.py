@@ -181,13 +181,21 @@ class PrefetchPlan:
         if len(self.remote) > 1:
             lines.append(f"total: {self.chunks} chunks, {self.cached} already in cache_dir, "
                          f"{self.to_fetch} to fetch (at most about {_size(self.decoded_bytes)})")
-        if self.remote:
-            cache = self.remote[0].remote.cache
+        cache = self.remote[0].remote.cache if self.remote else None
+        if self.remote and cache is None:
+            lines.append("no cache_dir: listed only (a fetch needs one)")
+        elif self.remote:
             held = sum(v.cached_bytes for v in self.remote)
             fits = "" if held + self.decoded_bytes <= cache.max_bytes else (
                 "; the run's chunks may not fit: raise vesuvius-dask.remote.cache-dir-bytes")
             lines.append(f"cache_dir {cache.root} (budget {_size(cache.max_bytes)}){fits}")
         return "\n".join(lines)
+
+    def check_cache(self) -> None:
+        """Raise :class:`~vesuvius_dask.errors.ArgumentError` if a remote volume has no ``cache_dir``."""
+        for entry in self.remote:
+            if entry.remote.cache is None:
+                raise _no_cache(entry.name)
 
     def result(self) -> str:
         """One line after :meth:`fetch`."""
@@ -220,10 +228,9 @@ class PrefetchPlan:
         """
         from tqdm import tqdm
 
+        self.check_cache()
         t0 = time.perf_counter()
         for entry in self.remote:  # counted again: another process may have fetched some since
-            if entry.remote.cache is None:
-                raise _no_cache(entry.name)
             _count_cached(entry)
         before = {id(v): v.cached_bytes for v in self.remote}
         tty = sys.stderr.isatty()
