@@ -66,8 +66,10 @@ class _Handler(SimpleHTTPRequestHandler):
             owner.chunk_peak = max(owner.chunk_peak, owner.chunks_in_flight)
         if owner.on_request is not None:
             owner.on_request(path)
+        counted = chunk  # a chunk request counts as in flight until its answer starts
         try:
-            if chunk and owner.refuse(self):
+            if chunk and owner.refuse(self):  # it stopped counting the request before answering
+                counted = False
                 return
             if owner.delay:
                 time.sleep(owner.delay)
@@ -75,6 +77,9 @@ class _Handler(SimpleHTTPRequestHandler):
             if fault == "hang":
                 owner.cleared.wait()
                 fault = owner.fault
+            with owner.lock:  # before the answer: a client that has it may start another at once
+                owner.chunks_in_flight -= counted
+                counted = False
             if fault in ("404", "500"):
                 self.send_error(int(fault))
                 return
@@ -84,7 +89,7 @@ class _Handler(SimpleHTTPRequestHandler):
         finally:
             with owner.lock:
                 owner.in_flight -= 1
-                owner.chunks_in_flight -= chunk
+                owner.chunks_in_flight -= counted
 
 
     def _send_range(self) -> bool:
@@ -202,6 +207,7 @@ class SlowServer:
                 self.answered.append(time.monotonic())
                 return False
             self.refusals[status] += 1
+            self.chunks_in_flight -= 1  # before the answer (see do_GET)
         handler.send_response(status)
         if header is not None:
             handler.send_header("Retry-After", str(header))
