@@ -3,9 +3,11 @@
 1. In one run, per volume, interleaved (one repetition of each per round, medians):
    blocks/s of (a) the grid read alone (the stream ``predict`` uses, fresh each time,
    no model, no output), (b) ``predict`` with an identity model (3-D output: read +
-   blend + write Zarr) and (c) ``predict`` with a max-projection over z (2-D output),
-   and the ratios (b)/(a), (c)/(a). Volumes: ``../shared/data/example.zarr`` (the real
-   crop, 441 blocks of 11x64x64, overlap 0,16,16) when present, else a generated
+   blend + write Zarr), (c) ``predict`` with a max-projection over z (2-D output) and
+   (d) the 3-D writer alone (``PredictionWriter`` fed the same plan's blocks from
+   memory: its pace where the read has cores of its own), and the ratios to (a).
+   Volumes: ``../shared/data/example.zarr`` (the real crop, 441 blocks of 11x64x64,
+   overlap 0,16,16) when present, else a generated
    64x1024x1024 volume; then a generated uint16 volume of ``--shape`` (default
    64x2048x2048, blocks of 16x64x64: the per-run costs amortised; ``--shape ''``
    skips it).
@@ -89,6 +91,31 @@ def grid_read(path: str, block: tuple, overlap: tuple, batch_size: int) -> int:
     return n
 
 
+def writer_alone(path: str, block: tuple, overlap: tuple, batch_size: int, out: Path) -> int:
+    """The grid's blocks fed to a PredictionWriter from memory (no read, no model): its pace alone."""
+    import torch
+
+    from vesuvius_dask import DaskVesuviusStream, PredictionWriter
+    from vesuvius_dask.sampling.samplers import GridSampler
+
+    stream = DaskVesuviusStream([path], *block, sampler=GridSampler(overlap=overlap),
+                                batch_size=batch_size, return_coords=True)
+    coords = stream.epoch_coords(0)
+    preds = np.random.default_rng(0).random((batch_size, *block), dtype=np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as predict leaves it on a 2-core machine
+    try:
+        writer = PredictionWriter(out, stream.volumes[0].shape, block, overwrite=True)
+        writer.expect(coords)
+        for first in range(0, len(coords), batch_size):
+            batch = coords[first:first + batch_size]
+            writer.add(preds[:len(batch)], batch)
+        writer.finalize()
+    finally:
+        torch.set_num_threads(before)
+    return len(coords)
+
+
 def _cases(shape: str) -> list[tuple[str, Path, tuple]]:
     """The volumes measured: the real crop (else a generated 64x1024x1024), and ``--shape`` if given."""
     cases = []
@@ -116,7 +143,7 @@ def headline(reps: int, shape: str = "") -> None:
           f"{reps} interleaved reps per volume (medians)")
     for label, path, block in _cases(shape):
         vshape = zarr.open_array(str(path), mode="r").shape
-        runs: dict[str, list[float]] = {"read": [], "3d": [], "2d": []}
+        runs: dict[str, list[float]] = {"read": [], "3d": [], "2d": [], "writer": []}
         n = 0
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -127,6 +154,9 @@ def headline(reps: int, shape: str = "") -> None:
                 predict(model, str(path), out, block=block, overlap=overlap, batch_size=batch,
                         overwrite=True)
                 runs[key].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            writer_alone(str(path), block, overlap, batch, out)
+            runs["writer"].append(time.perf_counter() - t0)
         shutil.rmtree(out, ignore_errors=True)
         rate = {k: n / statistics.median(v) for k, v in runs.items()}
         print(f"  {label} {path.name} {tuple(vshape)}, block {block}, {n} blocks:")
@@ -135,6 +165,8 @@ def headline(reps: int, shape: str = "") -> None:
               f"(b)/(a) = {rate['3d'] / rate['read']:.2f}")
         print(f"    (c) predict, max over z, 2-D output:          {rate['2d']:9,.0f} blocks/s  "
               f"(c)/(a) = {rate['2d'] / rate['read']:.2f}")
+        print(f"    (d) the 3-D writer alone (blocks from memory): {rate['writer']:9,.0f} blocks/s  "
+              f"(d)/(a) = {rate['writer'] / rate['read']:.2f}")
 
 
 def main() -> None:

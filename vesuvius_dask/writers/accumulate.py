@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArgumentError
+from .direct import DirectFiles, use_direct
 
 __all__ = ["ChunkGeometry", "plan_counts", "WritePool", "ChunkFiles", "normalized", "output_codec",
-           "COMPRESSORS", "pack_bits", "unpack_bits"]
+           "COMPRESSORS", "pack_bits", "unpack_bits", "pack_counts", "unpack_counts"]
 
 #: Codecs of ``PredictionWriter`` outputs. ``blosc-lz4`` (byte shuffle) encodes float32
 #: predictions about 30x faster than zstd level 3 at about the same size.
@@ -143,6 +144,18 @@ def pack_bits(flags: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(np.packbits(flags.ravel()).tobytes())).decode()
 
 
+def pack_counts(counts: np.ndarray) -> str:
+    """Small non-negative counts (uint16) as compact text (for a JSON checkpoint)."""
+    return base64.b64encode(zlib.compress(counts.astype("<u2").tobytes())).decode()
+
+
+def unpack_counts(text: str, n: int) -> np.ndarray:
+    counts = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<u2").astype(np.uint16)
+    if len(counts) != n:
+        raise ValueError(f"{len(counts)} counts, expected {n}")
+    return counts
+
+
 def unpack_bits(text: str, shape: Sequence[int]) -> np.ndarray:
     bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
     return np.unpackbits(bits)[:int(np.prod(shape))].reshape(tuple(shape)).astype(bool)
@@ -158,10 +171,13 @@ class WritePool:
     in_flight : int, optional
         Writes queued or running before :meth:`submit` waits (default ``2 * workers``);
         bounds the memory of chunks waiting to be written.
+    name : str
+        The threads' names: ``vesuvius-dask-NAME_K``.
     """
 
-    def __init__(self, workers: int, in_flight: int | None = None) -> None:
+    def __init__(self, workers: int, in_flight: int | None = None, name: str = "write") -> None:
         self.workers = max(1, int(workers))
+        self.name = name
         self._slots = threading.BoundedSemaphore(in_flight or 2 * self.workers)
         self._pool: ThreadPoolExecutor | None = None
         self._futures: set[Future] = set()
@@ -172,7 +188,7 @@ class WritePool:
         """Run ``fn(*args)`` on the pool (waits while ``in_flight`` writes are pending)."""
         self._raise()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vesuvius-dask-write")
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"vesuvius-dask-{self.name}")
         self._slots.acquire()
         try:
             fut = self._pool.submit(fn, *args)
@@ -231,11 +247,12 @@ def _numcodec(name: str, zarr_format: int) -> Any:
 
 def _all_fill(values: np.ndarray, fill: float) -> bool:
     """Whether zarr would skip the chunk as empty (``write_empty_chunks=False``): its ``all_equal``."""
+    bits = values.view(np.uint32)
     if fill == 0.0:  # zarr compares bit patterns here: a chunk of -0.0 is stored
-        return not values.view(np.uint32).any()
+        return not (bits.flat[0] or bits.flat[-1] or bits.any())  # (most chunks: decided at once)
     if np.isnan(fill):
-        return bool(np.isnan(values).all())
-    return bool((values == np.float32(fill)).all())
+        return bool(np.isnan(values.flat[0]) and np.isnan(values).all())
+    return bool(values.flat[0] == np.float32(fill) and (values == np.float32(fill)).all())
 
 
 class ChunkFiles:
@@ -246,8 +263,10 @@ class ChunkFiles:
     format), the array's chunk keys, and a chunk equal to the fill value everywhere
     not stored (zarr's default ``write_empty_chunks=False``). Encoding (blosc and zstd
     release the GIL) and the write run in the calling thread, with no event loop in
-    between. Files are written in place: a run killed while writing one rewrites it
-    when it resumes (a chunk is recorded as written only at a checkpoint, after a sync).
+    between. Files are written in place (around the page cache where the filesystem
+    takes it: :class:`~vesuvius_dask.writers.direct.DirectFiles`): a run killed while
+    writing one rewrites it when it resumes (a chunk is recorded as written only at a
+    checkpoint, after a sync).
     """
 
     def __init__(self, array: Any, root: str | Path, compressor: str) -> None:
@@ -263,6 +282,7 @@ class ChunkFiles:
         self._write_empty = bool(zarr.config.get("array.write_empty_chunks"))
         self._dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._out = DirectFiles(use_direct(4 * int(np.prod(self.shape))))
 
     def write(self, cid: Sequence[int], values: np.ndarray) -> None:
         """Store chunk ``cid`` (``values``: its region of the array, clipped at the edges)."""
@@ -281,5 +301,4 @@ class ChunkFiles:
             parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 self._dirs.add(parent)
-        with open(path, "wb") as f:
-            f.write(memoryview(data).cast("B"))
+        self._out.write(path, data)

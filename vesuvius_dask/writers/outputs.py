@@ -356,11 +356,34 @@ def critical(finishing: bool = False) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- files
 def remove_path(path: Path) -> None:
-    """Remove a file, link or folder tree if it exists (a link itself, never its target)."""
+    """Remove a file, link or folder tree if it exists (a link itself, never its target).
+
+    A tree's files are unlinked by a few threads first, folder by folder (a replaced
+    prediction's chunk files: the file system frees each one's blocks, mostly waiting,
+    not computing). Like ``shutil.rmtree``, it works through open folder handles
+    (``os.fwalk``) and never follows a link, even one swapped in while it runs.
+    """
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
+        if hasattr(os, "fwalk"):
+            _unlink_files(path)
         shutil.rmtree(path)
+
+
+def _unlink_files(path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8, thread_name_prefix="vesuvius-dask-remove") as pool, \
+            contextlib.suppress(OSError):
+        for _, _, names, folder in os.fwalk(path):  # folder: this folder's handle, open meanwhile
+            if len(names) > 1:
+                list(pool.map(lambda name, fd=folder: _unlink_quietly(name, fd), names))
+
+
+def _unlink_quietly(name: str, folder: int) -> None:
+    with contextlib.suppress(OSError):  # (rmtree then reports what could not go)
+        os.unlink(name, dir_fd=folder)
 
 
 def replace_path(new: Path, dst: Path, aside: Path) -> None:

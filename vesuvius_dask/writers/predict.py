@@ -33,9 +33,12 @@ from .accumulate import (
     normalized,
     output_codec,
     pack_bits,
+    pack_counts,
     plan_counts,
     unpack_bits,
+    unpack_counts,
 )
+from .plan_weights import PlanWeights
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
@@ -44,8 +47,11 @@ __all__ = ["PredictionWriter", "predict", "predict_join", "model_metadata", "BLE
 
 BLENDS = ("hann", "mean")
 
-#: Threads ``PredictionWriter`` divides, encodes and writes on (its ``write_threads`` default).
-WRITE_THREADS = 2
+#: Threads ``PredictionWriter`` divides, encodes and writes on (its ``write_threads`` default):
+#: more than the cores they use, since with ``O_DIRECT`` a write waits for the disk.
+WRITE_THREADS = 3
+#: Cores ``predict`` leaves to the write threads (torch's intra-op threads get the rest).
+ENCODE_CORES = 2
 
 
 def blend_window(block: Sequence[int], blend: str) -> np.ndarray:
@@ -86,8 +92,8 @@ class PredictionWriter:
         Weighting of overlapping predictions (see :func:`blend_window`).
     memory_bytes : int
         Budget for in-memory accumulator chunks (default 256 MiB). Besides it, up to
-        ``2 * write_threads + 2`` buffers of written chunks are kept for reuse and up to 8
-        chunks of weight totals shared by chunks laid out alike.
+        ``2 * write_threads + 2`` buffers of written chunks are kept for reuse, and weight
+        totals shared by chunks laid out alike up to half of it (at least 8 chunks' worth).
     volume : int, optional
         Only rows of ``coords`` whose first column (volume index) equals this are used.
     overwrite : bool
@@ -110,8 +116,9 @@ class PredictionWriter:
     compressor : {"blosc-lz4", "zstd", "none"}
         Codec of the output's chunks (default blosc-lz4 with byte shuffle: about as
         small as zstd on float32 predictions, and ~30x faster to encode).
-    write_threads : int
-        Threads that normalise, encode and write completed chunks.
+    write_threads : int, optional
+        Threads that normalise, encode and write completed chunks (default
+        :data:`WRITE_THREADS`: with ``O_DIRECT`` they mostly wait for the disk).
 
     Notes
     -----
@@ -127,6 +134,13 @@ class PredictionWriter:
     A chunk pushed out of memory is written whole and read back when touched again,
     so each chunk's sums are added in the order of :meth:`add` whatever the memory
     budget or the checkpoints: the output does not depend on them, bit for bit.
+
+    When the plan given to :meth:`expect` before any :meth:`add` is a full grid
+    (:class:`~vesuvius_dask.writers.plan_weights.PlanWeights`; :attr:`plan_weights`
+    says so), each block is added as ``p · w / Σ w`` right away: no weight sums, no
+    division; equal to ``Σ w·p / Σ w`` up to float32 rounding, and exactly ``p`` where
+    one block covers a voxel. Blocks outside that plan are refused, and so is a
+    :meth:`finalize` before all of it was added.
     """
 
     @renamed(path="output")
@@ -136,7 +150,7 @@ class PredictionWriter:
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
                  inputs: Sequence[Any] = (), identity: dict | None = None,
                  part: tuple[int, int] | None = None, compressor: str = "blosc-lz4",
-                 write_threads: int = WRITE_THREADS) -> None:
+                 write_threads: int | None = None) -> None:
         from .outputs import OutputJob
 
         self.path = Path(output)
@@ -178,13 +192,18 @@ class PredictionWriter:
         self.progress: Any = None
         # after expect(): blocks still to come per chunk, and the chunks already written
         self._expected: np.ndarray | None = None
+        # a full-grid plan: blocks weighted by w / Σ w as they come (no weight totals, no division)
+        self._plan: PlanWeights | None = None
+        self._plan_added: np.ndarray | None = None  # per grid position: blocks added so far
+        self._restored_mode: str | None = None
+        self._restored_added: str | None = None
         self._seen: dict[tuple[int, ...], int] = {}
         self._written = np.zeros(self.grid, dtype=bool)
         self._out: Any = None
         self._files: ChunkFiles | None = None
         self._zarr_format: int | None = None
-        self._pool = WritePool(write_threads)
-        self._scratch = np.empty(self.block, dtype=np.float32)
+        self._pool = WritePool(WRITE_THREADS if write_threads is None else write_threads)
+        self._scratch = np.empty((0, *self.block), dtype=np.float32)  # a batch's p * w, reused
         # chunk buffers of written chunks, reused (zeroed) for new accumulators: fresh memory
         # costs a page fault per 4 KiB on first touch, more than the additions themselves
         self._spare: list[np.ndarray] = []
@@ -193,8 +212,8 @@ class PredictionWriter:
         self._spare_lock = threading.Lock()
         # weight totals of chunks laid out alike (a grid repeats a few layouts): the same
         # additions in the same order give the same bits, so they are replayed once per layout
-        self._patterns: set = set()
-        self._shared_weights = LRU(8)
+        self._shared_weights = LRU(max(8 * self._chunk_bytes // 2, self.memory_bytes // 2),
+                                   size=lambda w: int(w.nbytes))
         if self.job.resumed:
             self._restore()
         self._lock = threading.Lock()
@@ -215,6 +234,8 @@ class PredictionWriter:
         self._latest, self._committed = dict(chunks), dict(chunks)
         self._next_gen = int(state.get("next_gen", 0))
         self.progress = state.get("progress")
+        self._restored_mode = state.get("mode", "weights" if chunks else None)
+        self._restored_added = state.get("plan_added")
         self._seen = {tuple(int(c) for c in k.split(".")): int(n) for k, n in state.get("seen", {}).items()}
         if state.get("written"):
             self._written = unpack_bits(state["written"], self.grid)
@@ -264,21 +285,69 @@ class PredictionWriter:
         for i, start in enumerate(starts):
             for cid, src, dst in self.geometry.pieces(start):
                 groups.setdefault(cid, []).append((i, src, dst))
-        weighted = self._scratch  # one block's p * w at a time: the same products, no new memory
         for cid, pieces in groups.items():
             if self._written[cid]:
                 raise SamplingError(f"{self.path}: a block at {tuple(starts[pieces[0][0]])} touches output "
                                     f"chunk {cid}, already complete and written (not in the plan "
                                     "given to expect())")
+        self._count_plan_blocks(starts)
+        plan_add = self._plan_adder(pred, starts) if self._plan is not None else None
+        weighted = self._weighted(pred) if plan_add is None else None
+        for cid, pieces in groups.items():
             acc_sum, _, added = self._buffer(cid)
-            for i, src, dst in pieces:
-                np.multiply(pred[i][src], self.weights[src], out=weighted[src])
-                acc_sum[dst] += weighted[src]
-                added.append((src, dst))  # its weights: added later, in this order (_weights)
+            if plan_add is not None:
+                plan_add(acc_sum, pieces)
+            else:
+                for i, src, dst in pieces:
+                    acc_sum[dst] += weighted[i][src]  # type: ignore[index]
+                    added.append((src, dst))  # its weights: added later, in this order (_weights)
             if self._expected is not None:  # a plan: count down to the chunk's last block
                 seen = self._seen[cid] = self._seen.get(cid, 0) + len(pieces)
                 if seen >= self._expected[cid]:
                     self._complete(cid)
+
+    def _batch_buffer(self, n: int) -> np.ndarray:
+        if self._scratch.shape[0] < n:
+            self._scratch = np.empty((n, *self.block), dtype=np.float32)
+        return self._scratch[:n]
+
+    def _weighted(self, pred: np.ndarray) -> np.ndarray:
+        """The batch's ``p · w`` in one contiguous pass (the same products as piece by piece)."""
+        return np.multiply(pred, self.weights, out=self._batch_buffer(len(pred)))
+
+    def _plan_adder(self, pred: np.ndarray, starts: list[list[int]]) -> Any:
+        """``add(acc, pieces)``: adds the pieces' ``p · w / Σ w`` (full-grid plan) into a chunk's sums.
+
+        With torch, one fused multiply-add per piece (``addcmul_``: a pass over the
+        piece instead of two); else numpy's product of the batch, then the additions.
+        """
+        weights = [self._plan.weights(start) for start in starts]  # type: ignore[union-attr]
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is installed with the stream
+            weighted = self._batch_buffer(len(pred))
+            for i, w in enumerate(weights):
+                np.multiply(pred[i], w, out=weighted[i])
+
+            def add_numpy(acc: np.ndarray, pieces: list) -> None:
+                for i, src, dst in pieces:
+                    acc[dst] += weighted[i][src]
+            return add_numpy
+        if not pred.flags.writeable or min(pred.strides, default=0) < 0:
+            pred = pred.copy()  # (torch takes neither read-only nor flipped arrays)
+        p = torch.from_numpy(pred)
+        ws = [torch.from_numpy(w) for w in weights]
+
+        def add_torch(acc: np.ndarray, pieces: list) -> None:
+            a = torch.from_numpy(acc)
+            for i, src, dst in pieces:
+                a[dst].addcmul_(p[i][src], ws[i][src])
+        return add_torch
+
+    @property
+    def plan_weights(self) -> bool:
+        """Whether the plan given to :meth:`expect` is a full grid, weighted up front (see below)."""
+        return self._plan is not None
 
     def expect(self, coords: Any, zarr_format: int = 3) -> None:
         """Declare every block that will be added (the plan, e.g. ``stream.epoch_coords()``).
@@ -292,12 +361,74 @@ class PredictionWriter:
         """
         coords = _numpy(coords).astype(np.int64)
         starts = np.asarray(self._starts(coords.reshape(len(coords), -1))[1], dtype=np.int64)
+        starts = starts.reshape(-1, len(self.shape))
+        out = ((starts < 0) | (starts + np.asarray(self.block) > np.asarray(self.shape))).any(axis=1)
+        if out.any():
+            first = tuple(starts[int(np.argmax(out))].tolist())
+            raise SamplingError(f"{self.path}: a block of the plan at {first} sticks out of {self.shape}")
         with self._lock:
+            self._expect_plan(starts)
             self._zarr_format = int(zarr_format)
             self._expected = plan_counts(self.geometry, starts)
             for cid in list(self._seen):
                 if self._seen[cid] >= self._expected[cid] and not self._written[cid]:
                     self._complete(cid)
+
+    def _expect_plan(self, starts: np.ndarray) -> None:
+        """Weight blocks up front when the plan is a full grid and nothing was added yet (or resumed so)."""
+        fresh = self.items == 0 and not self._latest and not self._buffers and not self._seen
+        weighting = self._plan is not None or self._restored_mode == "plan"
+        if not (weighting or (fresh and self._restored_mode is None)):
+            return  # exact sums: blocks were added before, or an exact-sums run resumed
+        plan = PlanWeights.of(starts, self.shape, self.block, self.blend)
+        if weighting and (plan is None or (self._plan is not None and not self._plan.same_plan(plan))):
+            raise SamplingError(f"{self.path}: expect() was given another plan than the one this run "
+                                "weights its blocks by (the first expect(), or the resumed run's); "
+                                "give it the same plan")
+        if plan is None or self._plan is not None:
+            return
+        self._plan = plan
+        self._plan_added = np.zeros(plan.cells, dtype=np.uint16)
+        if self._restored_added is not None:
+            self._plan_added = unpack_counts(self._restored_added, plan.cells)
+
+    def _count_plan_blocks(self, starts: list[list[int]]) -> None:
+        """Refuse blocks outside a full-grid plan or added more often than it has them; count the rest."""
+        plan, added = self._plan, self._plan_added
+        if plan is None or added is None or not starts:
+            if self._restored_mode == "plan" and plan is None:
+                raise SamplingError(f"{self.path}: this run resumes one that weighted its blocks by the "
+                                    "plan: call expect() with the same plan before add()")
+            return
+        try:
+            cells = plan.cell(np.asarray(starts))
+        except KeyError as err:
+            raise SamplingError(f"{self.path}: a block at {err.args[0]} is not in the plan given "
+                                "to expect()") from None
+        where, times = np.unique(cells, return_counts=True)
+        over = added[where].astype(np.int64) + times > plan.multiplicity
+        if over.any():
+            first = starts[int(np.nonzero(cells == where[np.argmax(over)])[0][0])]
+            raise SamplingError(f"{self.path}: a block at {tuple(first)} was added more often than the plan "
+                                f"given to expect() has it ({plan.multiplicity}); its weights count each "
+                                "block of the plan once")
+        added[where] += times.astype(np.uint16)
+
+    def _check_complete(self) -> None:
+        """A full-grid plan's output is whole only once every block of the plan was added."""
+        if self._restored_mode == "plan" and self._plan is None:
+            raise SamplingError(f"{self.path}: this run resumes one that weighted its blocks by the plan: "
+                                "call expect() with the same plan (and add the rest) before finalize()")
+        if self._plan is None or self._plan_added is None or self._expected is None:
+            return
+        waiting = int(((self._expected > 0) & ~self._written).sum())
+        if waiting:
+            missing = int(self._plan.cells * self._plan.multiplicity - self._plan_added.sum())
+            raise SamplingError(
+                f"{self.path}: finalize() while {waiting} output chunk(s) wait for blocks of the plan "
+                f"given to expect() ({missing} of its {self._plan.cells * self._plan.multiplicity} "
+                "blocks not added to this writer); add them, or leave expect() out to average "
+                "whatever was added")
 
     def _complete(self, cid: tuple[int, ...]) -> None:
         """Divide the chunk's totals and write them on the pool; drop its accumulator."""
@@ -313,8 +444,9 @@ class PredictionWriter:
 
     def _write_chunk(self, cid: tuple[int, ...], buf: list) -> None:
         """Divide the chunk's totals (in place: they are ours) and store it (see :class:`ChunkFiles`)."""
-        self._files.write(cid, normalized(buf[0], self._weights(buf), self.fill_value,  # type: ignore[union-attr]
-                                          inplace=True))
+        values = buf[0] if self._plan is not None else normalized(
+            buf[0], self._weights(buf), self.fill_value, inplace=True)
+        self._files.write(cid, values)  # type: ignore[union-attr]
         self._recycle(buf[0], buf[1])
 
     def _zeros(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -360,15 +492,9 @@ class PredictionWriter:
         for src, dst in added:
             w[dst] += self.weights[src]
         buf[1], buf[2] = w, []
-        if key is not None:
-            with self._spare_lock:
-                again = key in self._patterns
-                self._patterns.add(key)
-                if len(self._patterns) > 4096:
-                    self._patterns = {key}
-            if again:  # kept from its second sighting on: read only, so never recycled
-                w.flags.writeable = False
-                self._shared_weights.put(key, w)
+        if key is not None:  # kept for the next chunk laid out alike: read only, so never recycled
+            w.flags.writeable = False
+            self._shared_weights.put(key, w)
         return w
 
     def _output(self, zarr_format: int) -> Any:
@@ -403,8 +529,7 @@ class PredictionWriter:
             return buf
         gen = self._latest.get(cid)
         if gen is not None:  # pushed out before: go on adding to its totals, in order
-            s, w = np.load(self._file(cid, gen))
-            buf = [s, w, []]
+            buf = self._load(cid, gen)
         else:
             shape = self.geometry.chunk_shape(cid)
             buf = [self._zeros(shape), None, []]
@@ -413,7 +538,7 @@ class PredictionWriter:
 
     def _flush(self, cid: tuple[int, ...], buf: list) -> None:
         """Write the chunk's totals as a new generation file (the old one stays until committed)."""
-        totals = np.stack((buf[0], self._weights(buf)))
+        totals = buf[0][None] if self._plan is not None else np.stack((buf[0], self._weights(buf)))
         prev = self._latest.get(cid)
         gen = self._next_gen
         self._next_gen += 1
@@ -443,6 +568,8 @@ class PredictionWriter:
             with critical():
                 self.job.save_state("state.json", {
                     "progress": progress, "next_gen": self._next_gen,
+                    "mode": "plan" if self._plan is not None else "weights",
+                    "plan_added": None if self._plan_added is None else pack_counts(self._plan_added),
                     "chunks": {".".join(map(str, c)): g for c, g in self._latest.items()},
                     "seen": {".".join(map(str, c)): n for c, n in self._seen.items()},
                     "written": pack_bits(self._written) if self._written.any() else None})
@@ -458,8 +585,12 @@ class PredictionWriter:
         gen = self._latest.get(cid)
         if buf is not None or gen is None:  # in memory, the totals are whole
             return buf
-        s, w = np.load(self._file(cid, gen))
-        return [s, w, []]
+        return self._load(cid, gen)
+
+    def _load(self, cid: tuple[int, ...], gen: int) -> list:
+        """A flushed chunk: ``[Σ w·p, Σ w, []]`` (a full-grid plan's: ``[Σ p·w/Σw, None, []]``)."""
+        totals = np.load(self._file(cid, gen))
+        return [totals[0], totals[1] if len(totals) > 1 else None, []]
 
     # ------------------------------------------------------------------ output
     def finalize(self, png: str | os.PathLike | None = None, *, zarr_format: int = 3,
@@ -487,10 +618,12 @@ class PredictionWriter:
         if png is not None and len(self.shape) != 2:
             raise SamplingError("png= needs a 2-D output")
         with self._lock:
+            pending = sorted(set(self._latest) | set(self._buffers.keys()))
+            self._check_complete()
             out = self._output(zarr_format)
             out.attrs["vesuvius_dask"] = {"blend": self.blend, "block": list(self.block),
                                           "predictions": self.items, **(attrs or {})}
-            for cid in sorted(set(self._latest) | set(self._buffers.keys())):
+            for cid in pending:
                 totals = self._totals(cid)
                 if totals is not None:  # (nothing landed elsewhere: the fill value stays)
                     self._pool.submit(self._write_chunk, cid, totals)
@@ -996,7 +1129,7 @@ def _model_threads() -> Any:
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = max(1, min(before, cores - WRITE_THREADS))
+    wanted = max(1, min(before, cores - ENCODE_CORES))
     if wanted != before:
         torch.set_num_threads(wanted)
     try:
@@ -1043,7 +1176,7 @@ def _predict(model: Any, source: Any, job: _Job, block: Any, overlap: Any, batch
                mininterval=0.5 if tty else 30.0, dynamic_ncols=tty)
     batch = 0
     # batch k is added on this thread while the model runs on batch k+1 (one thread: in order)
-    adder = WritePool(1, in_flight=2)
+    adder = WritePool(1, in_flight=4, name="add")
     try:
         with torch.no_grad(), _model_threads():
             if job.part is not None:  # the part's batches need the output's shape: one probe
