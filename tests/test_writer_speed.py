@@ -3,8 +3,8 @@
 The writer adds each batch per output chunk (numpy slices) and, after ``expect``, writes
 each chunk as soon as its last block is added; a reference written here adds block after
 block into one whole-output array. Both add each voxel's terms in the same order, so the
-outputs are equal to the bit, whatever the shapes, the memory budget and the plan —
-except for a plan that is a full grid, which the writer weights up front by ``w / Σ w``
+outputs are equal to the bit, whatever the shapes, the memory budget and the plan.
+With ``exact=False`` a plan that is a full grid is weighted up front by ``w / Σ w``
 (``PlanWeights``): equal to the reference up to float32 rounding, and exactly the
 prediction where one block covers a voxel.
 """
@@ -19,7 +19,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vesuvius_dask.errors import SamplingError
+from vesuvius_dask.errors import OutputError, SamplingError
 from vesuvius_dask.writers.predict import PredictionWriter, blend_window
 
 
@@ -68,14 +68,12 @@ def test_equal_to_reference(tmp_path_factory, layout):
                               fill_value=-1.0)
     if plan:
         writer.expect(coords(starts))
+        assert not writer.plan_weights  # exact by default, full grid or not
     for i in range(0, len(starts), batch):
         writer.add(preds[i:i + batch], coords(starts[i:i + batch]))
     got = np.asarray(writer.finalize())
     want = reference(shape, block, starts, preds, blend, fill=-1.0)
-    if writer.plan_weights:  # a full grid (e.g. a single block covering everything)
-        assert_rounding_close(got, want)
-    else:
-        assert got.view(np.uint32).tobytes() == want.view(np.uint32).tobytes()
+    assert got.view(np.uint32).tobytes() == want.view(np.uint32).tobytes()
 
 
 def assert_rounding_close(got, want, scale=1.0):
@@ -118,7 +116,8 @@ def test_full_grid_plans_weight_up_front(tmp_path_factory, layout):
     rng = np.random.default_rng(len(starts))
     preds = rng.standard_normal((len(starts), *block), dtype=np.float32)
     out = tmp_path_factory.mktemp("g") / "out.zarr"
-    writer = PredictionWriter(out, shape, block, chunks=chunks, blend=blend, memory_bytes=memory)
+    writer = PredictionWriter(out, shape, block, chunks=chunks, blend=blend, memory_bytes=memory,
+                              exact=False)
     writer.expect(coords(starts))
     assert writer.plan_weights
     ones = np.zeros(shape, np.float64)  # Σ of the normalised weights: 1 everywhere
@@ -146,7 +145,7 @@ def test_plans_that_are_not_full_grids_keep_the_exact_sums(tmp_path):
              "uneven repeats": full + full[:1],
              "not reaching the end": [(y, x) for y in (0, 3) for x in (0, 3, 6)]}
     for name, starts in cases.items():
-        writer = PredictionWriter(tmp_path / f"{len(name)}.zarr", shape, block, chunks=(5, 5))
+        writer = PredictionWriter(tmp_path / f"{len(name)}.zarr", shape, block, chunks=(5, 5), exact=False)
         writer.expect(coords(starts))
         assert not writer.plan_weights, name
         writer.abort(keep=False)
@@ -155,7 +154,7 @@ def test_plans_that_are_not_full_grids_keep_the_exact_sums(tmp_path):
 def test_a_full_grid_plan_refuses_other_blocks_and_an_early_finalize(tmp_path):
     shape, block = (10, 10), (4, 4)
     starts = [(y, x) for y in (0, 3, 6) for x in (0, 3, 6)]
-    writer = PredictionWriter(tmp_path / "o.zarr", shape, block, chunks=(5, 5))
+    writer = PredictionWriter(tmp_path / "o.zarr", shape, block, chunks=(5, 5), exact=False)
     writer.expect(coords(starts))
     with pytest.raises(SamplingError, match=r"block at \(1, 3\) is not in the plan"):
         writer.add(np.ones((1, *block), np.float32), coords([(1, 3)]))
@@ -184,19 +183,24 @@ def test_plan_writes_chunks_early_and_refuses_extra_blocks(tmp_path, zarr_format
     assert (got[8:, 8:] == 2).all() and got[6, 6] == 0
 
 
-def test_plan_resume_from_checkpoint(tmp_path):
+@pytest.mark.parametrize("exact", [True, False])
+def test_plan_resume_from_checkpoint(tmp_path, exact):
     """A kill after a checkpoint that wrote chunks early: the resumed run equals an uninterrupted one."""
     shape, block, chunks = (4, 30, 30), (4, 10, 10), (4, 10, 10)
     starts = np.array([[0, y, x] for y in range(0, 21, 5) for x in range(0, 21, 5)])
     preds = np.random.default_rng(1).random((len(starts), *block), dtype=np.float32)
-    whole = PredictionWriter(tmp_path / "whole.zarr", shape, block, chunks=chunks)
+    whole = PredictionWriter(tmp_path / "whole.zarr", shape, block, chunks=chunks, exact=exact)
     whole.expect(starts)
     for i in range(0, len(starts), 4):
         whole.add(preds[i:i + 4], starts[i:i + 4])
     want = np.asarray(whole.finalize())
-    assert_rounding_close(want, reference(shape, block, starts, preds, "hann"))
+    ref = reference(shape, block, starts, preds, "hann")
+    if exact:
+        assert want.view(np.uint32).tobytes() == ref.view(np.uint32).tobytes()
+    else:
+        assert_rounding_close(want, ref)
     out = tmp_path / "o.zarr"
-    w1 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0)
+    w1 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0, exact=exact)
     w1.expect(starts)
     for i in range(0, 12, 4):
         w1.add(preds[i:i + 4], starts[i:i + 4])
@@ -205,10 +209,10 @@ def test_plan_resume_from_checkpoint(tmp_path):
     w1._pool.wait()
     w1._pool.close()
     w1.job._unlock()
-    w2 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0, resume=True)
+    w2 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0, resume=True, exact=exact)
     assert w2.progress == {"batches": 3}
     w2.expect(starts)
-    assert w2.plan_weights
+    assert w2.plan_weights is not exact
     for i in range(12, len(starts), 4):
         w2.add(preds[i:i + 4], starts[i:i + 4])
     got = np.asarray(w2.finalize())
@@ -225,7 +229,7 @@ def test_a_checkpoint_of_the_exact_sums_resumes_with_them(tmp_path):
     preds = np.random.default_rng(2).random((len(starts), *block), dtype=np.float32)
     want = reference(shape, block, starts, preds, "hann")
     out = tmp_path / "o.zarr"
-    w1 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0)
+    w1 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0, exact=False)
     w1.add(preds[:8], starts[:8])  # before expect(): the exact sums
     w1.expect(starts)
     assert not w1.plan_weights
@@ -233,7 +237,7 @@ def test_a_checkpoint_of_the_exact_sums_resumes_with_them(tmp_path):
     w1._pool.wait()
     w1._pool.close()
     w1.job._unlock()
-    w2 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0, resume=True)
+    w2 = PredictionWriter(out, shape, block, chunks=chunks, memory_bytes=0, resume=True, exact=False)
     w2.expect(starts)
     assert not w2.plan_weights
     w2.add(preds[8:], starts[8:])
@@ -244,7 +248,7 @@ def test_a_checkpoint_of_the_exact_sums_resumes_with_them(tmp_path):
 def grid_writer(tmp_path, name="o.zarr", **kw):
     shape, block = (10, 10), (4, 4)
     starts = [(y, x) for y in (0, 3, 6) for x in (0, 3, 6)]
-    writer = PredictionWriter(tmp_path / name, shape, block, chunks=(5, 5), **kw)
+    writer = PredictionWriter(tmp_path / name, shape, block, chunks=(5, 5), exact=False, **kw)
     return writer, starts, block
 
 
@@ -304,3 +308,25 @@ def test_a_plan_weighted_checkpoint_resumes_only_with_its_plan(tmp_path):
         again.add(preds[:1], coords(starts[:1]))
     again.add(preds[4:], coords(starts[4:]))
     assert_rounding_close(np.asarray(again.finalize()), reference((10, 10), block, starts, preds, "hann"))
+
+
+def test_predict_exact_false_is_close_and_joins_parts_bit_for_bit(tmp_path):
+    from vesuvius_dask.writers.predict import predict, predict_join
+
+    vol = np.random.default_rng(0).integers(0, 65535, (12, 40, 40), dtype=np.uint16)
+
+    def model(x):  # (B, 1, z, y, x) -> (B, z, y, x)
+        return x[:, 0] * 2 - 1
+
+    opts = dict(block=(6, 16, 16), overlap=(2, 4, 4), batch_size=5, chunks=(6, 20, 20))
+    exact = np.asarray(predict(model, vol, tmp_path / "a.zarr", **opts))
+    fast = np.asarray(predict(model, vol, tmp_path / "b.zarr", exact=False, **opts))
+    assert_rounding_close(fast, exact, scale=1.0)
+    for k in range(3):
+        predict(model, vol, tmp_path / "c.zarr", exact=False, part=(k, 3), **opts)
+    joined = np.asarray(predict_join(tmp_path / "c.zarr", 3))
+    assert joined.view(np.uint32).tobytes() == fast.view(np.uint32).tobytes()
+    predict(model, vol, tmp_path / "d.zarr", exact=False, part=(0, 2), **opts)
+    predict(model, vol, tmp_path / "d.zarr", part=(1, 2), **opts)
+    with pytest.raises(OutputError, match="differ in exact"):  # parts of another kind are not joined
+        predict_join(tmp_path / "d.zarr", 2)

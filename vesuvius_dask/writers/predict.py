@@ -119,6 +119,15 @@ class PredictionWriter:
     write_threads : int, optional
         Threads that normalise, encode and write completed chunks (default
         :data:`WRITE_THREADS`: with ``O_DIRECT`` they mostly wait for the disk).
+    exact : bool
+        ``True`` (default): the output is ``Σ w·p / Σ w`` with each voxel's terms added
+        in the order of :meth:`add`, bit for bit whatever the batching, the memory
+        budget, the checkpoints or the release. ``False``: when the plan given to
+        :meth:`expect` is a full grid, weight each block by ``w / Σ w`` as it comes
+        (:class:`~vesuvius_dask.writers.plan_weights.PlanWeights`): no weight sums, no
+        division, one fused multiply-add per piece; ~20% less time for a 3-D
+        ``predict`` on the machine measured, equal to the exact output up to float32
+        rounding (a few units in the last place).
 
     Notes
     -----
@@ -135,12 +144,12 @@ class PredictionWriter:
     so each chunk's sums are added in the order of :meth:`add` whatever the memory
     budget or the checkpoints: the output does not depend on them, bit for bit.
 
-    When the plan given to :meth:`expect` before any :meth:`add` is a full grid
-    (:class:`~vesuvius_dask.writers.plan_weights.PlanWeights`; :attr:`plan_weights`
-    says so), each block is added as ``p · w / Σ w`` right away: no weight sums, no
-    division; equal to ``Σ w·p / Σ w`` up to float32 rounding, and exactly ``p`` where
-    one block covers a voxel. Blocks outside that plan are refused, and so is a
-    :meth:`finalize` before all of it was added.
+    With ``exact=False``, when the plan given to :meth:`expect` before any :meth:`add`
+    is a full grid (:attr:`plan_weights` says so), each block is added as
+    ``p · w / Σ w`` right away: equal to ``Σ w·p / Σ w`` up to float32 rounding, and
+    exactly ``p`` where one block covers a voxel. Blocks outside that plan, blocks
+    added more often than it has them and a :meth:`finalize` before all of it was
+    added are then refused.
     """
 
     @renamed(path="output")
@@ -150,7 +159,7 @@ class PredictionWriter:
                  overwrite: bool = False, resume: bool = False, fill_value: float = 0.0,
                  inputs: Sequence[Any] = (), identity: dict | None = None,
                  part: tuple[int, int] | None = None, compressor: str = "blosc-lz4",
-                 write_threads: int | None = None) -> None:
+                 write_threads: int | None = None, exact: bool = True) -> None:
         from .outputs import OutputJob
 
         self.path = Path(output)
@@ -177,6 +186,9 @@ class PredictionWriter:
         ident = {"shape": list(self.shape), "block": list(self.block), "chunks": list(self.chunks),
                  "blend": blend, "volume": volume, "fill_value": self.fill_value,
                  "compressor": compressor}
+        self.exact = bool(exact)
+        if not self.exact:  # (an exact run's identity is the one earlier releases wrote)
+            ident["exact"] = False
         ident.update(identity or {})
         self.job = OutputJob(self.path, inputs, ident, overwrite=overwrite, resume=resume,
                              what="predict")
@@ -378,8 +390,8 @@ class PredictionWriter:
         """Weight blocks up front when the plan is a full grid and nothing was added yet (or resumed so)."""
         fresh = self.items == 0 and not self._latest and not self._buffers and not self._seen
         weighting = self._plan is not None or self._restored_mode == "plan"
-        if not (weighting or (fresh and self._restored_mode is None)):
-            return  # exact sums: blocks were added before, or an exact-sums run resumed
+        if not (weighting or (fresh and self._restored_mode is None and not self.exact)):
+            return  # exact sums: asked for, blocks were added before, or an exact-sums run resumed
         plan = PlanWeights.of(starts, self.shape, self.block, self.blend)
         if weighting and (plan is None or (self._plan is not None and not self._plan.same_plan(plan))):
             raise SamplingError(f"{self.path}: expect() was given another plan than the one this run "
@@ -857,7 +869,8 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
             quiet: bool = True, checkpoint_blocks: int = CHECKPOINT_BLOCKS,
             cache_dir: str | os.PathLike | None = None,
             storage_options: dict | None = None, normalization: Any = None,
-            part: tuple[int, int] | None = None, chunks: Sequence[int] | None = None) -> da.Array:
+            part: tuple[int, int] | None = None, chunks: Sequence[int] | None = None,
+            exact: bool = True) -> da.Array:
     """Run a model over every grid block of a volume and write the blended prediction.
 
     Parameters
@@ -917,6 +930,9 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
         :func:`predict_join` then publishes ``output``, equal to a single run's.
     chunks : tuple of int, optional
         Output chunks (see :class:`PredictionWriter`); also the unit parts split.
+    exact : bool
+        See :class:`PredictionWriter`: ``False`` weights the grid's blocks up front
+        (faster; equal up to float32 rounding). Without a mask the grid is a full one.
 
     Returns
     -------
@@ -951,15 +967,14 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
     loaded, meta = _load_model(model)
     identity = {"source": _source_name(source), "source_stamp": _content(source),
                 "overlap": None if overlap is None else [int(o) for o in overlap],
-                "batch_size": int(batch_size),
-                "mask": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else repr(type(mask)),
-                "mask_stamp": _content(mask) if isinstance(mask, (str, os.PathLike)) and not segment_mask
-                else None,
+                "batch_size": int(batch_size), **_mask_identity(mask, segment_mask),
                 "mask_coverage": float(mask_coverage),
                 "checkpoint_blocks": int(checkpoint_blocks),
                 "model": _model_identity(model),
                 "normalization": _normalization(normalization, meta),
                 "chunks": None if chunks is None else [int(c) for c in chunks]}
+    if not exact:  # (an exact run's identity is the one earlier releases wrote)
+        identity["exact"] = False
     if isinstance(source, (str, os.PathLike)) and path_kind(source) == PathKind.SEGMENT:
         source = open_segment(source)
     job = _Job(out, blend, png if part is None else None, overwrite, resume, inputs, identity, part,
@@ -968,6 +983,13 @@ def predict(model: Any, source: Any, output: str | os.PathLike, *,
         return _predict(loaded, source, job, block, overlap, batch_size, _masks(mask, source),
                         mask_coverage, num_workers, client, quiet, checkpoint_blocks, cache_dir,
                         storage_options)
+
+
+def _mask_identity(mask: Any, segment_mask: bool) -> dict:
+    """The mask as a resumed run must find it again: its path (or type) and content stamp."""
+    path = isinstance(mask, (str, os.PathLike))
+    return {"mask": os.fspath(mask) if path else repr(type(mask)),
+            "mask_stamp": _content(mask) if path and not segment_mask else None}
 
 
 def _check_outputs(out: Any, part: Any, png: Any, inputs: list, overwrite: bool, resume: bool) -> None:
@@ -1002,7 +1024,8 @@ class _Job:
         identity = dict(self.identity, part=None if self.part is None else list(self.part))
         return PredictionWriter(dst, shape, pred.shape[1:], blend=self.blend, chunks=chunks,
                                 overwrite=self.overwrite, resume=self.resume, inputs=self.inputs,
-                                identity=identity, part=self.part)
+                                identity=identity, part=self.part,
+                                exact=self.identity.get("exact", True))
 
 
 def _check_part(part: Any) -> tuple[int, int] | None:
