@@ -25,7 +25,8 @@ from ..errors import ArgumentError
 from .direct import DirectFiles, use_direct
 
 __all__ = ["ChunkGeometry", "plan_counts", "WritePool", "ChunkFiles", "normalized", "output_codec",
-           "COMPRESSORS", "pack_bits", "unpack_bits", "pack_counts", "unpack_counts"]
+           "COMPRESSORS", "pack_bits", "unpack_bits", "pack_counts", "unpack_counts", "add_pieces",
+           "piece_torch"]
 
 #: Codecs of ``PredictionWriter`` outputs. ``blosc-lz4`` (byte shuffle) encodes float32
 #: predictions about 30x faster than zstd level 3 at about the same size.
@@ -120,6 +121,30 @@ def plan_counts(geometry: ChunkGeometry, starts: np.ndarray) -> np.ndarray:
         lin = np.arange(geometry.total).reshape(geometry.grid)
         counts[lin * n // geometry.total != k] = 0
     return counts
+
+
+def piece_torch() -> Any:
+    """torch, when it adds pieces on the calling thread alone; else None (then numpy).
+
+    That is when torch's intra-op threads are 1 (``predict`` sets so on small
+    machines): with more, its pool would split each piece and spin for it.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch comes with the stream
+        return None
+    return torch if torch.get_num_threads() == 1 else None
+
+
+def add_pieces(acc: np.ndarray, values: np.ndarray, pieces: Sequence[tuple[int, tuple, tuple]]) -> None:
+    """``acc[dst] += values[i][src]`` for each ``(i, src, dst)``, in order (numpy).
+
+    (torch's strided add gives the same bits in ~2/3 of the time alone, 0.20–0.24 s
+    against 0.31–0.39 s for 3,000 blocks of 16×64×64, but no faster inside a 3-D
+    ``predict`` on 2 cores, 3.9–4.0 s either way: left out.)
+    """
+    for i, src, dst in pieces:
+        acc[dst] += values[i][src]
 
 
 def normalized(s: np.ndarray, w: np.ndarray, fill_value: float, *, inplace: bool = False) -> np.ndarray:

@@ -30,10 +30,12 @@ from .accumulate import (
     ChunkFiles,
     ChunkGeometry,
     WritePool,
+    add_pieces,
     normalized,
     output_codec,
     pack_bits,
     pack_counts,
+    piece_torch,
     plan_counts,
     unpack_bits,
     unpack_counts,
@@ -310,9 +312,8 @@ class PredictionWriter:
             if plan_add is not None:
                 plan_add(acc_sum, pieces)
             else:
-                for i, src, dst in pieces:
-                    acc_sum[dst] += weighted[i][src]  # type: ignore[index]
-                    added.append((src, dst))  # its weights: added later, in this order (_weights)
+                add_pieces(acc_sum, weighted, pieces)  # type: ignore[arg-type]
+                added.extend((src, dst) for _, src, dst in pieces)  # their weights: added later, in order
             if self._expected is not None:  # a plan: count down to the chunk's last block
                 seen = self._seen[cid] = self._seen.get(cid, 0) + len(pieces)
                 if seen >= self._expected[cid]:
@@ -330,20 +331,18 @@ class PredictionWriter:
     def _plan_adder(self, pred: np.ndarray, starts: list[list[int]]) -> Any:
         """``add(acc, pieces)``: adds the pieces' ``p · w / Σ w`` (full-grid plan) into a chunk's sums.
 
-        With torch, one fused multiply-add per piece (``addcmul_``: a pass over the
-        piece instead of two); else numpy's product of the batch, then the additions.
+        With torch (:func:`piece_torch`), one fused multiply-add per piece (``addcmul_``:
+        a pass over the piece instead of two); else numpy's product, then the additions.
         """
         weights = [self._plan.weights(start) for start in starts]  # type: ignore[union-attr]
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is installed with the stream
+        torch = piece_torch()
+        if torch is None:
             weighted = self._batch_buffer(len(pred))
             for i, w in enumerate(weights):
                 np.multiply(pred[i], w, out=weighted[i])
 
             def add_numpy(acc: np.ndarray, pieces: list) -> None:
-                for i, src, dst in pieces:
-                    acc[dst] += weighted[i][src]
+                add_pieces(acc, weighted, pieces)
             return add_numpy
         if not pred.flags.writeable or min(pred.strides, default=0) < 0:
             pred = pred.copy()  # (torch takes neither read-only nor flipped arrays)
@@ -501,8 +500,7 @@ class PredictionWriter:
                 return shared
         if w is None:
             w = self._zeros(s.shape)
-        for src, dst in added:
-            w[dst] += self.weights[src]
+        add_pieces(w, self.weights[None], [(0, src, dst) for src, dst in added])
         buf[1], buf[2] = w, []
         if key is not None:  # kept for the next chunk laid out alike: read only, so never recycled
             w.flags.writeable = False
