@@ -107,13 +107,13 @@ class _Handler(SimpleHTTPRequestHandler):
                 data = f.read(max(0, end - start))
         except (OSError, ValueError):
             return False
+        with owner.lock:  # counted before the answer: a client that has it may look at once
+            owner.bytes_sent += len(data)
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        with owner.lock:
-            owner.bytes_sent += len(data)
         return True
 
 
