@@ -58,20 +58,8 @@ def layouts(draw):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(layouts(), st.booleans())
-def test_equal_to_reference(tmp_path_factory, layout, torch_alone):
-    """Bit for bit, with numpy's additions or torch's (one intra-op thread, as predict on a small machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1 if torch_alone else max(2, before))
-    try:
-        check_equal_to_reference(tmp_path_factory, layout)
-    finally:
-        torch.set_num_threads(before)
-
-
-def check_equal_to_reference(tmp_path_factory, layout):
+@given(layouts())
+def test_equal_to_reference(tmp_path_factory, layout):
     shape, block, chunks, starts, batch, memory, plan, blend = layout
     rng = np.random.default_rng(len(starts))
     preds = rng.random((len(starts), *block), dtype=np.float32)
@@ -119,6 +107,7 @@ def grids(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(grids(), st.booleans())
 def test_full_grid_plans_weight_up_front(tmp_path_factory, layout, torch_alone):
+    """With torch's fused additions (one intra-op thread, as predict on a small machine) or numpy's."""
     import torch
 
     before = torch.get_num_threads()
