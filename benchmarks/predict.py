@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -119,6 +120,27 @@ def writer_alone(path: str, block: tuple, overlap: tuple, batch_size: int, out: 
     return len(coords)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far (all threads, user + system)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def stolen_share() -> tuple[int, int]:
+    """``(steal, total)`` jiffies of the machine so far (``/proc/stat``; (0, 0) elsewhere).
+
+    On a virtual machine the hypervisor's steal is CPU time this run could not have.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def _cases(shape: str) -> list[tuple[str, Path, tuple]]:
     """The volumes measured: the real crop (else a generated 64x1024x1024), and ``--shape`` if given."""
     cases = []
@@ -147,23 +169,30 @@ def headline(reps: int, shape: str = "") -> None:
     for label, path, block in _cases(shape):
         vshape = zarr.open_array(str(path), mode="r").shape
         runs: dict[str, list[float]] = {"read": [], "3d": [], "3d-up-front": [], "2d": [], "writer": []}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         n = 0
+        steal0 = stolen_share()
         for _ in range(reps):
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             n = grid_read(str(path), block, overlap, batch)
             runs["read"].append(time.perf_counter() - t0)
+            cpu["read"].append(cpu_seconds() - c0)
             for key, model, exact in (("3d", identity, True), ("3d-up-front", identity, False),
                                       ("2d", max_projection, True)):
                 shutil.rmtree(out, ignore_errors=True)  # a new output, as a run makes (not timed)
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 predict(model, str(path), out, block=block, overlap=overlap, batch_size=batch, exact=exact)
                 runs[key].append(time.perf_counter() - t0)
+                cpu[key].append(cpu_seconds() - c0)
             shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             writer_alone(str(path), block, overlap, batch, out)
             runs["writer"].append(time.perf_counter() - t0)
+            cpu["writer"].append(cpu_seconds() - c0)
         shutil.rmtree(out, ignore_errors=True)
+        steal1 = stolen_share()
         rate = {k: n / statistics.median(v) for k, v in runs.items()}
+        work = {k: statistics.median(v) for k, v in cpu.items()}
         print(f"  {label} {path.name} {tuple(vshape)}, block {block}, {n} blocks:")
         print(f"    (a) grid read alone (stream, fresh):          {rate['read']:9,.0f} blocks/s")
         print(f"    (b) predict, identity model, 3-D output:      {rate['3d']:9,.0f} blocks/s  "
@@ -174,6 +203,13 @@ def headline(reps: int, shape: str = "") -> None:
               f"(c)/(a) = {rate['2d'] / rate['read']:.2f}")
         print(f"    (d) the 3-D writer alone (blocks from memory): {rate['writer']:9,.0f} blocks/s  "
               f"(d)/(a) = {rate['writer'] / rate['read']:.2f}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        stolen = (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1])
+        print(f"    CPU seconds per run (all threads, medians): (a) {work['read']:.2f}, (b) {work['3d']:.2f} "
+              f"({work['3d'] / work['read']:.1f}x the read's), (b') {work['3d-up-front']:.2f} "
+              f"({work['3d-up-front'] / work['read']:.1f}x), (c) {work['2d']:.2f} "
+              f"({work['2d'] / work['read']:.1f}x), (d) {work['writer']:.2f}; "
+              f"{cores} cores, {stolen:.0%} of the machine's CPU time stolen by the hypervisor")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, masks=args.mask, blend=args.blend, png=args.png,
         overwrite=args.overwrite, resume=args.resume, num_workers=args.num_workers,
         client=args.scheduler, quiet=args.quiet, cache_dir=args.cache_dir,
-        normalization=args.normalization, part=part, chunks=args.chunks,
+        normalization=args.normalization, part=part, chunks=args.chunks, exact=args.exact,
     )
     if part is not None:
         print(f"wrote part {args.part} of {args.parts} of {args.out} into {part_path(args.out, *part)}; "
@@ -69,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="predict only where the mask is: a mask image path, or no value for "
                         "the segment's mask.png")
     p.add_argument("--blend", choices=("hann", "mean"), default="hann")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-exact: weight a full grid's blocks up front, about a fifth faster for "
+                        "3-D outputs and equal to the exact output up to float32 rounding (a few "
+                        "units in the last place); every part of a job must use the same")
     p.add_argument("--png", default=None, help="also write a 2-D output as PNG")
     p.add_argument("--num-workers", type=non_negative, default=0, help="DataLoader workers")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")

@@ -129,3 +129,19 @@ def test_join_refuses_missing_and_mismatched_parts(tmp_path, job):
     assert main(["predict", str(model), str(src), str(out), "--parts", "2", "--quiet"]) == 2
     assert main(["predict", str(model), str(src), str(out), "--parts", "2", "--part", "2",
                  "--quiet"]) == 2
+
+
+def test_cli_no_exact_is_close_to_exact_and_its_parts_join_bit_for_bit(tmp_path, job):
+    src, model, _ = job
+    exact, fast, parts = tmp_path / "exact.zarr", tmp_path / "fast.zarr", tmp_path / "parts.zarr"
+    assert main(["predict", str(model), str(src), str(exact), *OPTS]) == 0
+    assert main(["predict", str(model), str(src), str(fast), *OPTS, "--no-exact"]) == 0
+    a, b = zarr.open_array(exact, mode="r")[:], zarr.open_array(fast, mode="r")[:]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)  # float32 rounding apart
+    assert (a != b).any()  # the flag reached the writer: weights up front round differently somewhere
+    for k in range(2):
+        assert main(["predict", str(model), str(src), str(parts), "--parts", "2", "--part", str(k),
+                     *OPTS, "--no-exact"]) == 0
+    assert main(["predict", str(model), str(src), str(parts), "--parts", "2", "--join", "--quiet"]) == 0
+    joined = zarr.open_array(parts, mode="r")[:]
+    assert joined.view(np.uint32).tobytes() == b.view(np.uint32).tobytes()
