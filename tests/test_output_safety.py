@@ -442,3 +442,30 @@ def test_the_script_exits_at_once_after_an_interrupt(tmp_path):
     finally:
         stop.set()
         server.shutdown()
+
+
+@pytest.mark.parametrize("where", ["_start returns", "the journal opens"])
+def test_a_signal_as_the_job_starts_leaves_no_folder(tmp_path, monkeypatch, where):
+    """An interrupt between the partial folder's creation and the caller holding the job.
+
+    (CI once saw SIGTERM land there: the caller never got the job to clean up with.)
+    """
+    from vesuvius_dask.writers import outputs
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    if where == "the journal opens":
+        monkeypatch.setattr(outputs, "_Journal", interrupted)
+    else:
+        start = outputs.OutputJob._start
+
+        def start_then_signal(self):
+            start(self)
+            assert self.partial.is_dir()  # it was made
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(outputs.OutputJob, "_start", start_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        OutputJob(tmp_path / "out.zarr", [], {"a": 1}, what="convert")
+    assert list(tmp_path.iterdir()) == []

@@ -309,3 +309,52 @@ def test_stream_blocks_equal_numpy_on_partial_paths(tmp_path):
                 np.testing.assert_array_equal(b.numpy(), values[z:z + 6, y:y + 12, x:x + 12])
                 n += 1
         assert n == 40
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "ranges"])
+@pytest.mark.parametrize("what", ["folder", "fifo"])
+@pytest.mark.parametrize("layout", ["raw", "sharded"])
+def test_a_folder_or_fifo_where_a_file_should_be_is_one_line(tmp_path, monkeypatch, mapped, what, layout):
+    """Never waited on (a FIFO has no writer) nor mapped: the chunk is named, and what is there."""
+    import os
+    import threading
+
+    monkeypatch.setattr(partial, "MAP_FILES", mapped)
+    shards.SHARD_INDEXES.clear()
+    kw = dict(compressors=None) if layout == "raw" else dict(shards=(8, 8, 8))
+    arr = zarr.create_array(tmp_path / "a.zarr", shape=(8, 8, 8), chunks=(4, 4, 4), dtype="u1", **kw)
+    arr[:] = 3
+    target = tmp_path / "a.zarr" / "c" / "0" / "0" / "0"
+    target.unlink()
+    target.mkdir() if what == "folder" else os.mkfifo(target)
+    outcome = []
+
+    def read():
+        try:
+            _read_all(tmp_path / "a.zarr")
+        except CorruptChunkError as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)  # a guard against waiting on the FIFO for ever, not a measure
+    assert not reader.is_alive(), "the read waited on a FIFO"
+    assert outcome and "'c/0/0/0'" in outcome[0] and "\n" not in outcome[0], outcome
+    assert ("is a folder" if what == "folder" else "is not a regular file") in outcome[0], outcome
+
+
+@pytest.mark.parametrize("compressors", [None, "default"], ids=["raw", "blosc"])
+def test_a_v2_null_fill_value_reads_absent_chunks_as_zeros_as_zarr_does(tmp_path, compressors):
+    path = tmp_path / "n.zarr"
+    kw = {} if compressors == "default" else {"compressors": None}
+    arr = zarr.create_array(path, shape=(16, 16, 16), chunks=(8, 8, 8), dtype="<u2", zarr_format=2,
+                            fill_value=None, **kw)
+    arr[:8, :8, :8] = np.arange(512, dtype="<u2").reshape(8, 8, 8) + 1  # one chunk stored, 7 absent
+    assert json.loads((path / ".zarray").read_text())["fill_value"] is None
+    want = zarr.open_array(path, mode="r")[:]
+    vol = resolve_volume(str(path))
+    engine = BatchEngine([vol], (12, 12, 12), cache_bytes=0)
+    starts = np.array([[0, 0, 0], [4, 4, 4], [2, 3, 1]])
+    got = engine.read(np.zeros(len(starts), np.int64), starts)
+    np.testing.assert_array_equal(got, np.stack([want[z:z + 12, y:y + 12, x:x + 12] for z, y, x in starts]))
+    np.testing.assert_array_equal(vol.array.compute(), want)

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from vesuvius_dask.engine.batches import BatchEngine
-from vesuvius_dask.errors import CorruptChunkError
+from vesuvius_dask.errors import ChunkFetchError, CorruptChunkError
 from vesuvius_dask.io import shards
 from vesuvius_dask.io.info import describe
 from vesuvius_dask.io.open import resolve_volume
@@ -56,6 +56,7 @@ def _blocks(engine, values, starts, block):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:.*answers range requests with whole files:RuntimeWarning")
 @pytest.mark.parametrize("ranges", [True, False], ids=["range", "range-ignored"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_remote_blocks_equal_numpy(server, served, kind, ranges):
@@ -163,3 +164,59 @@ def test_a_shard_index_pointing_past_the_shard_is_one_line(tmp_path):
             engine.read(np.zeros(1, np.int64), np.zeros((1, 3), np.int64))
     msg = str(err.value)
     assert "\n" not in msg and srv.url("bad.zarr/c/1/0/0") in msg, msg
+
+
+@pytest.mark.parametrize("answer", ["shifted", "before", "no-content-range"])
+@pytest.mark.parametrize("kind", ["raw", "sharded-start-raw"])
+def test_a_range_answered_with_other_bytes_is_refused(server, served, kind, answer):
+    """A 206 for other bytes than asked (or one that does not say which) is never taken for them."""
+    values = served[1]
+    vol = resolve_volume(server.url(f"{kind}.zarr"))
+    engine = BatchEngine([vol], (16, 16, 16), cache_bytes=0)
+    _blocks(engine, values, np.array([[40, 8, 24]]), (16, 16, 16))  # (a shard's index, kept, is honest)
+    if answer == "no-content-range":
+        server.content_range = False
+    else:
+        server.range_shift = 16 if answer == "shifted" else -16
+    refused = r"asked for bytes \d+-\d+, the server answered 206 with"
+    with pytest.raises(ChunkFetchError, match=refused) as err:
+        engine.read(np.zeros(1, np.int64), np.array([[40, 8, 24]]))
+    assert "\n" not in str(err.value) and server.url(f"{kind}.zarr") in str(err.value)
+    server.range_shift, server.content_range = 0, True
+    _blocks(engine, values, np.array([[40, 8, 24]]), (16, 16, 16))  # an honest answer reads again
+
+
+def test_a_server_ignoring_ranges_is_said_once_and_only_the_range_is_kept(server, served):
+    server.ranges = False
+    values = served[1]
+    vol = resolve_volume(server.url("sharded-end.zarr"))
+    engine = BatchEngine([vol], (8, 8, 8), cache_bytes=0)
+    starts = np.array([[8, 16, 24], [40, 40, 0], [56, 0, 56]])
+    with pytest.warns(RuntimeWarning, match="answers range requests with whole files") as record:
+        _blocks(engine, values, starts, (8, 8, 8))
+        _blocks(engine, values, starts[::-1], (8, 8, 8))
+    assert sum("whole files" in str(w.message) for w in record) == 1
+
+
+def test_a_size_request_that_gets_no_answer_ends_at_the_timeout(served):
+    """The HEAD that asks a shard's size is bounded by remote.timeout, as every GET is."""
+    import threading
+
+    shards.SHARD_INDEXES.clear()
+    outcome = []
+    with dask.config.set({**FAST, "vesuvius-dask.remote.timeout": 0.5}), SlowServer(served[0]) as srv:
+        vol = resolve_volume(srv.url("sharded-end.zarr"))  # index at the end: its size is asked first
+        engine = BatchEngine([vol], (8, 8, 8), cache_bytes=0)
+        srv.fault = "hang"
+
+        def read():
+            try:
+                engine.read(np.zeros(1, np.int64), np.zeros((1, 3), np.int64))
+            except ChunkFetchError as err:
+                outcome.append(str(err))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(120)  # a guard against a hang (300 s per attempt before), not a measure
+        assert not reader.is_alive(), "the size request was not bounded by remote.timeout"
+    assert outcome and "could not be asked: no answer within 0.5 s" in outcome[0], outcome

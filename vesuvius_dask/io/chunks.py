@@ -290,7 +290,8 @@ class ChunkCodec:
                  checksum: bool = False, chunks: Any = None, key: Any = None, kind: str = "chunk") -> None:
         self.dtype = np.dtype(arr.dtype)
         self.chunks = tuple(int(c) for c in (chunks or arr.chunks))
-        self.fill = arr.metadata.fill_value
+        fill = arr.metadata.fill_value  # v2's null: absent chunks read as zeros, as zarr reads them
+        self.fill = np.zeros((), self.dtype)[()] if fill is None else fill
         self.decoders, self.stored, self.order, self.checksum = decoders, stored, order, checksum
         self._encode = key or arr.metadata.encode_chunk_key
         self.kind = kind

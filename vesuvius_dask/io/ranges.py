@@ -89,11 +89,13 @@ class LocalFiles:
         return merge_ranges(ranges)
 
     def size(self, key: str) -> int | None:
-        """Bytes of the object, or None when it is absent."""
+        """Bytes of the object, or None when it is absent (``OSError`` when it is not a file)."""
         try:
-            return os.stat(self.root / key).st_size
+            st = os.stat(self.root / key)
         except FileNotFoundError:
             return None
+        _check_regular(self.root / key, st.st_mode)
+        return st.st_size
 
     def stamp(self, key: str) -> tuple[int, int, int] | None:
         """``(inode, size, modification time)`` of the object, or None when it is absent.
@@ -105,6 +107,7 @@ class LocalFiles:
             st = os.stat(self.root / key)
         except FileNotFoundError:
             return None
+        _check_regular(self.root / key, st.st_mode)
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes] | None:
@@ -114,7 +117,7 @@ class LocalFiles:
         the end of the object gives fewer bytes (the caller says what that means).
         """
         try:
-            fd = os.open(self.root / key, os.O_RDONLY)
+            fd = _open_file(self.root / key)
         except FileNotFoundError:
             return None
         try:
@@ -145,7 +148,7 @@ class LocalFiles:
         if hit is not None and hit[2] == stamp:
             return hit
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open_file(path)
         except FileNotFoundError:
             return None
         try:
@@ -161,6 +164,29 @@ class LocalFiles:
     def forget(self, key: str) -> None:
         """Drop the map of ``key`` (after it was found to be bad: the file may be rewritten)."""
         MAPPED_FILES.pop(self._prefix + key)
+
+
+def _open_file(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path``, refused (``OSError``) unless it is a regular file.
+
+    Opened without blocking, so a FIFO left where a chunk should be is refused
+    rather than waited on for a writer; a folder is named as one.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(path: str | os.PathLike, mode: int) -> None:
+    import stat
+
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise OSError(f"{path} is {kind}, not a stored chunk or shard file")
 
 
 #: Over the network a request costs a round trip (one per plane made 140 requests per 64^3
@@ -230,7 +256,7 @@ class RemoteRanges:
         last: BaseException | None = None
         for attempt in range(int(s.retries) + 1):
             try:
-                return int(_filesystem(self.remote).info(url)["size"])
+                return _object_size(_filesystem(self.remote), url, float(s.timeout))
             except FileNotFoundError as err:
                 if s.missing == "fill":
                     return None
@@ -240,6 +266,7 @@ class RemoteRanges:
                 last = err
                 time.sleep(s.backoff * 2 ** attempt * (1 + 0.25 * random.random()))
         reason = ("not found (HTTP 404)" if isinstance(last, FileNotFoundError)
+                  else f"no answer within {s.timeout:g} s" if isinstance(last, TimeoutError)
                   else f"{type(last).__name__}: {last}")
         raise ChunkFetchError(f"{self.remote.name}: the size of {url} could not be asked: {reason}") from last
 
@@ -258,6 +285,24 @@ class RemoteRanges:
             asks.append((key, int(start), int(stop)))  # type: ignore[arg-type]
         got = self.remote.get_ranges(asks)
         return None if any(g is None for g in got) else got
+
+
+def _object_size(fs: Any, url: str, timeout: float) -> int:
+    """The size of ``url`` (a ``HEAD``), given up after ``timeout`` seconds (``TimeoutError``).
+
+    fsspec's own timeouts are those of its client (aiohttp: 5 minutes), not the
+    fetcher's ``remote.timeout``: the request is bounded here, on fsspec's loop.
+    """
+    if not getattr(fs, "async_impl", False):
+        return int(fs.info(url)["size"])
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def bounded() -> dict:
+        return await asyncio.wait_for(fs._info(url), timeout)
+
+    return int(sync(fs.loop, bounded)["size"])
 
 
 #: fsspec filesystems asking object sizes, per process and fetcher options.

@@ -192,8 +192,10 @@ class ShardedChunks:
         lo = self.index_nbytes if not self.at_end else 0
         hi = None if size is None else size - (self.index_nbytes if self.at_end else 0)
         if offset < lo or (hi is not None and offset + nbytes > hi):
+            data = (f"bytes {lo}..{hi}" if hi is not None else f"from byte {lo}") + (
+                ", after the index" if lo else ", before the index")
             raise self.codec.corrupt(coords, f"the shard index puts it at bytes {offset}..{offset + nbytes}, "
-                                             f"outside the shard's data ({hi} bytes){self._from(coords)}")
+                                             f"outside the shard's data ({data}){self._from(coords)}")
         return offset, nbytes
 
     def _from(self, coords: tuple[int, ...]) -> str:

@@ -96,14 +96,19 @@ def stored_bound(chunk_nbytes: int | None) -> int:
 class _TooLarge(OSError):
     """A response larger than a stored chunk of the array can be (a bad response)."""
 
-    def __init__(self, bound: int, declared: int | None = None, received: int | None = None) -> None:
+    def __init__(self, bound: int, declared: int | None = None, received: int | None = None,
+                 span: tuple[int, int] | None = None) -> None:
+        limit = (f"the {bound} bytes a stored chunk of this array can take" if span is None
+                 else f"the {bound} bytes asked for (bytes {span[0]}-{span[1] - 1})")
         if declared is not None:
-            text = (f"the server declared {declared} bytes (Content-Length), more than the {bound} "
-                    "bytes a stored chunk of this array can take (body not read)")
+            text = f"the server declared {declared} bytes (Content-Length), more than {limit} (body not read)"
         else:
-            text = (f"the server sent more than the {bound} bytes a stored chunk of this array can take "
-                    f"(stopped reading at {received} bytes)")
+            text = f"the server sent more than {limit} (stopped reading at {received} bytes)"
         super().__init__(text)
+
+
+class _WrongRange(OSError):
+    """A partial answer (206) for other bytes than the range asked for."""
 
 
 @dataclass
@@ -786,31 +791,87 @@ async def _http_get(fs: Any, url: str, limits: Any, bound: int, span: tuple[int,
                 r.close()
             fs._raise_not_found_for_status(r, url)
         if span is not None and r.status == 200:  # Range ignored: the whole file, read up to the range's end
-            body, _ = await _read_capped(r, span[1], keep_going=False)
+            _ignored_range(url)
+            body = await _read_span(r, *span)
             r.close()
-            return (body or b"")[span[0]:span[1]]
+            return body
+        if span is not None and r.status == 206:
+            _check_content_range(r, span)
         declared = r.content_length
         if declared is not None and declared > bound:
             r.close()
-            raise _TooLarge(bound, declared=declared)
+            raise _TooLarge(bound, declared=declared, span=span)
         body, received = await _read_capped(r, bound)
         if body is None:
             r.close()
-            raise _TooLarge(bound, received=received)
+            raise _TooLarge(bound, received=received, span=span)
         return body
 
 
-async def _read_capped(r: Any, cap: int, keep_going: bool = True) -> tuple[bytes | None, int]:
-    """``(body, bytes received)`` of a response, body None once more than ``cap`` bytes arrived.
+def _check_content_range(r: Any, span: tuple[int, int]) -> None:
+    """Refuse a 206 whose ``Content-Range`` is absent or starts elsewhere than asked (or ends past it).
 
-    ``keep_going`` False: the first ``cap`` bytes, the rest not read.
+    Bytes of the right length from another offset would otherwise be taken for the
+    asked ones; an answer that ends early (or holds nothing: a range past the end)
+    is left to the caller's length checks, which say what was expected there.
     """
+    header = r.headers.get("Content-Range")
+    got = _content_range(header)
+    if got is None or got[0] != span[0] or got[1] >= span[1]:
+        r.close()
+        answered = f"Content-Range {header!r}" if header else "no Content-Range"
+        raise _WrongRange(f"asked for bytes {span[0]}-{span[1] - 1}, the server answered 206 with "
+                          f"{answered}")
+
+
+def _content_range(header: str | None) -> tuple[int, int] | None:
+    """``(first, last)`` of a ``Content-Range: bytes first-last/size`` header, else None."""
+    if not header:
+        return None
+    unit, _, rest = header.strip().partition(" ")
+    first, _, last = rest.partition("/")[0].partition("-")
+    try:
+        a, b = int(first), int(last)
+    except ValueError:
+        return None
+    return (a, b) if unit.lower() == "bytes" and a >= 0 else None  # (b < a: none of them, past the end)
+
+
+#: Hosts already warned of for answering range requests with whole files.
+_WARNED_RANGES: set[str] = set()
+
+
+def _ignored_range(url: str) -> None:
+    import warnings
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).netloc
+    if host not in _WARNED_RANGES:
+        _WARNED_RANGES.add(host)
+        warnings.warn(f"vesuvius-dask: {host} answers range requests with whole files: each partial "
+                      "read downloads the object up to the range's end (only the range is kept)",
+                      RuntimeWarning, stacklevel=2)
+
+
+async def _read_span(r: Any, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of a whole-file body: read up to ``stop``, nothing before ``start`` kept."""
+    pieces = []
+    at = 0
+    async for piece in r.content.iter_any():
+        end = at + len(piece)
+        if end > start:
+            pieces.append(piece[max(0, start - at):stop - at])
+        at = end
+        if at >= stop:
+            break
+    return b"".join(pieces)
+
+
+async def _read_capped(r: Any, cap: int) -> tuple[bytes | None, int]:
+    """``(body, bytes received)`` of a response, body None once more than ``cap`` bytes arrived."""
     pieces = []
     received = 0
     async for piece in r.content.iter_any():
-        if not keep_going and received + len(piece) >= cap:
-            pieces.append(piece[: cap - received])
-            return b"".join(pieces), cap
         received += len(piece)
         if received > cap:
             return None, received
@@ -858,7 +919,7 @@ def _refusal(err: BaseException) -> _Refusal | None:
 
 
 def _reason(err: BaseException, timeout: float) -> str:
-    if isinstance(err, _TooLarge):
+    if isinstance(err, (_TooLarge, _WrongRange)):
         return str(err)
     if "ConnectionTimeout" in type(err).__name__:
         return f"no connection within {timeout:g} s"

@@ -3,8 +3,11 @@
 For tests and ``benchmarks/remote.py``: it serves a local Zarr the way the scroll
 server does (plain GET of each key), sleeping ``delay`` seconds per request, and
 counts requests per path and the most requests it was ever answering at once.
-``fault`` makes chunk requests fail: ``"404"``, ``"500"``, ``"hang"`` (no answer
-until the fault is cleared or the server stops); ``stop()`` takes it down.
+``fault`` makes chunk requests fail: ``"404"``, ``"500"``, ``"hang"`` (no answer,
+to a ``GET`` or a ``HEAD``, until the fault is cleared or the server stops); ``stop()``
+takes it down. ``ranges = False`` answers ``Range`` with the whole file (200);
+``range_shift`` answers it with bytes that many further on (an honest ``Content-Range``),
+``content_range = False`` leaves that header out.
 :meth:`SlowServer.limit` makes it rate-limit as the scroll server does: a token
 bucket or a concurrency cap answered with 429 (with or without ``Retry-After``),
 and bursts of 503.
@@ -92,6 +95,12 @@ class _Handler(SimpleHTTPRequestHandler):
                 owner.chunks_in_flight -= counted
 
 
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's name)
+        owner = self.server.owner  # type: ignore[attr-defined]
+        if owner.fault == "hang" and not is_metadata(self.path.split("?", 1)[0]):
+            owner.cleared.wait()
+        super().do_HEAD()
+
     def _send_range(self) -> bool:
         """Answer ``Range: bytes=a-b`` with 206 and those bytes (False: not a file, or a bad range)."""
         import os
@@ -102,6 +111,9 @@ class _Handler(SimpleHTTPRequestHandler):
             first, _, last = self.headers["Range"][6:].partition("-")
             size = os.path.getsize(path)
             start, end = int(first), min(int(last) + 1 if last else size, size)
+            if owner.range_shift:  # other bytes, as many as asked (where the file has them)
+                start = max(0, min(size, start + owner.range_shift))
+                end = max(start, min(size, end + owner.range_shift))
             with open(path, "rb") as f:
                 f.seek(start)
                 data = f.read(max(0, end - start))
@@ -110,7 +122,8 @@ class _Handler(SimpleHTTPRequestHandler):
         with owner.lock:  # counted before the answer: a client that has it may look at once
             owner.bytes_sent += len(data)
         self.send_response(206)
-        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        if owner.content_range:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -157,6 +170,8 @@ class SlowServer:
         self.peak = 0
         #: Answer ``Range`` requests with 206 (False: the whole file, as http.server does).
         self.ranges = True
+        self.range_shift = 0
+        self.content_range = True
         #: Bytes sent in answer to ``Range`` requests.
         self.bytes_sent = 0
         #: Chunk requests (metadata left out) being answered now, and the most at once.

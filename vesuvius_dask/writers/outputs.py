@@ -628,24 +628,33 @@ class OutputJob:
         check_output(dst, inputs)
         if not self.dst.parent.is_dir():
             raise OutputError(f"output {self.shown}: its folder {self.dst.parent} does not exist")
-        with _folder_lock(self.dst.parent):
-            leftovers = self.partial.exists() or self.partial.is_symlink()
-            if leftovers:
-                self._claim_leftovers()
-                self._recover_publish()
-            try:
-                check_destination(dst, inputs, overwrite=overwrite)
-                if self.partial.exists():
-                    self._leftovers(overwrite, resume)
-                elif resume:
-                    logger.warning("%s %s: nothing to resume (no interrupted run's %s); starting a "
-                                   "fresh run", what, self.shown, self.partial.name)
-            except BaseException:
-                self._unlock()
-                raise
-            if not self.resumed:
-                self._start()
-        self.journal = _Journal(self.partial / _DONE_FILE)
+        started = False
+        try:
+            with _folder_lock(self.dst.parent):
+                leftovers = self.partial.exists() or self.partial.is_symlink()
+                if leftovers:
+                    self._claim_leftovers()
+                    self._recover_publish()
+                try:
+                    check_destination(dst, inputs, overwrite=overwrite)
+                    if self.partial.exists():
+                        self._leftovers(overwrite, resume)
+                    elif resume:
+                        logger.warning("%s %s: nothing to resume (no interrupted run's %s); starting a "
+                                       "fresh run", what, self.shown, self.partial.name)
+                except BaseException:
+                    self._unlock()
+                    raise
+                if not self.resumed:
+                    started = True  # (set first: a signal may land as _start returns)
+                    self._start()
+            self.journal = _Journal(self.partial / _DONE_FILE)
+        except BaseException:  # a signal before the caller holds the job: the new folder goes
+            if started:
+                with critical():
+                    self._unlock()
+                    remove_path(self.partial)
+            raise
 
     def _start(self) -> None:
         try:
