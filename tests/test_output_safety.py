@@ -466,6 +466,23 @@ def test_a_signal_as_the_job_starts_leaves_no_folder(tmp_path, monkeypatch, wher
             raise KeyboardInterrupt
 
         monkeypatch.setattr(outputs.OutputJob, "_start", start_then_signal)
+    remove, held = outputs.remove_path, []
+
+    def remove_while_locked(path):  # no other run may claim the folder while it goes
+        import fcntl
+
+        fd = os.open(path / outputs._LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        remove(path)
+
+    monkeypatch.setattr(outputs, "remove_path", remove_while_locked)
     with pytest.raises(KeyboardInterrupt):
         OutputJob(tmp_path / "out.zarr", [], {"a": 1}, what="convert")
     assert list(tmp_path.iterdir()) == []
+    assert held == [True]  # removed once, by the run still holding its lock

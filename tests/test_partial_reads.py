@@ -312,21 +312,29 @@ def test_stream_blocks_equal_numpy_on_partial_paths(tmp_path):
 
 
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "ranges"])
-@pytest.mark.parametrize("what", ["folder", "fifo"])
-@pytest.mark.parametrize("layout", ["raw", "sharded"])
+@pytest.mark.parametrize("what", ["folder", "fifo", "dev-zero"])
+@pytest.mark.parametrize("layout", ["raw", "sharded", "compressed"])
 def test_a_folder_or_fifo_where_a_file_should_be_is_one_line(tmp_path, monkeypatch, mapped, what, layout):
-    """Never waited on (a FIFO has no writer) nor mapped: the chunk is named, and what is there."""
+    """A folder, FIFO or ``/dev/zero`` in place of a chunk file is one line naming the chunk.
+
+    Never waited on (a FIFO has no writer), mapped, or read without end.
+    """
     import os
     import threading
 
     monkeypatch.setattr(partial, "MAP_FILES", mapped)
     shards.SHARD_INDEXES.clear()
-    kw = dict(compressors=None) if layout == "raw" else dict(shards=(8, 8, 8))
+    kw = {"raw": dict(compressors=None), "sharded": dict(shards=(8, 8, 8)), "compressed": {}}[layout]
     arr = zarr.create_array(tmp_path / "a.zarr", shape=(8, 8, 8), chunks=(4, 4, 4), dtype="u1", **kw)
     arr[:] = 3
     target = tmp_path / "a.zarr" / "c" / "0" / "0" / "0"
     target.unlink()
-    target.mkdir() if what == "folder" else os.mkfifo(target)
+    if what == "folder":
+        target.mkdir()
+    elif what == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/zero")
     outcome = []
 
     def read():

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptChunkError
+from ..remote.fetch import stored_bound
+from .ranges import open_regular
 
 __all__ = ["ChunkCodec", "fast_reader", "read_file", "max_stored_bytes", "strip_crc32c"]
 
@@ -110,10 +112,18 @@ def _v2_decoders(meta: Any) -> list[Any] | None:
     return steps
 
 
-def read_file(path: Path) -> bytes:
-    """The stored bytes of one chunk (the only I/O of the fast path)."""
-    with open(path, "rb") as f:
-        return f.read()
+def read_file(path: Path, bound: int) -> bytes:
+    """The stored bytes of one chunk (the only I/O of the fast path): at most ``bound`` of them.
+
+    Only a regular file is read (opened without blocking: a FIFO is refused, not waited
+    on), and not past ``bound`` (a link to ``/dev/zero`` or a huge file is refused
+    rather than read into memory).
+    """
+    with open(open_regular(path), "rb") as f:
+        data = f.read(bound + 1)
+    if len(data) > bound:
+        raise OSError(f"{path} holds more than the {bound} bytes a stored chunk of this array can take")
+    return data
 
 
 # -- bounded decompression: each returns exactly ``n`` decoded bytes, or raises _BadSize ----------
@@ -430,10 +440,11 @@ def fast_reader(arr: Any) -> Callable[[tuple[slice, ...]], np.ndarray] | None:
     if codec is None:
         return None
     root = Path(str(store.root)) / arr.store_path.path
+    bound = stored_bound(codec.nbytes)
 
     def read(region: tuple[slice, ...]) -> np.ndarray:
         try:
-            data: Any = read_file(root / codec.key(codec.coords(region)))
+            data: Any = read_file(root / codec.key(codec.coords(region)), bound)
         except FileNotFoundError:
             data = None
         return codec.decode(data, region)

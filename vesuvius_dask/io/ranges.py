@@ -22,6 +22,7 @@ as much as copying a few kilobytes), adding at most a quarter to the bytes read.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any
 
 from ..lru import LRU
 
-__all__ = ["LocalFiles", "RemoteRanges", "MAPPED_FILES", "MERGE_GAP", "REMOTE_GAP", "merge_ranges"]
+__all__ = ["LocalFiles", "RemoteRanges", "MAPPED_FILES", "MERGE_GAP", "REMOTE_GAP", "merge_ranges",
+           "open_regular"]
 
 #: Files kept memory-mapped per process (address space only: pages stay the kernel's page cache).
 MAPPED_FILES = LRU(512)
@@ -117,7 +119,7 @@ class LocalFiles:
         the end of the object gives fewer bytes (the caller says what that means).
         """
         try:
-            fd = _open_file(self.root / key)
+            fd = open_regular(self.root / key)
         except FileNotFoundError:
             return None
         try:
@@ -148,7 +150,7 @@ class LocalFiles:
         if hit is not None and hit[2] == stamp:
             return hit
         try:
-            fd = _open_file(path)
+            fd = open_regular(path)
         except FileNotFoundError:
             return None
         try:
@@ -166,7 +168,11 @@ class LocalFiles:
         MAPPED_FILES.pop(self._prefix + key)
 
 
-def _open_file(path: str | os.PathLike) -> int:
+#: What a bounded request raises when it ran out of time (asyncio's is its own class before 3.11).
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+
+
+def open_regular(path: str | os.PathLike) -> int:
     """A read-only descriptor of ``path``, refused (``OSError``) unless it is a regular file.
 
     Opened without blocking, so a FIFO left where a chunk should be is refused
@@ -266,7 +272,7 @@ class RemoteRanges:
                 last = err
                 time.sleep(s.backoff * 2 ** attempt * (1 + 0.25 * random.random()))
         reason = ("not found (HTTP 404)" if isinstance(last, FileNotFoundError)
-                  else f"no answer within {s.timeout:g} s" if isinstance(last, TimeoutError)
+                  else f"no answer within {s.timeout:g} s" if isinstance(last, _TIMEOUTS)
                   else f"{type(last).__name__}: {last}")
         raise ChunkFetchError(f"{self.remote.name}: the size of {url} could not be asked: {reason}") from last
 
@@ -295,8 +301,6 @@ def _object_size(fs: Any, url: str, timeout: float) -> int:
     """
     if not getattr(fs, "async_impl", False):
         return int(fs.info(url)["size"])
-    import asyncio
-
     from fsspec.asyn import sync
 
     async def bounded() -> dict:

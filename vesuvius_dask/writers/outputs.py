@@ -650,10 +650,10 @@ class OutputJob:
                     self._start()
             self.journal = _Journal(self.partial / _DONE_FILE)
         except BaseException:  # a signal before the caller holds the job: the new folder goes
-            if started:
-                with critical():
-                    self._unlock()
+            if started and self._lock_fd is not None:  # (_start failing cleaned up and unlocked)
+                with critical():  # removed while locked: no other run can claim it meanwhile
                     remove_path(self.partial)
+                    self._unlock()
             raise
 
     def _start(self) -> None:
