@@ -119,9 +119,13 @@ def read_file(path: Path, bound: int) -> bytes:
     on), and not past ``bound`` (a link to ``/dev/zero`` or a huge file is refused
     rather than read into memory).
     """
-    with open(open_regular(path), "rb") as f:
-        data = f.read(bound + 1)
-    if len(data) > bound:
+    with open(open_regular(path), "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > bound:
+            raise OSError(f"{path} holds {size} bytes, more than the {bound} a stored chunk of this "
+                          "array can take")
+        data = f.read(size + 1)  # (sized as the file is: read(bound) would cost 5x here)
+    if len(data) > bound:  # it grew meanwhile
         raise OSError(f"{path} holds more than the {bound} bytes a stored chunk of this array can take")
     return data
 
