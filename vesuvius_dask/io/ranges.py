@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,6 @@ def open_regular(path: str | os.PathLike) -> int:
 
 
 def _check_regular(path: str | os.PathLike, mode: int) -> None:
-    import stat
-
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise OSError(f"{path} is {kind}, not a stored chunk or shard file")
