@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptChunkError
-from ..remote.fetch import stored_bound
 from .ranges import open_regular
 
 __all__ = ["ChunkCodec", "fast_reader", "read_file", "max_stored_bytes", "strip_crc32c"]
@@ -122,11 +121,11 @@ def read_file(path: Path, bound: int) -> bytes:
     with open(open_regular(path), "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size > bound:
-            raise OSError(f"{path} holds {size} bytes, more than the {bound} a stored chunk of this "
-                          "array can take")
+            raise OSError(f"{path} holds {size} bytes, more than any compressed chunk of this array "
+                          f"takes ({bound})")
         data = f.read(size + 1)  # (sized as the file is: read(bound) would cost 5x here)
     if len(data) > bound:  # it grew meanwhile
-        raise OSError(f"{path} holds more than the {bound} bytes a stored chunk of this array can take")
+        raise OSError(f"{path} holds more than any compressed chunk of this array takes ({bound} bytes)")
     return data
 
 
@@ -444,7 +443,7 @@ def fast_reader(arr: Any) -> Callable[[tuple[slice, ...]], np.ndarray] | None:
     if codec is None:
         return None
     root = Path(str(store.root)) / arr.store_path.path
-    bound = stored_bound(codec.nbytes)
+    bound = max_stored_bytes(codec.nbytes)
 
     def read(region: tuple[slice, ...]) -> np.ndarray:
         try:
