@@ -86,8 +86,8 @@ class Counted:
         self.n = 0
         orig_file, orig_ranges = chunks.read_file, ranges.LocalFiles.read_ranges
 
-        def read_file(path):
-            data = orig_file(path)
+        def read_file(path, *args):
+            data = orig_file(path, *args)
             self.n += len(data)
             return data
 
