@@ -118,8 +118,9 @@ def read_file(path: Path, bound: int) -> bytes:
     on), and not past ``bound`` (a link to ``/dev/zero`` or a huge file is refused
     rather than read into memory).
     """
-    with open(open_regular(path), "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    fd, st = open_regular(path)
+    with open(fd, "rb", buffering=0) as f:
+        size = st.st_size
         if size > bound:
             raise OSError(f"{path} holds {size} bytes, more than any compressed chunk of this array "
                           f"takes ({bound})")

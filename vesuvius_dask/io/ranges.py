@@ -120,7 +120,7 @@ class LocalFiles:
         the end of the object gives fewer bytes (the caller says what that means).
         """
         try:
-            fd = open_regular(self.root / key)
+            fd, _ = open_regular(self.root / key)
         except FileNotFoundError:
             return None
         try:
@@ -151,11 +151,11 @@ class LocalFiles:
         if hit is not None and hit[2] == stamp:
             return hit
         try:
-            fd = open_regular(path)
+            fd, opened = open_regular(path)
         except FileNotFoundError:
             return None
         try:
-            size = os.fstat(fd).st_size
+            size = opened.st_size
             buf = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
         finally:
             os.close(fd)
@@ -173,19 +173,20 @@ class LocalFiles:
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 
 
-def open_regular(path: str | os.PathLike) -> int:
-    """A read-only descriptor of ``path``, refused (``OSError``) unless it is a regular file.
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of ``path`` and its ``fstat``, refused (``OSError``) unless a regular file.
 
     Opened without blocking, so a FIFO left where a chunk should be is refused
     rather than waited on for a writer; a folder is named as one.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        _check_regular(path, os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        _check_regular(path, st.st_mode)
     except OSError:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 def _check_regular(path: str | os.PathLike, mode: int) -> None:
